@@ -1,0 +1,26 @@
+"""gradlab: see and measure why deep nets train or fail to, in JAX and Optax.
+
+The public API is re-exported here, loaded on first use so that `import gradlab` (and the
+CLI) can still choose jax's device settings before jax itself is imported.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "run": "gradlab.api", "execute": "gradlab.api", "resolve": "gradlab.api", "load": "gradlab.api",
+    "plot": "gradlab.api", "figures": "gradlab.api", "checks": "gradlab.api",
+    "ExperimentConfig": "gradlab.config", "RunSpec": "gradlab.config",
+    "Trial": "gradlab.engine", "run_sweep": "gradlab.engine",
+    "GradlabError": "gradlab.errors", "ConfigError": "gradlab.errors",
+    "ExperimentError": "gradlab.errors", "ResultsError": "gradlab.errors",
+    "Check": "gradlab.experiments",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gradlab' has no attribute {name!r}")

@@ -1,0 +1,104 @@
+"""The Python API: what `gradlab run` does, as plain calls that return data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import xarray as xr
+
+from gradlab import config, engine, experiments, plotting, results
+from gradlab.experiments import Check
+
+
+@dataclass
+class Outcome:
+    """A finished (or cached) run: its data, where it lives, its checks and figures."""
+
+    dataset: xr.Dataset
+    run_dir: Path
+    checks: list[Check]
+    figures: list[Path]
+    cached: bool
+
+
+def resolve(experiment: str, overrides=(), scale: str | None = None, config_file=None) -> config.RunSpec:
+    """The resolved config of an experiment (what `gradlab show` prints)."""
+    module = experiments.get(experiment)
+    return config.load(experiment, module.Config, list(overrides), scale, config_file)
+
+
+def execute(
+    experiment: str,
+    overrides=(),
+    scale: str | None = None,
+    *,
+    out: str | os.PathLike = ".",
+    fresh: bool = False,
+    progress: bool = True,
+    draw: bool = True,
+    config_file=None,
+    devices=None,
+) -> Outcome:
+    """Run (or reuse) an experiment, store its results, draw its figures, evaluate its checks."""
+    module = experiments.get(experiment)
+    spec = config.load(experiment, module.Config, list(overrides), scale, config_file)
+    run = results.run_dir(out, experiment, spec.hash)
+    results_path = run / results.RESULTS_FILE
+    if fresh and run.exists():
+        shutil.rmtree(run)
+    cached = results_path.exists()
+    if cached:
+        ds = results.load(run)
+    else:
+        results.ensure_dir(run)
+        results.write_text(run / "config.yaml", spec.to_yaml())
+        ckpt = results.ensure_dir(run / "ckpt")
+        sweep = engine.run_sweep(module.trial, spec, config.plan(spec), checkpoint_dir=ckpt, progress=progress, devices=devices)
+        ds = results.build_dataset(sweep, spec.to_dict(), spec.hash)
+        results.save(ds, results_path)
+        results.clear_checkpoints(run)
+    figures = []
+    if draw:
+        figures = save_figures(experiment, ds, Path(out) / "figures")
+    return Outcome(ds, run, module.checks(ds), figures, cached)
+
+
+def run(experiment: str, scale: str | None = None, *, overrides=(), out=".", fresh=False, progress=True, **kwargs) -> xr.Dataset:
+    """Run an experiment and return its labelled results; draws nothing.
+
+    Keyword arguments are overrides, `__` standing for a dot:
+    `gradlab.run("gradient_flow", seeds=8, model__depth=32)`.
+    """
+    items = list(overrides) + [(key.replace("__", "."), value) for key, value in kwargs.items()]
+    return execute(experiment, items, scale, out=out, fresh=fresh, progress=progress, draw=False).dataset
+
+
+def load(run_dir) -> xr.Dataset:
+    """The stored results of a run folder."""
+    return results.load(run_dir)
+
+
+def figures(ds: xr.Dataset) -> dict:
+    """Every figure of a result set, by suffix ("" is the main one)."""
+    return experiments.get(ds.attrs["experiment"]).figures(ds)
+
+
+def plot(ds: xr.Dataset):
+    """The main figure of a result set, as a matplotlib Figure."""
+    return figures(ds)[""]
+
+
+def save_figures(experiment: str, ds: xr.Dataset, folder: Path) -> list[Path]:
+    folder = results.ensure_dir(Path(folder))
+    paths = []
+    for suffix, fig in figures(ds).items():
+        stem = folder / (f"{experiment}_{suffix}" if suffix else experiment)
+        paths += plotting.save(fig, stem)
+    return paths
+
+
+def checks(ds: xr.Dataset) -> list[Check]:
+    return experiments.get(ds.attrs["experiment"]).checks(ds)

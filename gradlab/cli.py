@@ -1,0 +1,132 @@
+"""`gradlab` on the command line: parses, dispatches, prints. Holds no math.
+
+Every error a user can cause is one line on stderr and exit code 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise _UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gradlab", description="Experiments on training dynamics, in JAX and Optax.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run an experiment: results, figure, checks")
+    r.add_argument("experiment")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.depth=32 seeds=8")
+    r.add_argument("--scale", help="a preset of the config (quick, paper)")
+    r.add_argument("--config", dest="config_file", help="a config file instead of the experiment's own")
+    r.add_argument("--out", default=".", help="folder for runs/ and figures/ (default: .)")
+    r.add_argument("--fresh", action="store_true", help="discard stored results and checkpoints of this config")
+    r.add_argument("--no-figure", action="store_true", help="store results only")
+    r.add_argument("--check", action="store_true", help="exit 1 if a check fails")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("list", help="the experiments and their claims")
+
+    s = sub.add_parser("show", help="print the resolved config")
+    s.add_argument("experiment")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.add_argument("--scale")
+    s.add_argument("--config", dest="config_file")
+
+    pl = sub.add_parser("plot", help="redraw the figures of a stored run")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=".", help="figures go to OUT/figures (default: .)")
+    return p
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def check_table(checks) -> str:
+    rows = [[c.name, f"{c.measured:.4g}", c.expected, "pass" if c.passed else "FAIL"] for c in checks]
+    return _table(rows, ["check", "measured", "expected", "result"])
+
+
+def _run(args) -> int:
+    from gradlab import api
+
+    start = time.perf_counter()
+    outcome = api.execute(
+        args.experiment, args.overrides, args.scale, out=args.out, fresh=args.fresh,
+        progress=not args.quiet, draw=not args.no_figure, config_file=args.config_file,
+    )
+    ds = outcome.dataset
+    print(f"{args.experiment}: {'reused stored results' if outcome.cached else 'ran'} in {time.perf_counter() - start:.1f} s"
+          f" ({ds.attrs['static_groups']} compiled groups, compile {ds.attrs['compile_seconds']:.1f} s,"
+          f" run {ds.attrs['run_seconds']:.1f} s on {ds.attrs['device_count']} x {ds.attrs['device_kind']})")
+    diverged = int(ds["diverged"].sum())
+    if diverged:
+        print(f"diverged points: {diverged} of {ds['diverged'].size} (marked in the results and figures)")
+    if outcome.checks:
+        print(check_table(outcome.checks))
+    print(f"results: {outcome.run_dir / 'results.nc'}")
+    for path in outcome.figures:
+        print(f"figure:  {path}")
+    failed = [c for c in outcome.checks if not c.passed]
+    return 1 if (args.check and failed) else 0
+
+
+def _list(args) -> int:
+    from gradlab import experiments
+
+    rows = [[name, experiments.get(name).CLAIM] for name in experiments.names()]
+    print(_table(rows, ["experiment", "claim"]))
+    return 0
+
+
+def _show(args) -> int:
+    from gradlab import api
+
+    spec = api.resolve(args.experiment, args.overrides, args.scale, args.config_file)
+    print(f"# {spec.source} (scale {spec.scale}), hash {spec.hash}")
+    print(spec.to_yaml(), end="")
+    return 0
+
+
+def _plot(args) -> int:
+    from pathlib import Path
+
+    from gradlab import api
+
+    ds = api.load(args.run_dir)
+    for path in api.save_figures(ds.attrs["experiment"], ds, Path(args.out) / "figures"):
+        print(f"figure:  {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gradlab.errors import GradlabError
+
+    try:
+        args = _parser().parse_args(argv)
+        return {"run": _run, "list": _list, "show": _show, "plot": _plot}[args.command](args)
+    except (GradlabError, _UsageError) as e:
+        print(f"gradlab: error: {e}" if isinstance(e, GradlabError) else f"{e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ngradlab: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

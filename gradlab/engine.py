@@ -1,0 +1,270 @@
+"""The engine: a Trial is what one sweep point does; run_sweep runs every point at once.
+
+A Trial is a pair of pure functions, like an optax GradientTransformation:
+  init(hp, key)   -> state
+  step(hp, state) -> (state, metrics)
+where `hp` maps each traced config path ("optim.lr", "seed", ...) to a scalar. The engine
+vmaps both over the sweep points of a static group, scans `step` over chunks of steps under
+one jit, shards the points over the devices, checkpoints after every chunk, and isolates
+divergence: a point whose state or loss goes non-finite keeps its last finite state, records
+its first bad step, and reports NaN metrics from then on; the other points are untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gradlab import results
+from gradlab.config import Plan, RunSpec
+from gradlab.errors import ResultsError
+
+
+class Trial(NamedTuple):
+    """One sweep point's (init, step) pair and how to label its metrics.
+
+    metric_dims names the trailing dims of a metric (after `step`); a metric not listed gets
+    ("layer",) when it is a vector and (name_0, name_1, ...) otherwise.
+    """
+
+    init: Callable[[dict, jax.Array], Any]
+    step: Callable[[dict, Any], tuple[Any, dict]]
+    metric_dims: dict[str, tuple[str, ...]] = {}
+
+
+@dataclass
+class SweepResult:
+    """Host arrays of a finished sweep, indexed (*static axes, *traced axes, step, ...)."""
+
+    axes: list[tuple[str, tuple]]
+    metrics: dict[str, np.ndarray]
+    metric_dims: dict[str, tuple[str, ...]]
+    first_bad_step: np.ndarray
+    first_bad_layer: np.ndarray
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+    device_kind: str = ""
+    device_count: int = 1
+    groups: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _silence(metrics: dict, healthy) -> dict:
+    return jax.tree.map(lambda m: jnp.where(healthy, m, jnp.nan) if jnp.issubdtype(m.dtype, jnp.inexact) else m, metrics)
+
+
+def _point_init(trial: Trial):
+    def init(hp):
+        state = trial.init(hp, jax.random.PRNGKey(hp["seed"]))
+        return state, jnp.int32(-1)
+
+    return init
+
+
+def _point_chunk(trial: Trial, chunk: int, total: int):
+    def run(hp, carry, t0):
+        def body(carry, i):
+            state, bad = carry
+            t = t0 + i
+            new_state, metrics = trial.step(hp, state)
+            ok = _all_finite(new_state) & _all_finite(metrics.get("loss", jnp.float32(0)))
+            healthy = bad < 0
+            active = t < total
+            take = active & healthy & ok
+            state = jax.tree.map(lambda n, o: jnp.where(take, n, o), new_state, state)
+            bad = jnp.where(active & healthy & ~ok, t, bad)
+            return (state, bad), _silence(metrics, healthy)
+
+        return jax.lax.scan(body, carry, jnp.arange(chunk, dtype=jnp.int32))
+
+    return run
+
+
+def _pad(hp: dict, multiple: int) -> dict:
+    n = len(next(iter(hp.values())))
+    extra = -n % multiple
+    return {k: np.concatenate([v, np.repeat(v[-1:], extra)]) for k, v in hp.items()}
+
+
+def default_dims(name: str, shape: tuple) -> tuple[str, ...]:
+    if len(shape) == 1:
+        return ("layer",)
+    return tuple(f"{name}_{i}" for i in range(len(shape)))
+
+
+class CompiledGroup(NamedTuple):
+    init: Any
+    chunk: Any
+    hp: dict
+    carry_shape: Any
+    sharding: NamedSharding
+    points: int
+    compile_seconds: float
+
+
+def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices) -> CompiledGroup:
+    """Lower and compile a group's init and chunk programs (no step is run)."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("sweep",))
+    sharding = NamedSharding(mesh, PartitionSpec("sweep"))
+    points = len(next(iter(hp_host.values())))
+    hp = jax.device_put(_pad(hp_host, len(devices)), sharding)
+    start = time.perf_counter()
+    init = jax.jit(jax.vmap(_point_init(trial)), out_shardings=sharding).lower(hp).compile()
+    carry_shape = jax.eval_shape(jax.vmap(_point_init(trial)), hp)
+    carry_shape = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), carry_shape)
+    chunk_fn = jax.jit(
+        jax.vmap(_point_chunk(trial, chunk, steps), in_axes=(0, 0, None)),
+        out_shardings=(sharding, sharding),
+        donate_argnums=(1,),
+    )
+    compiled = chunk_fn.lower(hp, carry_shape, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    return CompiledGroup(init, compiled, hp, carry_shape, sharding, points, time.perf_counter() - start)
+
+
+def _checkpoint_arrays(t: int, carry, metrics: dict, points: int) -> dict:
+    arrays = {"t": np.asarray(t)}
+    for i, leaf in enumerate(jax.tree.leaves(carry)):
+        arrays[f"state_{i:04d}"] = np.asarray(jax.device_get(leaf))
+    for name, chunks in metrics.items():
+        arrays[f"metric.{name}"] = np.concatenate(chunks, axis=1) if chunks else np.zeros((points, 0))
+    return arrays
+
+
+def _restore(path: Path, group: CompiledGroup):
+    arrays = results.load_checkpoint(path)
+    leaves_shape, treedef = jax.tree.flatten(group.carry_shape)
+    leaves = [arrays.get(f"state_{i:04d}") for i in range(len(leaves_shape))]
+    if any(a is None or a.shape != s.shape for a, s in zip(leaves, leaves_shape)):
+        raise ResultsError(f"{path}: checkpoint does not match this program; rerun with --fresh")
+    carry = jax.device_put(jax.tree.unflatten(treedef, leaves), group.sharding)
+    metrics = {k[len("metric."):]: [v] for k, v in arrays.items() if k.startswith("metric.")}
+    return int(arrays["t"]), carry, metrics
+
+
+def run_group(
+    trial: Trial,
+    hp_host: dict,
+    steps: int,
+    chunk: int,
+    devices,
+    checkpoint: Path | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+    compiled: CompiledGroup | None = None,
+):
+    """Run one static group to the end; returns (metrics (points, steps, ...), first bad step)."""
+    group = compiled or compile_group(trial, hp_host, steps, chunk, devices)
+    if checkpoint is not None and checkpoint.exists():
+        t, carry, metrics = _restore(checkpoint, group)
+    else:
+        t, carry, metrics = 0, group.init(group.hp), {}
+    if on_chunk and t:
+        on_chunk(t)
+    while t < steps:
+        carry, out = group.chunk(group.hp, carry, jnp.int32(t))
+        n = min(chunk, steps - t)
+        for name, value in jax.device_get(out).items():
+            metrics.setdefault(name, []).append(np.asarray(value)[:, :n])
+        t += n
+        if checkpoint is not None:
+            results.save_checkpoint(checkpoint, _checkpoint_arrays(t, carry, metrics, group.points))
+        if on_chunk:
+            on_chunk(n)
+    bad = np.asarray(jax.device_get(carry[1]))[: group.points]
+    merged = {k: np.concatenate(v, axis=1)[: group.points] for k, v in metrics.items()}
+    return merged, bad, group.compile_seconds
+
+
+def first_bad_layers(metrics: dict, dims: dict, bad_step: np.ndarray) -> np.ndarray:
+    """The first layer with a non-finite statistic at each point's first bad step (-1: none)."""
+    out = np.full(bad_step.shape, -1, np.int32)
+    layered = [m for name, m in metrics.items() if dims[name] == ("layer",)]
+    for idx in zip(*np.nonzero(bad_step >= 0)):
+        at = [m[idx][bad_step[idx]] for m in layered]
+        bad = np.zeros(at[0].shape, bool) if at else np.zeros(0, bool)
+        for a in at:
+            bad |= ~np.isfinite(a)
+        if bad.any():
+            out[idx] = int(np.argmax(bad))
+    return out
+
+
+def run_sweep(
+    trial_fn: Callable[[Any], Trial],
+    spec: RunSpec,
+    plan: Plan,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    devices=None,
+) -> SweepResult:
+    """Run every group of the plan; metrics come back labelled by the sweep axes.
+
+    Args:
+      trial_fn: config of a static group -> Trial.
+      spec, plan: the resolved config and its sweep plan (config.load, config.plan).
+      checkpoint_dir: where each group checkpoints after every chunk; a rerun resumes there.
+      progress: show a progress bar over all steps of all groups.
+      devices: the devices to shard the points over (default: all local devices).
+    """
+    from tqdm.auto import tqdm
+
+    devices = list(devices) if devices is not None else jax.local_devices()
+    cfg = spec.config
+    steps, chunk = cfg.steps, min(cfg.chunk_steps, cfg.steps)
+    static_shape = tuple(len(a.values) for a in plan.static_axes)
+    traced_shape = tuple(len(a.values) for a in plan.traced_axes)
+    bar = tqdm(total=steps * len(plan.groups), disable=not progress, unit="step", leave=False)
+    per_group, compile_seconds = [], 0.0
+    start = time.perf_counter()
+    for g, group in enumerate(plan.groups):
+        bar.set_description(f"group {g + 1}/{len(plan.groups)}")
+        ckpt = checkpoint_dir / f"group-{g:04d}.ckpt.npz" if checkpoint_dir is not None else None
+        trial = trial_fn(group.config)
+        metrics, bad, seconds = run_group(trial, group.hp, steps, chunk, devices, ckpt, bar.update)
+        compile_seconds += seconds
+        per_group.append((group.index, trial, metrics, bad))
+    bar.close()
+
+    dims = {}
+    for _, trial, metrics, _ in per_group:
+        for name, m in metrics.items():
+            dims[name] = trial.metric_dims.get(name) or default_dims(name, m.shape[2:])
+    full = {}
+    for name in dims:
+        tails = [m[name].shape[1:] for _, _, m, _ in per_group if name in m]
+        tail = tuple(max(s) for s in zip(*tails))
+        dtype = np.result_type(*[m[name].dtype for _, _, m, _ in per_group if name in m])
+        fill = np.nan if np.issubdtype(dtype, np.inexact) else -1
+        full[name] = np.full(static_shape + traced_shape + tail, fill, dtype)
+    bad_full = np.full(static_shape + traced_shape, -1, np.int32)
+    for index, _, metrics, bad in per_group:
+        for name, m in metrics.items():
+            m = m.reshape(traced_shape + m.shape[1:])
+            full[name][index + tuple(slice(0, s) for s in m.shape)] = m
+        bad_full[index] = bad.reshape(traced_shape)
+    device = devices[0]
+    return SweepResult(
+        axes=[(a.path, a.values) for a in plan.static_axes + plan.traced_axes],
+        metrics=full,
+        metric_dims=dims,
+        first_bad_step=bad_full,
+        first_bad_layer=first_bad_layers(full, dims, bad_full),
+        compile_seconds=compile_seconds,
+        run_seconds=time.perf_counter() - start - compile_seconds,
+        device_kind=getattr(device, "device_kind", device.platform),
+        device_count=len(devices),
+        groups=len(plan.groups),
+    )

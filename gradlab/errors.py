@@ -1,0 +1,17 @@
+"""Typed errors a user can cause. The CLI turns each into one line and exit code 2."""
+
+
+class GradlabError(Exception):
+    """Base of every error a user can cause; its message is one line, ready to print."""
+
+
+class ConfigError(GradlabError):
+    """A config file, key or value is wrong: the message names the file, the key and what is allowed."""
+
+
+class ExperimentError(GradlabError):
+    """An experiment name is unknown or an experiment cannot be built from the config."""
+
+
+class ResultsError(GradlabError):
+    """A run folder or results file is unwritable, missing, corrupt or from another version."""

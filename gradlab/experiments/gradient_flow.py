@@ -1,0 +1,90 @@
+"""A1: in a deep plain net gradients vanish toward the input; norms and residuals even them out.
+
+With LeCun init (Var W = 1/fan_in) a plain sigmoid net scales the back-propagated signal by
+sigmoid'(z) <= 1/4 per layer, so |dL/dW_1| / |dL/dW_10| <= (1/4)**9 up to the fluctuation of
+the random weights' gain. A pre-norm residual stream carries the gradient unattenuated, so
+the per-layer gradient norms of a residual + LayerNorm net stay within a small factor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradlab import plotting, trials
+from gradlab.config import ExperimentConfig
+from gradlab.experiments import Check
+
+NAME = "gradient_flow"
+CLAIM = "gradients vanish toward the input of deep plain nets; residual + norm keeps them even"
+Config = ExperimentConfig
+SIGMOID_SPAN = 9  # hidden layers 1 and 10: nine sigmoid derivatives apart
+SIGMOID_BOUND = 0.25**SIGMOID_SPAN
+EVEN_BOUND = 10.0
+
+
+def trial(cfg):
+    return trials.supervised_mlp(cfg)
+
+
+def _variants(ds):
+    for residual in ds["model.residual"].values:
+        for norm in ds["model.norm"].values:
+            name = ("residual+" if residual else "") + ("" if norm == "none" else norm)
+            yield name or "plain", dict(**{"model.residual": residual, "model.norm": norm})
+
+
+def _at_init(ds, var, activation, sel):
+    """(seeds, layers) of a per-layer statistic at step 0."""
+    return ds[var].sel({"model.activation": activation, **sel}).isel(step=0).transpose("seed", "layer").values
+
+
+def sigmoid_ratio(ds) -> float:
+    g = _at_init(ds, "grad_norm", "sigmoid", {"model.residual": False, "model.norm": "none"})
+    return float(np.median(g[:, 1] / g[:, 1 + SIGMOID_SPAN]))
+
+
+def residual_layernorm_spread(ds) -> float:
+    spreads = []
+    for activation in ds["model.activation"].values:
+        g = _at_init(ds, "grad_norm", activation, {"model.residual": True, "model.norm": "layernorm"})
+        hidden = g[:, 1:-1]
+        spreads.append(np.max(np.max(hidden, axis=1) / np.min(hidden, axis=1)))
+    return float(np.max(spreads))
+
+
+def checks(ds) -> list[Check]:
+    ratio = sigmoid_ratio(ds)
+    spread = residual_layernorm_spread(ds)
+    return [
+        Check("plain sigmoid |g_1|/|g_10|", ratio, f"<= 10 x 0.25^9 = {10 * SIGMOID_BOUND:.2g}",
+              ratio <= 10 * SIGMOID_BOUND),
+        Check("residual+layernorm max/min |g_l|", spread, f"<= {EVEN_BOUND:g}", spread <= EVEN_BOUND),
+    ]
+
+
+def figures(ds) -> dict:
+    activations = list(ds["model.activation"].values)
+    fig, axes = plotting.figure(2, len(activations), width=3.5, height=2.8, sharex=True)
+    layers = ds["layer"].values
+    for col, activation in enumerate(activations):
+        for row, (var, ylabel) in enumerate([("grad_norm", r"$\|\partial L/\partial W_l\|_F$"),
+                                              ("act_rms", "activation RMS")]):
+            ax = axes[row, col]
+            for name, sel in _variants(ds):
+                plotting.band(ax, layers, _at_init(ds, var, activation, sel), name)
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            if row == 0:
+                ax.set_title(activation)
+            else:
+                ax.set_xlabel("layer l (0 = input projection)")
+    plotting.note(axes[0, activations.index("sigmoid")] if "sigmoid" in activations else axes[0, 0],
+                  f"plain: $g_1/g_{{10}}$ = {sigmoid_ratio(ds):.2g}\n"
+                  f"bound $0.25^9$ = {SIGMOID_BOUND:.2g}", loc="lower right")
+    plotting.note(axes[0, 0], f"res+LN max/min = {residual_layernorm_spread(ds):.2g}", loc="lower right")
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    cfg = ds.attrs
+    fig.suptitle(f"Gradient flow at initialization: depth {ds.sizes['layer'] - 2}, "
+                 f"{ds.sizes['seed']} seeds (band: min..max)", fontsize=10)
+    del cfg
+    return {"": fig}

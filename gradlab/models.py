@@ -1,0 +1,199 @@
+"""Deep MLPs as pure functions over explicit parameter pytrees.
+
+Layout (L = depth + 2 weight layers; telemetry's `layer` axis follows it):
+  layer 0            input projection  h = act(x W + b)
+  layers 1..depth    hidden blocks, stacked on a leading depth axis and run under lax.scan
+  layer depth + 1    linear readout
+
+A hidden block is, with r = 1 for residual nets and 0 otherwise,
+  pre-norm:  h <- r h + act(W norm(h) + b)
+  post-norm: h <- norm(r h + act(W h + b))
+and a block at index >= the (traced) active depth passes h through unchanged, so depth can
+be a vmapped sweep axis under one compile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gradlab import inits
+from gradlab.norms import apply_norm
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """What fixes the program: shapes, activation, norm; static under jit."""
+
+    in_dim: int
+    out_dim: int
+    depth: int
+    width: int
+    activation: str = "tanh"
+    norm: str = "none"
+    norm_position: str = "pre"
+    dtype: str = "float32"
+    unroll: int = 1
+
+    @classmethod
+    def from_config(cls, model, in_dim: int, out_dim: int) -> "MLPSpec":
+        return cls(
+            in_dim=in_dim, out_dim=out_dim, depth=model.depth, width=model.width,
+            activation=model.activation, norm=model.norm, norm_position=model.norm_position,
+            dtype=model.dtype, unroll=model.unroll,
+        )
+
+    @property
+    def layers(self) -> int:
+        return self.depth + 2
+
+
+class MLPHyper(NamedTuple):
+    """The numbers that may vary inside one compiled program (traced under vmap)."""
+
+    depth: jax.Array | int
+    residual: jax.Array | bool
+    init: jax.Array | int
+    init_std: jax.Array | float
+    init_gain: jax.Array | float
+    bias_std: jax.Array | float
+    leaky_slope: jax.Array | float
+
+    @classmethod
+    def from_hp(cls, hp: dict, prefix: str = "model.") -> "MLPHyper":
+        return cls(*(hp[prefix + name] for name in cls._fields))
+
+    @classmethod
+    def from_config(cls, model) -> "MLPHyper":
+        values = {name: getattr(model, name) for name in cls._fields}
+        values["init"] = inits.scheme_index(model.init)
+        return cls(**values)
+
+
+def activation_fn(name: str, leaky_slope=0.01):
+    table = {
+        "tanh": jnp.tanh,
+        "relu": jax.nn.relu,
+        "leaky_relu": lambda x: jnp.where(x >= 0, x, leaky_slope * x),
+        "gelu": jax.nn.gelu,
+        "sigmoid": jax.nn.sigmoid,
+        "linear": lambda x: x,
+    }
+    return table[name]
+
+
+def init(key, spec: MLPSpec, hyper: MLPHyper) -> dict:
+    """Parameters of an MLP, float32, under the (possibly traced) init scheme in `hyper`."""
+    k_in, k_hidden, k_out, k_bias = jax.random.split(key, 4)
+    d, w = spec.depth, spec.width
+
+    def weight(k, shape):
+        return inits.sample_weight(k, shape, hyper.init, hyper.init_std, hyper.init_gain)
+
+    def bias(k, shape):
+        return hyper.bias_std * jax.random.normal(k, shape)
+
+    kb_in, kb_hidden, kb_out = jax.random.split(k_bias, 3)
+    hidden = {
+        "w": jax.vmap(lambda k: weight(k, (w, w)))(jax.random.split(k_hidden, d)),
+        "b": bias(kb_hidden, (d, w)),
+    }
+    if spec.norm != "none":
+        hidden["scale"] = jnp.ones((d, w))
+        hidden["bias"] = jnp.zeros((d, w))
+    return {
+        "input": {"w": weight(k_in, (spec.in_dim, w)), "b": bias(kb_in, (w,))},
+        "hidden": hidden,
+        "output": {"w": weight(k_out, (w, spec.out_dim)), "b": bias(kb_out, (spec.out_dim,))},
+    }
+
+
+def zero_probes(spec: MLPSpec, batch: int, dtype=jnp.float32) -> dict:
+    """Zeros added to every layer's output; the gradient w.r.t. them is dL/dh per layer."""
+    return {
+        "input": jnp.zeros((batch, spec.width), dtype),
+        "hidden": jnp.zeros((spec.depth, batch, spec.width), dtype),
+        "output": jnp.zeros((batch, spec.out_dim), dtype),
+    }
+
+
+def _layer_taps(h, pre) -> dict:
+    h32, pre32 = h.astype(jnp.float32), pre.astype(jnp.float32)
+    return {
+        "act_rms": jnp.sqrt(jnp.mean(jnp.square(h32))),
+        "act_std": jnp.std(h32),
+        "preact_rms": jnp.sqrt(jnp.mean(jnp.square(pre32))),
+        # A unit whose pre-activation is <= 0 on every example of the batch (dead for ReLU).
+        "dead_frac": jnp.mean(jnp.all(pre32 <= 0, axis=0).astype(jnp.float32)),
+    }
+
+
+def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None = None):
+    """Forward pass on a batch x of shape (batch, in_dim).
+
+    Returns:
+      (out, taps): out of shape (batch, out_dim); taps a dict of per-layer statistics, each of
+      shape (spec.layers,): act_rms, act_std, preact_rms, dead_frac.
+    """
+    dtype = jnp.dtype(spec.dtype)
+    act = activation_fn(spec.activation, hyper.leaky_slope)
+    p = jax.tree.map(lambda a: a.astype(dtype), params)
+    if probes is None:
+        probes = zero_probes(spec, x.shape[0], dtype)
+    residual = jnp.asarray(hyper.residual).astype(dtype)
+    pre_norm = spec.norm != "none" and spec.norm_position == "pre"
+    post_norm = spec.norm != "none" and spec.norm_position == "post"
+
+    pre = x.astype(dtype) @ p["input"]["w"] + p["input"]["b"]
+    h = act(pre) + probes["input"].astype(dtype)
+    taps_in = _layer_taps(h, pre)
+
+    def block(h, layer):
+        index, lp, probe = layer
+        z = apply_norm(spec.norm, h, lp) if pre_norm else h
+        pre = z @ lp["w"] + lp["b"]
+        new = residual * h + act(pre)
+        if post_norm:
+            new = apply_norm(spec.norm, new, lp)
+        new = jnp.where(index < hyper.depth, new, h) + probe.astype(dtype)
+        return new, _layer_taps(new, pre)
+
+    layers = (jnp.arange(spec.depth), p["hidden"], probes["hidden"])
+    h, taps_hidden = jax.lax.scan(block, h, layers, unroll=spec.unroll)
+    out = h @ p["output"]["w"] + p["output"]["b"] + probes["output"].astype(dtype)
+    taps_out = _layer_taps(out, out)
+    taps = {
+        k: jnp.concatenate([taps_in[k][None], taps_hidden[k], taps_out[k][None]]) for k in taps_in
+    }
+    return out.astype(jnp.float32), taps
+
+
+def per_layer(tree: dict, reduce) -> jax.Array:
+    """Apply `reduce` (array -> scalar) to each layer's weight matrix: shape (layers,)."""
+    return jnp.concatenate(
+        [
+            reduce(tree["input"]["w"])[None],
+            jax.vmap(reduce)(tree["hidden"]["w"]),
+            reduce(tree["output"]["w"])[None],
+        ]
+    )
+
+
+def layer_mask(spec: MLPSpec, hyper: MLPHyper) -> jax.Array:
+    """True for the layers in use: the input, the first `depth` hidden blocks, the readout."""
+    hidden = jnp.arange(spec.depth) < hyper.depth
+    return jnp.concatenate([jnp.ones(1, bool), hidden, jnp.ones(1, bool)])
+
+
+def probe_rms(probe_grads: dict) -> jax.Array:
+    """RMS of dL/dh per layer from the gradient w.r.t. `zero_probes`: shape (layers,)."""
+    def rms(a, axes):
+        return jnp.sqrt(jnp.mean(jnp.square(a.astype(jnp.float32)), axis=axes))
+
+    return jnp.concatenate(
+        [rms(probe_grads["input"], None)[None], rms(probe_grads["hidden"], (1, 2)),
+         rms(probe_grads["output"], None)[None]]
+    )

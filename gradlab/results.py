@@ -1,0 +1,188 @@
+"""Run folders and labelled results: atomic writes, resume, provenance. Imports no jax.
+
+A run folder is `<out>/runs/<experiment>-<config hash>/` holding
+  config.yaml     the resolved config
+  results.nc      an xarray Dataset (netCDF via h5netcdf), written once the sweep is done
+  ckpt/           per-group checkpoints while the sweep runs (removed after results.nc lands)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from gradlab.errors import ResultsError
+
+RESULTS_FORMAT = 1
+RESULTS_FILE = "results.nc"
+
+
+def run_dir(out: str | os.PathLike, experiment: str, config_hash: str) -> Path:
+    return Path(out) / "runs" / f"{experiment}-{config_hash}"
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create a folder (and parents) we can write into, or raise ResultsError saying why."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ResultsError(f"{path}: exists and is not a folder; choose another --out") from None
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot create the output folder ({e.strerror}); choose another --out") from None
+    if not path.is_dir():
+        raise ResultsError(f"{path}: exists and is not a folder; choose another --out")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ResultsError(f"{path}: the output folder is not writable; choose another --out")
+    return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync it, then rename over `path`; never leaves a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise ResultsError(f"{path}: could not be written ({e.strerror}); the previous file is untouched") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _remove(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ResultsError(f"{path}: checkpoint is unreadable ({e}); rerun with --fresh") from None
+
+
+def provenance(command: str | None = None) -> dict[str, str]:
+    """Versions, command line, git commit: what makes a result reproducible."""
+    info = {"command": command if command is not None else " ".join(sys.argv), "python": platform.python_version()}
+    for package in ("gradlab", "jax", "jaxlib", "optax", "numpy", "xarray"):
+        try:
+            info[f"version_{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[f"version_{package}"] = "unknown"
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    info["git_commit"] = _git_commit()
+    return info
+
+
+def _git_commit() -> str:
+    here = Path(__file__).resolve().parent.parent
+    if not (here / ".git").exists():
+        return ""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def build_dataset(sweep, spec_dict: dict, config_hash: str, extra_attrs: dict | None = None) -> xr.Dataset:
+    """An xarray Dataset with dims (*sweep axes, step, ...), provenance in its attrs."""
+    axis_names = [name for name, _ in sweep.axes]
+    coords = {name: np.asarray(values) for name, values in sweep.axes}
+    data_vars = {}
+    for name, array in sweep.metrics.items():
+        dims = axis_names + ["step"] + list(sweep.metric_dims[name])
+        data_vars[name] = (dims, array)
+    steps = next(iter(sweep.metrics.values())).shape[len(axis_names)] if sweep.metrics else 0
+    coords["step"] = np.arange(steps)
+    layers = [a.shape[-1] for n, a in sweep.metrics.items() if sweep.metric_dims[n][-1:] == ("layer",)]
+    if layers:
+        coords["layer"] = np.arange(max(layers))
+    data_vars["first_bad_step"] = (axis_names, sweep.first_bad_step)
+    data_vars["first_bad_layer"] = (axis_names, sweep.first_bad_layer)
+    data_vars["diverged"] = (axis_names, sweep.first_bad_step >= 0)
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs.update(
+        experiment=spec_dict["experiment"],
+        scale=spec_dict["scale"],
+        config_hash=config_hash,
+        config=json.dumps(spec_dict, sort_keys=True),
+        results_format=RESULTS_FORMAT,
+        device_kind=sweep.device_kind,
+        device_count=sweep.device_count,
+        compile_seconds=sweep.compile_seconds,
+        run_seconds=sweep.run_seconds,
+        static_groups=sweep.groups,
+        **provenance(),
+        **(extra_attrs or {}),
+    )
+    return ds
+
+
+def save(ds: xr.Dataset, path: Path) -> None:
+    atomic_write(Path(path), lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+
+
+def load(run: str | os.PathLike) -> xr.Dataset:
+    """The Dataset of a run folder (or a results file), loaded into memory."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.exists():
+        raise ResultsError(f"{path}: no results here (run the experiment first)")
+    try:
+        ds = xr.load_dataset(path, engine="h5netcdf")
+    except Exception as e:  # h5py/netCDF raise many types for a damaged file
+        raise ResultsError(f"{path}: results file is corrupt or truncated ({type(e).__name__}); rerun with --fresh") from None
+    version = ds.attrs.get("results_format")
+    if version != RESULTS_FORMAT:
+        raise ResultsError(
+            f"{path}: results format {version} was written by another gradlab (this one reads {RESULTS_FORMAT}); rerun with --fresh"
+        )
+    return ds
+
+
+def config_of(ds: xr.Dataset) -> dict:
+    return json.loads(ds.attrs["config"])
+
+
+def clear_checkpoints(run: Path) -> None:
+    shutil.rmtree(run / "ckpt", ignore_errors=True)

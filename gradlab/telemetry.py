@@ -1,0 +1,45 @@
+"""Per-layer statistics computed inside the compiled step.
+
+Every per-layer quantity has shape (layers,); layers not in use (beyond a masked depth) are NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradlab import models
+
+
+def frobenius(a) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32))))
+
+
+def nonfinite_fraction(a) -> jax.Array:
+    return jnp.mean((~jnp.isfinite(a)).astype(jnp.float32))
+
+
+def safe_ratio(num, den):
+    """num / den, 0 where den is 0 (a zero-initialised layer has no relative update)."""
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def mlp_layer_stats(params, grads, updates, mask) -> dict:
+    """Weight-matrix statistics per layer of an MLP (see models.py for the layer axis)."""
+    grad_norm = models.per_layer(grads, frobenius)
+    param_norm = models.per_layer(params, frobenius)
+    update_norm = models.per_layer(updates, frobenius)
+    stats = {
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,
+        "update_norm": update_norm,
+        "update_ratio": safe_ratio(update_norm, param_norm),
+        "grad_nonfinite": models.per_layer(grads, nonfinite_fraction),
+    }
+    return {k: jnp.where(mask, v, jnp.nan) for k, v in stats.items()}
+
+
+def global_norm(tree) -> jax.Array:
+    """The global L2 norm of a pytree (what clip_by_global_norm compares with its threshold)."""
+    return optax.global_norm(tree)

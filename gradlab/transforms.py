@@ -1,0 +1,118 @@
+"""Optax chains built from a config: clipping, then the optimizer under a learning-rate schedule.
+
+Swept numbers (learning rate, momentum, betas, weight decay, clip threshold) arrive as traced
+values and are held in the optimizer state by `optax.inject_hyperparams`, so one compiled
+program serves a whole sweep.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradlab.config import OptimConfig
+
+
+def _matrices(params):
+    """Weight decay mask: decay weight matrices (ndim >= 2), not biases or norm scales."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def inverse_time_decay(steps: int, final_fraction: float) -> optax.Schedule:
+    """1 / (1 + k t / steps), with k chosen so the value at `steps` is `final_fraction`."""
+    if not 0 < final_fraction <= 1:
+        raise ValueError(f"inverse_time_decay requires 0 < final_fraction <= 1, got {final_fraction}")
+    k = 1.0 / final_fraction - 1.0
+
+    def schedule(count):
+        return 1.0 / (1.0 + k * jnp.minimum(count, steps) / steps)
+
+    return schedule
+
+
+def schedule_shape(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The schedule with peak 1 (multiplied by the traced learning rate), warmup included."""
+    warmup = cfg.warmup_steps
+    if cfg.schedule == "warmup_cosine":
+        warmup = warmup or max(1, total_steps // 10)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, 1.0, warmup, max(total_steps, warmup + 1), end_value=cfg.final_lr_fraction
+        )
+    if cfg.schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(total_steps, 1.0)
+    n = max(1, total_steps - warmup)
+    end = cfg.final_lr_fraction
+    if cfg.schedule == "constant":
+        base = optax.constant_schedule(1.0)
+    elif cfg.schedule == "cosine":
+        base = optax.cosine_decay_schedule(1.0, n, alpha=end)
+    elif cfg.schedule == "linear":
+        base = optax.linear_schedule(1.0, end, n)
+    elif cfg.schedule == "exponential":
+        base = optax.exponential_decay(1.0, n, cfg.decay_rate)
+    elif cfg.schedule == "inverse_time":
+        base = inverse_time_decay(n, cfg.decay_rate)
+    elif cfg.schedule == "step":
+        drops = {int(n * i / (cfg.cycles + 1)): cfg.decay_rate for i in range(1, cfg.cycles + 1)}
+        base = optax.piecewise_constant_schedule(1.0, drops)
+    elif cfg.schedule == "sgdr":
+        period = max(1, n // cfg.cycles)
+        base = optax.sgdr_schedule(
+            [dict(init_value=1.0, peak_value=1.0, decay_steps=period, warmup_steps=0, end_value=end)]
+            * cfg.cycles
+        )
+    else:  # config validation lists the allowed names; this is a programming error
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    if warmup == 0:
+        return base
+    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), base], [warmup])
+
+
+def learning_rate(cfg: OptimConfig, lr, total_steps: int) -> Callable:
+    """count -> learning rate: the traced peak `lr` times the schedule's shape."""
+    shape = schedule_shape(cfg, total_steps)
+    return lambda count: lr * shape(count)
+
+
+def optimizer(cfg: OptimConfig, hp: dict, total_steps: int, prefix: str = "optim.") -> optax.GradientTransformation:
+    """The optimizer alone (no clipping), its swept numbers taken from `hp`."""
+    h = {name: hp[prefix + name] for name in ("lr", "momentum", "b1", "b2", "eps", "weight_decay")}
+    lr = learning_rate(cfg, h["lr"], total_steps)
+    inject = optax.inject_hyperparams
+    if cfg.name == "adamw":
+        return inject(optax.adamw, static_args=("mask",))(
+            learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"],
+            mask=_matrices,
+        )
+    if cfg.name == "sgd":
+        opt = inject(optax.sgd)(learning_rate=lr)
+    elif cfg.name in ("momentum", "nesterov"):
+        opt = inject(optax.sgd, static_args=("nesterov",))(
+            learning_rate=lr, momentum=h["momentum"], nesterov=cfg.name == "nesterov"
+        )
+    elif cfg.name == "rmsprop":
+        opt = inject(optax.rmsprop)(learning_rate=lr, decay=h["b2"], eps=h["eps"])
+    elif cfg.name == "adam":
+        opt = inject(optax.adam)(learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"])
+    else:
+        raise ValueError(f"unknown optimizer {cfg.name!r}")
+    # Coupled L2 (added to the gradient before the optimizer), as Adam+L2 in Loshchilov & Hutter 2019.
+    return optax.chain(optax.add_decayed_weights(h["weight_decay"], _matrices), opt)
+
+
+def clipping(cfg: OptimConfig, threshold) -> optax.GradientTransformation:
+    if cfg.clip == "global_norm":
+        return optax.clip_by_global_norm(threshold)
+    if cfg.clip == "value":
+        return optax.clip(threshold)
+    if cfg.clip == "agc":
+        return optax.adaptive_grad_clip(threshold)
+    return optax.identity()
+
+
+def build(cfg: OptimConfig, hp: dict, total_steps: int, prefix: str = "optim.") -> optax.GradientTransformation:
+    """clipping -> optimizer, as one optax chain."""
+    return optax.chain(clipping(cfg, hp[prefix + "clip_threshold"]), optimizer(cfg, hp, total_steps, prefix))
