@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from gradlab.config import DataConfig
+from gradlab.norms import at_least_f32
 
 
 class Data(NamedTuple):
@@ -22,10 +23,11 @@ def make(cfg: DataConfig) -> Data:
     regression:     x ~ N(0, I), y = sin(x p) + noise, p ~ N(0, 1/input_dim)
     classification: y = argmax(x t + noise) over output_dim classes, t ~ N(0, 1/input_dim)
     """
-    k_x, k_teacher, k_noise = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
-    x = jax.random.normal(k_x, (cfg.examples, cfg.input_dim))
-    teacher = jax.random.normal(k_teacher, (cfg.input_dim, cfg.output_dim)) / jnp.sqrt(cfg.input_dim)
-    noise = cfg.noise * jax.random.normal(k_noise, (cfg.examples, cfg.output_dim))
+    n, d_in, d_out = cfg.examples, cfg.input_dim, cfg.output_dim
+    z = jax.random.normal(jax.random.PRNGKey(cfg.seed), (n * d_in + d_in * d_out + n * d_out,))
+    x = z[: n * d_in].reshape(n, d_in)
+    teacher = z[n * d_in : n * d_in + d_in * d_out].reshape(d_in, d_out) / jnp.sqrt(d_in)
+    noise = cfg.noise * z[n * d_in + d_in * d_out :].reshape(n, d_out)
     if cfg.task == "classification":
         return Data(x, jnp.argmax(x @ teacher + noise, axis=-1))
     return Data(x, jnp.sin(x @ teacher) + noise)
@@ -44,7 +46,7 @@ def batch(data: Data, cfg: DataConfig, step, key) -> Data:
 
 def loss(cfg: DataConfig, out, y):
     """Mean squared error (regression) or softmax cross-entropy (classification), in float32."""
-    out = out.astype(jnp.float32)
+    out = at_least_f32(out)
     if cfg.task == "classification":
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y))
     return jnp.mean(jnp.square(out - y))

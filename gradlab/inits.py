@@ -42,18 +42,16 @@ def weight_std(scheme, fan_in: int, fan_out: int, init_std, init_gain):
     return init_gain * std
 
 
-def orthogonal(key, shape: tuple[int, int], dtype=jnp.float32):
-    """A Haar-random matrix with orthonormal columns (rows, if wider than tall).
+def orthonormalize(a):
+    """Gram-Schmidt (twice per column) of a's columns, or of its rows if it is wider than tall.
 
-    Classical Gram-Schmidt, done twice per column, of a Gaussian matrix: the Q of a QR
-    factorisation with positive diagonal R, which is Haar distributed (Mezzadri 2007).
-    Pure jnp, no LAPACK call: jaxlib's batched CPU QR can deadlock when two run at once on
-    a small thread pool, and a sweep vmaps this over layers, seeds and schemes.
+    Of a Gaussian matrix this is the Q of a QR factorisation with positive diagonal R, which
+    is Haar distributed (Mezzadri 2007). Pure jnp, no LAPACK call: jaxlib's batched CPU QR
+    can deadlock when two run at once on a small thread pool, and sweeps vmap this.
     """
-    rows, cols = shape
+    rows, cols = a.shape
     if rows < cols:
-        return orthogonal(key, (cols, rows), dtype).T
-    a = jax.random.normal(key, shape, jnp.float32)
+        return orthonormalize(a.T).T
 
     def column(j, q):
         v = jax.lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)
@@ -62,20 +60,27 @@ def orthogonal(key, shape: tuple[int, int], dtype=jnp.float32):
             v = v - q @ ((q.T @ v) * earlier)
         return jax.lax.dynamic_update_index_in_dim(q, v / jnp.sqrt(jnp.sum(v * v)), j, axis=1)
 
-    return jax.lax.fori_loop(0, cols, column, jnp.zeros_like(a)).astype(dtype)
+    return jax.lax.fori_loop(0, cols, column, jnp.zeros_like(a))
 
 
-def sample_weight(key, shape: tuple[int, int], scheme, init_std, init_gain, dtype=jnp.float32):
-    """One weight matrix of `shape` = (fan_in, fan_out) under a (traced) scheme index."""
-    fan_in, fan_out = shape
+def weight_from_normal(z, scheme, init_std, init_gain):
+    """A [fan_in, fan_out] weight under a (traced) scheme index, from a standard normal draw z.
+
+    One draw serves every distribution, so a sweep over schemes costs one random call: the
+    uniform is sqrt(3) * erf(z / sqrt(2)) (the normal CDF maps z to U(-1, 1)), the orthogonal
+    is z orthonormalized. Each is then scaled to unit entry variance and by the scheme's std.
+    """
+    fan_in, fan_out = z.shape
     distribution = jnp.asarray(_TABLE)[scheme, 2]
-    k_normal, k_uniform, k_orth = jax.random.split(key, 3)
-    unit_normal = jax.random.normal(k_normal, shape, dtype)
-    unit_uniform = jax.random.uniform(k_uniform, shape, dtype, -np.sqrt(3.0), np.sqrt(3.0))
-    # Orthonormal columns (or rows) have entries of variance 1/max(shape): rescale to unit.
-    unit_orth = orthogonal(k_orth, shape, dtype) * np.sqrt(max(shape))
-    unit = jnp.select([distribution == NORMAL, distribution == UNIFORM], [unit_normal, unit_uniform], unit_orth)
+    unit_uniform = np.sqrt(3.0) * jax.scipy.special.erf(z / np.sqrt(2.0))
+    unit_orth = orthonormalize(z) * np.sqrt(max(z.shape))
+    unit = jnp.select([distribution == NORMAL, distribution == UNIFORM], [z, unit_uniform], unit_orth)
     return weight_std(scheme, fan_in, fan_out, init_std, init_gain) * unit
+
+
+def sample_weight(key, shape: tuple[int, int], scheme, init_std, init_gain):
+    """One weight matrix of `shape` = (fan_in, fan_out) under a (traced) scheme index."""
+    return weight_from_normal(jax.random.normal(key, shape), scheme, init_std, init_gain)
 
 
 def scheme_index(name: str) -> int:

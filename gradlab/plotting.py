@@ -31,7 +31,9 @@ STYLE = {
 def figure(rows: int, cols: int, width: float = 3.4, height: float = 2.7, **kw):
     """A figure of rows x cols panels in the project's style; returns (fig, axes 2-D array)."""
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kw)
+        fig, axes = plt.subplots(
+            rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained", **kw
+        )
     for ax in axes.flat:
         for key, value in STYLE.items():
             if key.startswith("axes.spines."):
@@ -61,13 +63,19 @@ def note(ax, text: str, loc: str = "upper left"):
             bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="0.8", alpha=0.9))
 
 
+def legend_outside(fig, ax, **kw):
+    """One legend for the figure, right of the panels, from `ax`'s lines."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", frameon=False, **kw)
+
+
 def save(fig, stem: Path) -> list[Path]:
     """Write `stem`.png and `stem`.pdf atomically; returns their paths."""
     stem = Path(stem)
     paths = []
     for ext in ("png", "pdf"):
         path = stem.with_suffix(f".{ext}")
-        atomic_write(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=150))
+        atomic_write(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight"))
         paths.append(path)
     plt.close(fig)
     return paths

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import optax
 
 from gradlab import models
+from gradlab.norms import at_least_f32
 
 
 def frobenius(a) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32))))
+    return jnp.sqrt(jnp.sum(jnp.square(at_least_f32(a))))
 
 
 def nonfinite_fraction(a) -> jax.Array:

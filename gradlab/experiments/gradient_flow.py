@@ -29,8 +29,8 @@ def trial(cfg):
 def _variants(ds):
     for residual in ds["model.residual"].values:
         for norm in ds["model.norm"].values:
-            name = ("residual+" if residual else "") + ("" if norm == "none" else norm)
-            yield name or "plain", dict(**{"model.residual": residual, "model.norm": norm})
+            parts = (["residual"] if residual else []) + ([] if norm == "none" else [str(norm)])
+            yield "+".join(parts) or "plain", {"model.residual": residual, "model.norm": norm}
 
 
 def _at_init(ds, var, activation, sel):
@@ -73,7 +73,8 @@ def figures(ds) -> dict:
             for name, sel in _variants(ds):
                 plotting.band(ax, layers, _at_init(ds, var, activation, sel), name)
             ax.set_yscale("log")
-            ax.set_ylabel(ylabel)
+            if col == 0:
+                ax.set_ylabel(ylabel)
             if row == 0:
                 ax.set_title(activation)
             else:
@@ -82,9 +83,7 @@ def figures(ds) -> dict:
                   f"plain: $g_1/g_{{10}}$ = {sigmoid_ratio(ds):.2g}\n"
                   f"bound $0.25^9$ = {SIGMOID_BOUND:.2g}", loc="lower right")
     plotting.note(axes[0, 0], f"res+LN max/min = {residual_layernorm_spread(ds):.2g}", loc="lower right")
-    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    cfg = ds.attrs
+    plotting.legend_outside(fig, axes[0, 0])
     fig.suptitle(f"Gradient flow at initialization: depth {ds.sizes['layer'] - 2}, "
                  f"{ds.sizes['seed']} seeds (band: min..max)", fontsize=10)
-    del cfg
     return {"": fig}

@@ -1,0 +1,120 @@
+import math
+
+import numpy as np
+import pytest
+
+from gradlab import config
+from gradlab.config import ExperimentConfig
+from gradlab.errors import ConfigError
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def load(tmp_path, text, overrides=(), scale=None):
+    return config.load("exp", ExperimentConfig, overrides, scale, write(tmp_path, text))
+
+
+def test_scalar_overrides_are_parsed_as_yaml(tmp_path):
+    spec = load(tmp_path, "steps: 5\nmodel: {depth: 3}\n", ["model.depth=32", "optim.lr=1e-3", "model.activation=relu"])
+    assert spec.config.model.depth == 32
+    assert spec.config.optim.lr == pytest.approx(1e-3)
+    assert spec.config.model.activation == "relu"
+    assert spec.axes == ()
+
+
+def test_logspace_linspace_and_list_axes(tmp_path):
+    spec = load(tmp_path, "optim: {lr: {logspace: [-4, -1, 4]}}\nmodel: {norm: [none, layernorm]}\n",
+                ["model.bias_std={linspace: [0, 0.3, 4]}", "seeds=3"])
+    axes = {a.path: a for a in spec.axes}
+    np.testing.assert_allclose(axes["optim.lr"].values, [1e-4, 1e-3, 1e-2, 1e-1], rtol=1e-12)
+    np.testing.assert_allclose(axes["model.bias_std"].values, [0.0, 0.1, 0.2, 0.3], atol=1e-12)
+    assert axes["model.norm"].values == ("none", "layernorm") and axes["model.norm"].mode == "static"
+    assert axes["optim.lr"].mode == "traced"
+    assert axes["seed"].values == (0, 1, 2)
+    assert spec.axes[-1].path == "seed"
+
+
+def test_plan_groups_static_axes_and_vmaps_traced_ones(tmp_path):
+    spec = load(tmp_path, "model: {norm: [none, rmsnorm], depth: [2, 6], init: [he_normal, orthogonal]}\nseeds: 2\n")
+    plan = config.plan(spec)
+    assert len(plan.groups) == 2  # only the norm is static
+    group = plan.groups[1]
+    assert group.config.model.norm == "rmsnorm"
+    assert group.config.model.depth == 6  # built at the largest depth, masked below it
+    assert group.points == 2 * 2 * 2
+    assert sorted(set(group.hp["model.depth"].tolist())) == [2, 6]
+    assert sorted(set(group.hp["model.init"].tolist())) == [config.INIT_SCHEMES.index("he_normal"),
+                                                            config.INIT_SCHEMES.index("orthogonal")]
+    assert group.hp["optim.lr"].dtype == np.float32 and np.all(group.hp["optim.lr"] == np.float32(0.01))
+
+
+def test_hash_is_stable_and_changes_with_the_config(tmp_path):
+    a = load(tmp_path, "steps: 5\n")
+    b = load(tmp_path, "steps: 5\n")
+    c = load(tmp_path, "steps: 6\n")
+    assert a.hash == b.hash and a.hash != c.hash and len(a.hash) == 12
+
+
+def test_scales_are_presets_overridden_by_the_command_line(tmp_path):
+    text = "steps: 5\nscales:\n  quick: {steps: 7}\n  paper: {steps: 900, model.width: 512}\n"
+    assert load(tmp_path, text).config.steps == 7
+    assert load(tmp_path, text, scale="paper").config.model.width == 512
+    assert load(tmp_path, text, ["steps=3"], scale="paper").config.steps == 3
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("", ["model.dpth=3"], "model.dpth: unknown key; did you mean 'model.depth'"),
+        ("", ["model.depth=abc"], "model.depth"),
+        ("", ["optim.lr=-1"], "optim.lr: must be > 0"),
+        ("", ["optim.lr=0"], "optim.lr: must be > 0"),
+        ("", ["model.depth=0"], "model.depth: must be >= 1"),
+        ("", ["model.width=0"], "model.width: must be >= 1"),
+        ("", ["model.init=glorot"], "allowed: zero, normal"),
+        ("", ["model.activation=swish"], "model.activation: unknown value 'swish'"),
+        ("", ["model.norm=batchnorm"], "allowed: none, layernorm, rmsnorm"),
+        ("", ["optim.name=lion"], "optim.name"),
+        ("", ["optim.schedule=cosin"], "did you mean 'cosine'"),
+        ("", ["optim.lr={logspace: [-1, -4, 8]}"], "lo <= hi"),
+        ("", ["optim.lr={logspace: [-4, -1, 0]}"], "count n"),
+        ("", ["optim.lr={uniform: [0, 1]}"], "a mapping is not a value"),
+        ("", ["model.norm=[none, 3]"], "one type"),
+        ("", ["optim.lr=.nan"], "finite"),
+        ("", ["optim.lr=.inf"], "finite"),
+        ("", ["optim.lr=[]"], "empty list"),
+        ("model: [1, 2\n", [], "malformed YAML at line"),
+        ("- 1\n- 2\n", [], "top level must be a mapping"),
+        ("a: &x [1, 2]\nb: *x\n", [], "anchors and aliases"),
+        ("", ["nonsense"], "expected key=value"),
+    ],
+)
+def test_user_errors_name_the_key_and_what_is_allowed(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text, overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file_directory_and_unknown_scale(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load("x", ExperimentConfig, path=tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.load("x", ExperimentConfig, path=tmp_path)
+    with pytest.raises(ConfigError, match=r"--scale 'huge'.*allowed: quick"):
+        load(tmp_path, "scales: {quick: {steps: 2}}\n", scale="huge")
+
+
+def test_errors_from_the_command_line_say_so(tmp_path):
+    with pytest.raises(ConfigError, match=r"overridden on the command line\): optim.lr"):
+        load(tmp_path, "", ["optim.lr=-1"])
+
+
+def test_logspace_values_are_exact_powers():
+    values = config._axis_values({"logspace": [-5, 0, 6]}, "optim.lr", "x")
+    assert all(math.isclose(v, 10.0**e, rel_tol=1e-12) for v, e in zip(values, range(-5, 1)))

@@ -1,0 +1,77 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from gradlab import inits, models
+from gradlab.config import ACTIVATIONS
+
+VARIANTS = [(a, "none", "pre", False) for a in ACTIVATIONS] + [
+    ("tanh", norm, position, residual)
+    for norm, position, residual in itertools.product(("layernorm", "rmsnorm"), ("pre", "post"), (False, True))
+] + [("relu", "none", "pre", True)]
+
+
+def hyper(depth, residual=False, init="lecun_normal"):
+    return models.MLPHyper(depth, residual, inits.scheme_index(init), 0.0, 1.0, 0.1, 0.1)
+
+
+@pytest.mark.parametrize("activation, norm, position, residual", VARIANTS)
+def test_gradients_match_finite_differences(activation, norm, position, residual):
+    spec = models.MLPSpec(3, 2, depth=3, width=5, activation=activation, norm=norm, norm_position=position,
+                          dtype="float64")
+    with jax.enable_x64(True):
+        h = hyper(3, residual)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), models.init(jax.random.PRNGKey(0), spec, h))
+        if norm != "none":  # non-trivial norm parameters
+            params["hidden"]["scale"] = params["hidden"]["scale"] * 1.3
+            params["hidden"]["bias"] = params["hidden"]["bias"] + 0.1
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 3), jnp.float64)
+        probes = jax.tree.map(lambda a: a.astype(jnp.float64), models.zero_probes(spec, 4))
+
+        def loss(params, probes):
+            out, taps = models.apply(params, x, spec, h, probes)
+            return jnp.sum(jnp.sin(out)) + 0.1 * jnp.sum(taps["act_rms"])
+
+        check_grads(loss, (params, probes), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_depth_equals_the_shallower_net():
+    deep = models.MLPSpec(4, 2, depth=6, width=8, activation="tanh", norm="layernorm")
+    shallow = models.MLPSpec(4, 2, depth=3, width=8, activation="tanh", norm="layernorm")
+    params = models.init(jax.random.PRNGKey(0), deep, hyper(6, True))
+    cut = jax.tree.map(lambda a: a, params)
+    cut["hidden"] = jax.tree.map(lambda a: a[:3], params["hidden"])
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
+    out_masked, taps = models.apply(params, x, deep, hyper(3, True))
+    out_shallow, _ = models.apply(cut, x, shallow, hyper(3, True))
+    np.testing.assert_allclose(np.asarray(out_masked), np.asarray(out_shallow), rtol=1e-6, atol=1e-6)
+    assert np.asarray(models.layer_mask(deep, hyper(3))).tolist() == [True] * 4 + [False] * 3 + [True]
+
+
+def test_probe_gradient_is_the_backpropagated_signal():
+    # For a linear net with residual=0 and one hidden layer, dL/dh_1 = dL/dout @ W_out^T exactly.
+    spec = models.MLPSpec(3, 2, depth=1, width=4, activation="linear")
+    h = hyper(1)
+    params = models.init(jax.random.PRNGKey(0), spec, h)
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+    probes = models.zero_probes(spec, 6)
+    grad = jax.grad(lambda p: jnp.sum(models.apply(params, x, spec, h, p)[0] ** 2) / 2)(probes)
+    out, _ = models.apply(params, x, spec, h)
+    np.testing.assert_allclose(np.asarray(grad["hidden"][0]), np.asarray(out @ params["output"]["w"].T), rtol=1e-5)
+
+
+def test_residual_block_formula():
+    spec = models.MLPSpec(2, 1, depth=1, width=3, activation="tanh", norm="rmsnorm", norm_position="pre")
+    h = hyper(1, True)
+    params = models.init(jax.random.PRNGKey(0), spec, h)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 2))
+    p = params
+    h0 = np.tanh(np.asarray(x) @ np.asarray(p["input"]["w"]) + np.asarray(p["input"]["b"]))
+    z = h0 / np.sqrt(np.mean(h0**2, -1, keepdims=True) + 1e-6)
+    h1 = h0 + np.tanh(z @ np.asarray(p["hidden"]["w"][0]) + np.asarray(p["hidden"]["b"][0]))
+    ref = h1 @ np.asarray(p["output"]["w"]) + np.asarray(p["output"]["b"])
+    np.testing.assert_allclose(np.asarray(models.apply(params, x, spec, h)[0]), ref, rtol=1e-5, atol=1e-6)
