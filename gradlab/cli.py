@@ -62,8 +62,26 @@ def check_table(checks) -> str:
     return _table(rows, ["check", "measured", "expected", "result"])
 
 
+def _use_compilation_cache() -> None:
+    """Reruns skip XLA compilation: a per-user persistent cache (GRADLAB_CACHE_DIR moves it)."""
+    import os
+    from pathlib import Path
+
+    import jax
+
+    folder = os.environ.get("GRADLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradlab" / "jax"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # no cache is slower, not wrong
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _run(args) -> int:
     from gradlab import api
+
+    _use_compilation_cache()
 
     start = time.perf_counter()
     outcome = api.execute(

@@ -89,7 +89,7 @@ class OptimConfig:
     lr: float = param(0.01, low=0.0, low_open=True)
     momentum: float = param(0.9, low=0.0, high=1.0)
     b1: float = param(0.9, low=0.0, high=1.0)
-    b2: float = param(0.999, low=0.0, high=1.0)
+    b2: float = param(0.999, low=0.0, high=1.0, doc="Adam second-moment decay; RMSProp decay")
     eps: float = param(1e-8, low=0.0, low_open=True)
     weight_decay: float = param(0.0, low=0.0)
     schedule: str = param("constant", choices=SCHEDULES)

@@ -191,7 +191,9 @@ def first_bad_layers(metrics: dict, dims: dict, bad_step: np.ndarray) -> np.ndar
     """The first layer with a non-finite statistic at each point's first bad step (-1: none)."""
     out = np.full(bad_step.shape, -1, np.int32)
     layered = [m for name, m in metrics.items() if dims[name] == ("layer",)]
-    for idx in zip(*np.nonzero(bad_step >= 0)):
+    for idx in np.ndindex(bad_step.shape):
+        if bad_step[idx] < 0:
+            continue
         at = [m[idx][bad_step[idx]] for m in layered]
         bad = np.zeros(at[0].shape, bool) if at else np.zeros(0, bool)
         for a in at:

@@ -184,5 +184,20 @@ def config_of(ds: xr.Dataset) -> dict:
     return json.loads(ds.attrs["config"])
 
 
+def with_axes(ds: xr.Dataset, names: list[str]) -> xr.Dataset:
+    """ds with every named sweep axis as a dim: one not swept becomes a length-1 dim at its value.
+
+    Figures and checks index by axis name whether or not the user swept it.
+    """
+    spec = config_of(ds)
+    for name in names:
+        if name not in ds.dims:
+            value = spec["config"]
+            for part in name.split("."):
+                value = value[part]
+            ds = ds.expand_dims({name: [value]})
+    return ds
+
+
 def clear_checkpoints(run: Path) -> None:
     shutil.rmtree(run / "ckpt", ignore_errors=True)

@@ -94,7 +94,10 @@ def optimizer(cfg: OptimConfig, hp: dict, total_steps: int, prefix: str = "optim
             learning_rate=lr, momentum=h["momentum"], nesterov=cfg.name == "nesterov"
         )
     elif cfg.name == "rmsprop":
-        opt = inject(optax.rmsprop)(learning_rate=lr, decay=h["b2"], eps=h["eps"])
+        # eps outside the square root, as PyTorch and Adam do (optax's default puts it inside).
+        opt = inject(optax.rmsprop, static_args=("eps_in_sqrt",))(
+            learning_rate=lr, decay=h["b2"], eps=h["eps"], eps_in_sqrt=False
+        )
     elif cfg.name == "adam":
         opt = inject(optax.adam)(learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"])
     else:

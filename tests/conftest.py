@@ -10,3 +10,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def tiny_overrides():
     """A gradient_flow-sized model small enough to compile in a second or two."""
     return ["model.width=16", "model.depth=4", "data.examples=32", "data.input_dim=8"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Programs compiled by one test are reused by the next (and by each xdist worker)."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp().parent / "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

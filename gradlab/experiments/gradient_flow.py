@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradlab import plotting, trials
+from gradlab import plotting, results, trials
 from gradlab.config import ExperimentConfig
 from gradlab.experiments import Check
 
@@ -20,6 +20,7 @@ Config = ExperimentConfig
 SIGMOID_SPAN = 9  # hidden layers 1 and 10: nine sigmoid derivatives apart
 SIGMOID_BOUND = 0.25**SIGMOID_SPAN
 EVEN_BOUND = 10.0
+AXES = ["model.activation", "model.residual", "model.norm", "seed"]
 
 
 def trial(cfg):
@@ -52,17 +53,27 @@ def residual_layernorm_spread(ds) -> float:
     return float(np.max(spreads))
 
 
+def _has(ds, **sel) -> bool:
+    return all(value in ds[name].values for name, value in sel.items())
+
+
 def checks(ds) -> list[Check]:
-    ratio = sigmoid_ratio(ds)
-    spread = residual_layernorm_spread(ds)
-    return [
-        Check("plain sigmoid |g_1|/|g_10|", ratio, f"<= 10 x 0.25^9 = {10 * SIGMOID_BOUND:.2g}",
-              ratio <= 10 * SIGMOID_BOUND),
-        Check("residual+layernorm max/min |g_l|", spread, f"<= {EVEN_BOUND:g}", spread <= EVEN_BOUND),
-    ]
+    """The catalog's checks, for the variants this run includes."""
+    ds = results.with_axes(ds, AXES)
+    out = []
+    enough_depth = ds.sizes["layer"] - 2 >= 1 + SIGMOID_SPAN
+    if enough_depth and _has(ds, **{"model.activation": "sigmoid", "model.residual": False, "model.norm": "none"}):
+        ratio = sigmoid_ratio(ds)
+        out.append(Check("plain sigmoid |g_1|/|g_10|", ratio, f"<= 10 x 0.25^9 = {10 * SIGMOID_BOUND:.2g}",
+                         ratio <= 10 * SIGMOID_BOUND))
+    if _has(ds, **{"model.residual": True, "model.norm": "layernorm"}):
+        spread = residual_layernorm_spread(ds)
+        out.append(Check("residual+layernorm max/min |g_l|", spread, f"<= {EVEN_BOUND:g}", spread <= EVEN_BOUND))
+    return out
 
 
 def figures(ds) -> dict:
+    ds = results.with_axes(ds, AXES)
     activations = list(ds["model.activation"].values)
     fig, axes = plotting.figure(2, len(activations), width=3.5, height=2.8, sharex=True)
     layers = ds["layer"].values
@@ -79,10 +90,14 @@ def figures(ds) -> dict:
                 ax.set_title(activation)
             else:
                 ax.set_xlabel("layer l (0 = input projection)")
-    plotting.note(axes[0, activations.index("sigmoid")] if "sigmoid" in activations else axes[0, 0],
-                  f"plain: $g_1/g_{{10}}$ = {sigmoid_ratio(ds):.2g}\n"
-                  f"bound $0.25^9$ = {SIGMOID_BOUND:.2g}", loc="lower right")
-    plotting.note(axes[0, 0], f"res+LN max/min = {residual_layernorm_spread(ds):.2g}", loc="lower right")
+    found = {c.name: c.measured for c in checks(ds)}
+    if "plain sigmoid |g_1|/|g_10|" in found:
+        plotting.note(axes[0, activations.index("sigmoid")],
+                      f"plain: $g_1/g_{{10}}$ = {found['plain sigmoid |g_1|/|g_10|']:.2g}\n"
+                      f"bound $0.25^9$ = {SIGMOID_BOUND:.2g}", loc="lower right")
+    if "residual+layernorm max/min |g_l|" in found:
+        plotting.note(axes[0, 0], f"res+LN max/min = {found['residual+layernorm max/min |g_l|']:.2g}",
+                      loc="lower right")
     plotting.legend_outside(fig, axes[0, 0])
     fig.suptitle(f"Gradient flow at initialization: depth {ds.sizes['layer'] - 2}, "
                  f"{ds.sizes['seed']} seeds (band: min..max)", fontsize=10)

@@ -1,0 +1,316 @@
+"""B1: optimizer paths on the ill-conditioned bowl L(w) = w0^2 + 4 w1^2 and on Rosenbrock.
+
+On the bowl, gradient descent multiplies each coordinate by its own factor per step,
+w_t = ((1 - 2 eta)^t w0, (1 - 8 eta)^t w1), so it is stable only for eta < 2 / lambda_max
+= 2 / 8 = 0.25, and at the largest stable rates the steep coordinate flips sign every step
+(the zigzag). Momentum, Nesterov and the adaptive methods (RMSProp, Adam, AdamW) take other
+paths to the minimum; on Rosenbrock's curved valley GD crawls. Each optimizer is drawn at the
+learning rate of the sweep that reaches the tolerance in the fewest steps.
+
+Stored results: `w` (dims ..., step, coord) is the iterate after step + 1 updates and `loss`
+is L at that iterate, so the last step holds the final iterate and its loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradlab import plotting, results, transforms
+from gradlab.config import ExperimentConfig, param
+from gradlab.engine import Trial
+from gradlab.experiments import Check
+
+NAME = "quadratic"
+CLAIM = "GD zigzags on an ill-conditioned bowl and diverges for eta > 2/lambda_max = 0.25; momentum and Adam take other paths"
+SURFACES = ("bowl", "rosenbrock")
+BOWL_CURVATURE = (2.0, 8.0)  # Hessian eigenvalues of w0^2 + 4 w1^2
+STABLE_LR = 2.0 / max(BOWL_CURVATURE)  # GD is stable on the bowl iff eta < 0.25
+TOLERANCE = 1e-6  # a path has arrived when its loss is at most this (figure legend)
+CHECK_STEPS = 30  # the closed-form check compares the iterate after this many updates
+CLOSED_FORM_RTOL = 1e-4  # float32: ~30 steps x eps32 x 1/|1 - 8 eta| cancellation
+TINY = 1e-30  # below this a float32 iterate may be flushed to zero; growth is measured above it
+LABELS = {"sgd": "GD", "momentum": "momentum", "nesterov": "Nesterov", "rmsprop": "RMSProp",
+          "adam": "Adam", "adamw": "AdamW"}
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """ExperimentConfig plus the surface and where the optimizers start."""
+
+    surface: str = param("bowl", choices=SURFACES, sweep="static")
+    start: tuple[float, float] = param((3.0, 2.0), doc="start on the bowl (w0, w1)")
+    rosenbrock_start: tuple[float, float] = param((-1.2, 1.0), doc="start on Rosenbrock (w0, w1)")
+
+
+def bowl(x, y):
+    """w0^2 + 4 w1^2: curvatures 2 and 8, condition number 4, minimum at (0, 0)."""
+    return x**2 + 4.0 * y**2
+
+
+def rosenbrock(x, y):
+    """(1 - w0)^2 + 100 (w1 - w0^2)^2 (Rosenbrock 1960), minimum at (1, 1)."""
+    return (1.0 - x) ** 2 + 100.0 * (y - x**2) ** 2
+
+
+class Surface(NamedTuple):
+    loss: Callable  # (x, y) -> L, written with operators only so it serves jax and numpy
+    minimum: tuple[float, float]
+    title: str
+
+
+SURFACE = {
+    "bowl": Surface(bowl, (0.0, 0.0), r"bowl $w_0^2 + 4 w_1^2$"),
+    "rosenbrock": Surface(rosenbrock, (1.0, 1.0), r"Rosenbrock $(1-w_0)^2 + 100(w_1-w_0^2)^2$"),
+}
+
+
+def start_of(cfg) -> tuple[float, float]:
+    return tuple(cfg.start) if cfg.surface == "bowl" else tuple(cfg.rosenbrock_start)
+
+
+class State(NamedTuple):
+    w: jax.Array  # (1, 2): a matrix, so the weight-decay mask of transforms (ndim >= 2) covers it
+    opt_state: optax.OptState
+
+
+def trial(cfg) -> Trial:
+    """One optimizer on one surface from its start; records the iterate and loss after each update."""
+    surface = SURFACE[cfg.surface]
+    start = start_of(cfg)
+
+    def loss_fn(w_1x2):
+        return surface.loss(w_1x2[0, 0], w_1x2[0, 1])
+
+    def init(hp, key):
+        del key  # the path is deterministic; the engine still passes a seed's key
+        w = jnp.asarray([start], jnp.float32)
+        return State(w, transforms.build(cfg.optim, hp, cfg.steps).init(w))
+
+    def step(hp, state):
+        tx = transforms.build(cfg.optim, hp, cfg.steps)
+        grad = jax.grad(loss_fn)(state.w)
+        updates, opt_state = tx.update(grad, state.opt_state, state.w)
+        w = optax.apply_updates(state.w, updates)
+        return State(w, opt_state), {"w": w[0], "loss": loss_fn(w)}
+
+    return Trial(init, step, {"w": ("coord",)})
+
+
+# ----------------------------------------------------------------------------- reading results
+
+
+class Path2D(NamedTuple):
+    """One sweep point's path, the start prepended: xy (updates + 1, 2), loss (updates + 1,)."""
+
+    surface: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    xy: np.ndarray
+    loss: np.ndarray
+    diverged: bool
+
+    def steps_to(self, tol: float) -> int | None:
+        """Updates after which the loss stays <= tol to the end (None: it does not settle)."""
+        above = np.nonzero(~(self.loss <= tol))[0]
+        if above.size and above[-1] == len(self.loss) - 1:
+            return None
+        return int(above[-1]) + 1 if above.size else 0
+
+
+def _value(point, cfg: dict, path: str):
+    """A swept value from the point's coordinate, else the config's value."""
+    if path in point.coords:
+        return point.coords[path].item()
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def paths(ds) -> list[Path2D]:
+    """Every sweep point of a result set as a path from its start."""
+    cfg = results.config_of(ds)["config"]
+    sweep = [d for d in ds["loss"].dims if d != "step"]
+    out = []
+    for index in np.ndindex(*(ds.sizes[d] for d in sweep)):
+        point = ds.isel(dict(zip(sweep, index)))
+        surface = _value(point, cfg, "surface")
+        start = np.asarray(cfg["start"] if surface == "bowl" else cfg["rosenbrock_start"], float)
+        xy = np.concatenate([start[None], point["w"].transpose("step", "coord").values.astype(float)])
+        loss = np.concatenate([[SURFACE[surface].loss(*start)], point["loss"].values.astype(float)])
+        out.append(Path2D(surface, _value(point, cfg, "optim.name"), float(_value(point, cfg, "optim.lr")),
+                          float(_value(point, cfg, "optim.weight_decay")), xy, loss,
+                          bool(point["diverged"].item())))
+    return out
+
+
+def _plain_gd(ds) -> list[Path2D]:
+    """GD paths on the bowl where the closed form holds: no decay, clipping or schedule."""
+    optim = results.config_of(ds)["config"]["optim"]
+    if optim["clip"] != "none" or optim["schedule"] != "constant" or optim["warmup_steps"]:
+        return []
+    found = [p for p in paths(ds) if p.surface == "bowl" and p.optimizer == "sgd" and p.weight_decay == 0]
+    return sorted(found, key=lambda p: p.lr)
+
+
+def closed_form(start, lr: float, t: int) -> np.ndarray:
+    """GD on the bowl after t updates: w_i (1 - lambda_i eta)^t, eta as the float32 the program used."""
+    eta = float(np.float32(lr))
+    return np.asarray([w0 * (1.0 - lam * eta) ** t for w0, lam in zip(start, BOWL_CURVATURE)])
+
+
+def closed_form_error(p: Path2D) -> float:
+    """Max relative error of the iterate after min(steps, 30) updates against the closed form."""
+    t = min(CHECK_STEPS, len(p.xy) - 1)
+    expected, got = closed_form(p.xy[0], p.lr, t), p.xy[t]
+    err = np.where(expected == 0, np.abs(got), np.abs(got - expected) / np.where(expected == 0, 1, np.abs(expected)))
+    return float(np.max(err))
+
+
+def growth_per_step(p: Path2D) -> float:
+    """(|w1_t| / |w1_0|)^(1/t) over the first 30 updates (fewer where it leaves float32's range)."""
+    w1 = np.abs(p.xy[: CHECK_STEPS + 1, 1])
+    ok = np.nonzero(np.isfinite(w1) & (w1 > TINY) & (w1 < 1e30))[0]
+    t = int(ok[-1])
+    return float((w1[t] / w1[0]) ** (1.0 / t)) if t > 0 else float("nan")
+
+
+def grows(p: Path2D) -> bool:
+    finite = np.all(np.isfinite(p.xy), axis=1)
+    return p.diverged or np.linalg.norm(p.xy[finite][-1]) > np.linalg.norm(p.xy[0])
+
+
+def checks(ds) -> list[Check]:
+    gd = _plain_gd(ds)
+    out = []
+    exact = [p for p in gd if np.all(np.isfinite(p.xy[: CHECK_STEPS + 1]))]
+    if exact:
+        t = min(CHECK_STEPS, len(exact[0].xy) - 1)
+        err = max(closed_form_error(p) for p in exact)
+        lrs = "eta=" + ", ".join(f"{p.lr:g}" for p in exact) if len(exact) <= 3 else f"{len(exact)} lrs"
+        out.append(Check(f"GD bowl, {lrs}: w_{t} vs ((1-2eta)^{t} w0, (1-8eta)^{t} w1), rel. err",
+                         err, f"<= {CLOSED_FORM_RTOL:g} (float32)", err <= CLOSED_FORM_RTOL))
+    stable = [p for p in gd if p.lr < STABLE_LR]
+    if stable:
+        worst = max(growth_per_step(p) for p in stable)
+        out.append(Check(f"GD bowl, eta < {STABLE_LR:g}: max |w1| factor/step ({len(stable)} lrs)", worst,
+                         "< 1 (converges)", worst < 1 and not any(grows(p) for p in stable)))
+    unstable = [p for p in gd if p.lr > STABLE_LR]
+    if unstable:
+        p = unstable[0]
+        measured, theory = growth_per_step(p), abs(1 - max(BOWL_CURVATURE) * float(np.float32(p.lr)))
+        ok = measured > 1 and abs(measured / theory - 1) < 1e-3 and all(grows(q) for q in unstable)
+        out.append(Check(f"GD bowl, eta={p.lr:g} > {STABLE_LR:g}: |w1| factor/step", measured,
+                         f"|1-8eta| = {theory:.4g} > 1 (diverges)", ok))
+    return out
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def best_paths(ds) -> dict[str, dict[str, Path2D]]:
+    """Per surface, per optimizer: the sweep point that reaches TOLERANCE first (else lowest loss).
+
+    AdamW is taken at the largest weight decay of the sweep, the others at the smallest.
+    """
+    found = [p for p in paths(ds) if not p.diverged]
+    decays = sorted({p.weight_decay for p in found})
+    best: dict[str, dict[str, Path2D]] = {}
+    for p in found:
+        if decays and p.weight_decay != (decays[-1] if p.optimizer == "adamw" else decays[0]):
+            continue
+        n = p.steps_to(TOLERANCE)
+        key = (n if n is not None else np.inf, p.loss[-1])
+        current = best.setdefault(p.surface, {}).get(p.optimizer)
+        if current is None or key < (current.steps_to(TOLERANCE) or np.inf, current.loss[-1]):
+            best[p.surface][p.optimizer] = p
+    order = {name: i for i, name in enumerate(LABELS)}
+    return {s: dict(sorted(v.items(), key=lambda kv: order[kv[0]])) for s, v in best.items()}
+
+
+def _view(surface: str, start) -> tuple[tuple[float, float], tuple[float, float]]:
+    x0, y0 = start
+    if surface == "bowl":
+        hx, hy = 1.35 * max(abs(x0), 0.5), 1.35 * max(abs(y0), 0.5)
+        return (-hx, hx), (-hy, hy)
+    return (min(x0, 1.0) - 0.8, max(x0, 1.0) + 0.8), (min(y0, 1.0) - 1.5, max(y0, 1.0) + 1.5)
+
+
+def _label(p: Path2D, updates: int) -> str:
+    n = p.steps_to(TOLERANCE)
+    decay = f" wd={p.weight_decay:g}" if p.optimizer == "adamw" and p.weight_decay else ""
+    reached = f"{n} steps" if n is not None else f"> {updates} steps"
+    return f"{LABELS[p.optimizer]} (η={p.lr:g}{decay}): {reached}"
+
+
+def _contour_panel(ax, surface: str, chosen: dict[str, Path2D]):
+    start = next(iter(chosen.values())).xy[0]
+    (xlo, xhi), (ylo, yhi) = _view(surface, start)
+    x, y = np.meshgrid(np.linspace(xlo, xhi, 300), np.linspace(ylo, yhi, 300))
+    z = SURFACE[surface].loss(x, y)
+    levels = np.geomspace(max(z.min(), 1e-2), z.max(), 14)
+    ax.contour(x, y, z, levels=levels, colors="0.7", linewidths=0.6)
+    for p in chosen.values():
+        inside = (p.xy[:, 0] >= xlo) & (p.xy[:, 0] <= xhi) & (p.xy[:, 1] >= ylo) & (p.xy[:, 1] <= yhi)
+        far = np.abs(p.xy[~inside]).max(initial=0.0)
+        ax.plot(p.xy[:, 0], p.xy[:, 1], lw=1.2, marker="." if len(p.xy) <= 80 else None, ms=3,
+                label=_label(p, len(p.xy) - 1) + (f" (off view: |w| to {far:.3g})" if far else ""))
+    ax.plot(*start, "ko", ms=5, zorder=5)
+    ax.plot(*SURFACE[surface].minimum, "k*", ms=9, zorder=5)
+    ax.set(xlim=(xlo, xhi), ylim=(ylo, yhi), xlabel="$w_0$", ylabel="$w_1$")
+    ax.set_title(f"{SURFACE[surface].title}\nfrom ({start[0]:g}, {start[1]:g}); steps until L stays $\\leq$ {TOLERANCE:g}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+
+
+def _stability_panel(ax, gd: list[Path2D]):
+    import matplotlib
+
+    span = min(len(gd[0].xy), 2 * CHECK_STEPS + 1)
+    cmap = matplotlib.colormaps["viridis"]
+    for i, p in enumerate(gd):
+        unstable = p.lr > STABLE_LR
+        norm = np.linalg.norm(p.xy[:span], axis=1)
+        ax.plot(np.arange(span), norm, lw=1.0, ls="--" if unstable else "-",
+                color="#d1495b" if unstable else cmap(i / max(1, len(gd) - 1) * 0.85),
+                label=f"η={p.lr:g}" + (" (diverged)" if p.diverged else ""))
+    ax.set_yscale("log")
+    ax.set_ylim(1e-14, 1e12)
+    ax.set(xlabel="update t", ylabel=r"$\|w_t\|$")
+    ax.set_title(f"GD on the bowl: stable iff η < 2/8 = {STABLE_LR:g}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    lines = []
+    exact = [p for p in gd if np.all(np.isfinite(p.xy[: CHECK_STEPS + 1]))]
+    near = min(exact, key=lambda p: abs(p.lr - 0.15), default=None)
+    if near is not None:
+        t = min(CHECK_STEPS, len(near.xy) - 1)
+        e = closed_form(near.xy[0], near.lr, t)
+        lines.append(f"η={near.lr:g}, t={t}: w=({near.xy[t][0]:.4g}, {near.xy[t][1]:.4g})\n"
+                     f"closed form ({e[0]:.4g}, {e[1]:.4g})")
+    unstable = [p for p in gd if p.lr > STABLE_LR]
+    if unstable:
+        p = unstable[0]
+        lines.append(f"η={p.lr:g}: |w1| x{growth_per_step(p):.4g}/step"
+                     + (f", non-finite at step {int(np.argmax(~np.isfinite(p.loss)))}" if p.diverged else ""))
+    if lines:
+        plotting.note(ax, "\n".join(lines), loc="upper right")
+
+
+def figures(ds) -> dict:
+    chosen = best_paths(ds)
+    gd = _plain_gd(ds)
+    panels = [s for s in SURFACES if s in chosen]
+    fig, axes = plotting.figure(1, len(panels) + bool(gd), width=4.0, height=4.0)
+    for ax, surface in zip(axes[0], panels):
+        _contour_panel(ax, surface, chosen[surface])
+    if gd:
+        _stability_panel(axes[0, -1], gd)
+    fig.suptitle("Optimizer paths, each at its fastest learning rate of the sweep "
+                 f"({ds.sizes['step']} updates)", fontsize=10)
+    return {"": fig}

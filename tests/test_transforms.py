@@ -1,0 +1,145 @@
+"""Each optimizer built from a config against its update rule written out by hand."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gradlab import transforms
+from gradlab.config import OptimConfig
+
+LR, MOMENTUM, B1, B2, EPS, WD = 0.1, 0.9, 0.8, 0.95, 1e-8, 0.05
+PARAMS = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.asarray([0.3, -0.7])}
+G1 = {"w": jnp.asarray([[0.2, -0.1], [0.4, 0.05]]), "b": jnp.asarray([-0.3, 0.6])}
+G2 = {"w": jnp.asarray([[-0.1, 0.3], [0.2, -0.2]]), "b": jnp.asarray([0.1, 0.2])}
+
+
+def hp(**kw):
+    base = dict(lr=LR, momentum=MOMENTUM, b1=B1, b2=B2, eps=EPS, weight_decay=0.0, clip_threshold=1.0)
+    base.update(kw)
+    return {f"optim.{k}": jnp.float32(v) for k, v in base.items()}
+
+
+def two_steps(name, **kw):
+    cfg = OptimConfig(name=name)
+    tx = transforms.build(cfg, hp(**kw), total_steps=10)
+    state = tx.init(PARAMS)
+    u1, state = tx.update(G1, state, PARAMS)
+    p1 = optax.apply_updates(PARAMS, u1)
+    u2, _ = tx.update(G2, state, p1)
+    return jax.tree.map(np.asarray, (u1, u2))
+
+
+def np_tree(t):
+    return {k: np.asarray(v, np.float64) for k, v in t.items()}
+
+
+P, g1, g2 = np_tree(PARAMS), np_tree(G1), np_tree(G2)
+
+
+def expected(name, wd=0.0):
+    out1, out2 = {}, {}
+    for k in P:
+        decay = wd if k == "w" else 0.0  # decay only weight matrices
+        if name == "sgd":
+            out1[k], out2[k] = -LR * g1[k], -LR * g2[k]
+        elif name == "momentum":
+            t1 = g1[k]
+            t2 = g2[k] + MOMENTUM * t1
+            out1[k], out2[k] = -LR * t1, -LR * t2
+        elif name == "nesterov":
+            t1 = g1[k]
+            t2 = g2[k] + MOMENTUM * t1
+            out1[k], out2[k] = -LR * (g1[k] + MOMENTUM * t1), -LR * (g2[k] + MOMENTUM * t2)
+        elif name == "rmsprop":
+            v1 = (1 - B2) * g1[k] ** 2
+            v2 = B2 * v1 + (1 - B2) * g2[k] ** 2
+            out1[k], out2[k] = -LR * g1[k] / (np.sqrt(v1) + EPS), -LR * g2[k] / (np.sqrt(v2) + EPS)
+        elif name in ("adam", "adamw", "adam_l2"):
+            a1 = g1[k] + (decay * P[k] if name == "adam_l2" else 0)
+            m1, v1 = (1 - B1) * a1, (1 - B2) * a1**2
+            step1 = (m1 / (1 - B1)) / (np.sqrt(v1 / (1 - B2)) + EPS)
+            p1 = P[k] - LR * step1 - (LR * decay * P[k] if name == "adamw" else 0)
+            a2 = g2[k] + (decay * p1 if name == "adam_l2" else 0)
+            m2, v2 = B1 * m1 + (1 - B1) * a2, B2 * v1 + (1 - B2) * a2**2
+            step2 = (m2 / (1 - B1**2)) / (np.sqrt(v2 / (1 - B2**2)) + EPS)
+            out1[k] = -LR * step1 - (LR * decay * P[k] if name == "adamw" else 0)
+            out2[k] = -LR * step2 - (LR * decay * p1 if name == "adamw" else 0)
+    return out1, out2
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "rmsprop", "adam"])
+def test_two_steps_equal_the_update_rule(name):
+    (u1, u2), (e1, e2) = two_steps(name), expected(name)
+    for k in P:
+        np.testing.assert_allclose(u1[k], e1[k], rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(u2[k], e2[k], rtol=2e-5, atol=1e-7)
+
+
+def test_adamw_decouples_weight_decay_and_spares_biases():
+    (u1, u2), (e1, e2) = two_steps("adamw", weight_decay=WD), expected("adamw", WD)
+    for k in P:
+        np.testing.assert_allclose(u1[k], e1[k], rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(u2[k], e2[k], rtol=2e-5, atol=1e-7)
+
+
+def test_adam_with_weight_decay_is_l2_added_to_the_gradient():
+    (u1, u2), (e1, e2) = two_steps("adam", weight_decay=WD), expected("adam_l2", WD)
+    for k in P:
+        np.testing.assert_allclose(u1[k], e1[k], rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(u2[k], e2[k], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.3, 10.0])
+def test_global_norm_clipping_caps_the_update_norm(tau):
+    cfg = OptimConfig(name="sgd", clip="global_norm")
+    tx = transforms.build(cfg, hp(lr=1.0, clip_threshold=tau), total_steps=10)
+    updates, _ = tx.update(G1, tx.init(PARAMS), PARAMS)
+    norm = float(np.sqrt(sum(np.sum(np.asarray(v) ** 2) for v in updates.values())))
+    grad_norm = float(np.sqrt(sum(np.sum(v**2) for v in g1.values())))
+    assert norm == pytest.approx(min(grad_norm, tau), rel=1e-6)
+
+
+def test_swept_learning_rates_share_one_program():
+    cfg = OptimConfig(name="adam")
+
+    def first_update(lr):
+        tx = transforms.build(cfg, {**hp(), "optim.lr": lr}, total_steps=10)
+        return tx.update(G1, tx.init(PARAMS), PARAMS)[0]["w"]
+
+    lrs = jnp.asarray([1e-3, 1e-2, 1e-1])
+    out = jax.jit(jax.vmap(first_update))(lrs)
+    # Adam's first step is lr * g / (|g| + eps) = lr * sign(g)
+    np.testing.assert_allclose(np.asarray(out), -np.asarray(lrs)[:, None, None] * np.sign(g1["w"])[None], rtol=1e-5)
+
+
+def closed_form(cfg, t, total):
+    warm = cfg.warmup_steps
+    n = total - warm
+    if t < warm:
+        return t / warm
+    s = t - warm
+    end = cfg.final_lr_fraction
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        return end + (1 - end) * 0.5 * (1 + np.cos(np.pi * min(s, n) / n))
+    if cfg.schedule == "exponential":
+        return cfg.decay_rate ** (s / n)
+    if cfg.schedule == "inverse_time":
+        return 1 / (1 + (1 / cfg.decay_rate - 1) * min(s, n) / n)
+    if cfg.schedule == "linear":
+        return 1 + (end - 1) * min(s, n) / n
+    raise ValueError(cfg.schedule)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "exponential", "inverse_time", "linear"])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_schedule_values_equal_their_closed_forms(schedule, warmup):
+    cfg = dataclasses.replace(OptimConfig(), schedule=schedule, warmup_steps=warmup, final_lr_fraction=0.1, decay_rate=0.2)
+    lr = transforms.learning_rate(cfg, 0.5, 100)
+    for t in (0, 5, 10, 37, 60, 99, 100):
+        assert float(lr(t)) == pytest.approx(0.5 * closed_form(cfg, t, 100), rel=1e-5, abs=1e-7)
