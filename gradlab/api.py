@@ -66,6 +66,38 @@ def execute(
     return Outcome(ds, run, module.checks(ds), figures, cached)
 
 
+def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_file=None, devices=None) -> str:
+    """Compile every static group without running a step; a table of the sweep's cost."""
+    import jax
+
+    module = experiments.get(experiment)
+    spec = config.load(experiment, module.Config, list(overrides), scale, config_file)
+    plan = config.plan(spec)
+    devices = list(devices) if devices is not None else jax.local_devices()
+    steps, chunk = spec.config.steps, min(spec.config.chunk_steps, spec.config.steps)
+    chunks = -(-steps // chunk)
+    lines = [f"{experiment} (hash {spec.hash}): {plan.points} points in {len(plan.groups)} static groups "
+             f"(one compile each), {steps} steps in chunks of {chunk}, on {len(devices)} x {devices[0].device_kind}"]
+    for axis in plan.static_axes + plan.traced_axes:
+        lines.append(f"  axis {axis.path} ({'compiled per value' if axis.mode == 'static' else 'vmapped'}): "
+                     f"{len(axis.values)} values")
+    header = f"  {'group':<40} {'points':>6} {'per device':>10} {'GFLOP':>10} {'memory/device':>14} {'compile s':>9}"
+    lines.append(header)
+    for group in plan.groups:
+        label = ", ".join(f"{a.path}={a.values[i]}" for a, i in zip(plan.static_axes, group.index)) or "(all)"
+        compiled = engine.compile_group(module.trial(group.config), group.hp, steps, chunk, devices)
+        cost = compiled.chunk.cost_analysis() or {}
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get("flops", 0.0)) * chunks
+        memory = compiled.chunk.memory_analysis()
+        per_device = getattr(memory, "temp_size_in_bytes", 0) + getattr(memory, "argument_size_in_bytes", 0) + getattr(
+            memory, "output_size_in_bytes", 0)
+        width = -(-group.points // len(devices))
+        lines.append(f"  {label[:40]:<40} {group.points:>6} {width:>10} {flops / 1e9:>10.2f} "
+                     f"{per_device / 2**20:>11.1f} MiB {compiled.compile_seconds:>9.1f}")
+    return "\n".join(lines)
+
+
 def run(experiment: str, scale: str | None = None, *, overrides=(), out=".", fresh=False, progress=True, **kwargs) -> xr.Dataset:
     """Run an experiment and return its labelled results; draws nothing.
 

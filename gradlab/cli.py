@@ -10,6 +10,7 @@ import sys
 import time
 
 EXIT_USAGE = 2
+DEFAULT_HOST_DEVICES = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-figure", action="store_true", help="store results only")
     r.add_argument("--check", action="store_true", help="exit 1 if a check fails")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--dry-run", action="store_true",
+                   help="compile only: print sweep size, compiles, FLOPs and memory per device, then exit")
+    r.add_argument("--devices", type=int, metavar="N",
+                   help=f"CPU only: split the host into N devices to shard the sweep over (default {DEFAULT_HOST_DEVICES})")
 
     sub.add_parser("list", help="the experiments and their claims")
 
@@ -78,7 +83,35 @@ def _use_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _host_devices(n: int | None) -> None:
+    """Split the CPU into n XLA devices (set before jax is imported; no effect on GPU/TPU runs)."""
+    import os
+
+    if n is not None and n < 1:
+        raise _UsageError(f"gradlab: --devices must be >= 1, got {n}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        if n is not None:
+            raise _UsageError("gradlab: --devices conflicts with xla_force_host_platform_device_count in XLA_FLAGS")
+        return
+    if "jax" in sys.modules:
+        return  # too late to change; the API caller chose
+    count = n if n is not None else DEFAULT_HOST_DEVICES
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def _dry_run(args) -> int:
+    from gradlab import api
+
+    report = api.dry_run(args.experiment, args.overrides, args.scale, config_file=args.config_file)
+    print(report)
+    return 0
+
+
 def _run(args) -> int:
+    _host_devices(args.devices)
+    if args.dry_run:
+        return _dry_run(args)
     from gradlab import api
 
     _use_compilation_cache()

@@ -354,9 +354,14 @@ def _set_dotted(raw: dict, key: str, value, where: str) -> None:
     node[parts[-1]] = value
 
 
-def _is_sweep_spec(value) -> bool:
+def _is_sequence_field(f: FieldInfo) -> bool:
+    return typing.get_origin(f.type) in (tuple, list)
+
+
+def _is_sweep_spec(value, f: FieldInfo | None = None) -> bool:
     if isinstance(value, list):
-        return True
+        # A list given to a tuple- or list-typed field is its value; a list of lists is a sweep.
+        return not (f is not None and _is_sequence_field(f) and not any(isinstance(v, list) for v in value))
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("logspace", "linspace")
 
 
@@ -367,7 +372,7 @@ def _extract_axes(raw: dict, fields: dict, prefix: str, where: str) -> dict:
         path = f"{prefix}{key}"
         value = raw[key]
         if path in fields:
-            if _is_sweep_spec(value):
+            if _is_sweep_spec(value, fields[path]):
                 axes[path] = value
                 raw[key] = _axis_values(value, path, where)[0]
             elif isinstance(value, dict):
@@ -464,7 +469,8 @@ def _coerce(schema: type, path: str, value, where: str):
     nested: dict = {}
     _set_dotted(nested, path, value, where)
     try:
-        return OmegaConf.select(OmegaConf.merge(node, nested), path)
+        value = OmegaConf.select(OmegaConf.merge(node, nested), path)
+        return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
     except OmegaConfBaseException as e:
         _, msg = _omegaconf_message(e)
         return _raise(where, path, msg)

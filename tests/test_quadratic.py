@@ -139,8 +139,6 @@ def test_each_vmapped_lane_equals_its_own_run(cli_run, tmp_path):
     np.testing.assert_array_equal(alone["w"].values, lane.values)
 
 
-@pytest.mark.xfail(strict=True, reason="config.py reads a list for a tuple-typed field as a sweep axis; "
-                                       "the fix is proposed in the B1 report")
 def test_cli_start_override_is_a_value_not_a_sweep(tmp_path: Path):
     argv = ["run", "quadratic", "optim.name=sgd", "surface=bowl", "optim.lr=0.15", "optim.weight_decay=0",
             "steps=30", "start=[3, 2]", "--out", str(tmp_path), "--quiet", "--no-figure", "--check"]
