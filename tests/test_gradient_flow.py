@@ -23,3 +23,20 @@ def test_checks_pass_and_vanishing_matches_the_sigmoid_bound(tmp_path):
     assert 1 / per_layer > 0.05
     assert (tmp_path / "figures" / "gradient_flow.png").exists()
     assert int(ds["diverged"].sum()) == 0
+
+
+def test_notebook_api_returns_data_and_figures(tmp_path):
+    import matplotlib.figure
+
+    import gradlab
+
+    tiny = dict(model__width=8, model__depth=2, seeds=1, data__examples=16, data__input_dim=4,
+                model__activation="tanh", model__norm="none", model__residual=False)
+    ds = gradlab.run("gradient_flow", out=tmp_path, progress=False, **tiny)
+    assert ds["grad_norm"].dims == ("step", "layer")  # no swept axis left: dims are step and layer
+    assert ds.attrs["experiment"] == "gradient_flow" and len(ds.attrs["config_hash"]) == 12
+    assert isinstance(gradlab.plot(ds), matplotlib.figure.Figure)
+    assert not (tmp_path / "figures").exists()  # the API draws nothing unless asked
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    stored = gradlab.load(run_dir)
+    np.testing.assert_array_equal(stored["grad_norm"].values, ds["grad_norm"].values)
