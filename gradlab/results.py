@@ -24,6 +24,8 @@ import xarray as xr
 from gradlab.errors import ResultsError
 
 RESULTS_FORMAT = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 RESULTS_FILE = "results.nc"
 
 
@@ -52,6 +54,7 @@ def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is as readable as any file
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
