@@ -52,7 +52,7 @@ INIT_SCHEMES = (
     "zero", "normal", "lecun_normal", "lecun_uniform", "xavier_normal", "xavier_uniform",
     "he_normal", "he_uniform", "orthogonal",
 )
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw", "adamw_decoupled")
 SCHEDULES = (
     "constant", "cosine", "warmup_cosine", "exponential", "inverse_time", "step", "onecycle",
     "sgdr", "linear",
@@ -99,6 +99,7 @@ class OptimConfig:
     cycles: int = param(2, low=1, doc="SGDR restarts / step-schedule drops")
     clip: str = param("none", choices=CLIPPING)
     clip_threshold: float = param(1.0, low=0.0, low_open=True)
+    accumulate_steps: int = param(1, low=1, doc="optax.MultiSteps: one update per this many averaged gradients")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class ExperimentConfig:
     seeds: int = param(1, low=1, high=MAX_SEEDS, doc="shorthand: a seed axis seed..seed+seeds-1")
     steps: int = param(100, low=1)
     chunk_steps: int = param(100, low=1, doc="steps per compiled chunk; a checkpoint after each")
+    telemetry: str = param("layers", choices=("layers", "loss"), doc="per-layer statistics, or the loss alone")
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -137,14 +137,15 @@ def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None =
     dtype = jnp.dtype(spec.dtype)
     act = activation_fn(spec.activation, hyper.leaky_slope)
     p = jax.tree.map(lambda a: a.astype(dtype), params)
-    if probes is None:
-        probes = zero_probes(spec, x.shape[0], dtype)
+    probed = probes is not None
+    if not probed:  # no zeros to add; the scan carries a dummy per layer
+        probes = {"input": 0.0, "hidden": jnp.zeros((spec.depth,), dtype), "output": 0.0}
     residual = jnp.asarray(hyper.residual).astype(dtype)
     pre_norm = spec.norm != "none" and spec.norm_position == "pre"
     post_norm = spec.norm != "none" and spec.norm_position == "post"
 
     pre = x.astype(dtype) @ p["input"]["w"] + p["input"]["b"][None]
-    h = act(pre) + probes["input"].astype(dtype)
+    h = act(pre) + probes["input"].astype(dtype) if probed else act(pre)
     taps_in = _layer_taps(h, pre)
 
     def block(h, layer):
@@ -154,12 +155,16 @@ def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None =
         new = residual * h + act(pre)
         if post_norm:
             new = apply_norm(spec.norm, new, lp)
-        new = jnp.where(index < hyper.depth, new, h) + probe.astype(dtype)
+        new = jnp.where(index < hyper.depth, new, h)
+        if probed:
+            new = new + probe.astype(dtype)
         return new, _layer_taps(new, pre)
 
     layers = (jnp.arange(spec.depth), p["hidden"], probes["hidden"])
     h, taps_hidden = jax.lax.scan(block, h, layers, unroll=spec.unroll)
-    out = h @ p["output"]["w"] + p["output"]["b"][None] + probes["output"].astype(dtype)
+    out = h @ p["output"]["w"] + p["output"]["b"][None]
+    if probed:
+        out = out + probes["output"].astype(dtype)
     taps_out = _layer_taps(out, out)
     taps = {
         k: jnp.concatenate([taps_in[k][None], taps_hidden[k], taps_out[k][None]]) for k in taps_in

@@ -26,7 +26,8 @@ def mlp_spec(cfg) -> models.MLPSpec:
 
 
 def supervised_mlp(cfg) -> Trial:
-    """Train the config's MLP with its optax chain; every step records, before the update:
+    """Train the config's MLP with its optax chain; every step records, before the update
+    (with `telemetry: loss`, the loss alone):
 
     loss, grad_global_norm (before clipping), lr, and per layer: grad_norm, param_norm,
     update_norm, update_ratio, grad_nonfinite, act_rms, act_std, preact_rms, dead_frac and
@@ -34,6 +35,7 @@ def supervised_mlp(cfg) -> Trial:
     """
     spec = mlp_spec(cfg)
     total = cfg.steps
+    layers = cfg.telemetry == "layers"
 
     def init(hp, key):
         hyper = models.MLPHyper.from_hp(hp)
@@ -46,7 +48,7 @@ def supervised_mlp(cfg) -> Trial:
         hyper = models.MLPHyper.from_hp(hp)
         tx = transforms.build(cfg.optim, hp, total)
         batch = data.batch(state.data, cfg.data, state.step, state.key)
-        probes = models.zero_probes(spec, batch.x.shape[0], jnp.dtype(spec.dtype))
+        probes = models.zero_probes(spec, batch.x.shape[0], jnp.dtype(spec.dtype)) if layers else None
 
         def loss_fn(params, probes):
             out, taps = models.apply(params, batch.x, spec, hyper, probes)
@@ -57,6 +59,9 @@ def supervised_mlp(cfg) -> Trial:
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(params, opt_state, state.data, state.step + 1, state.key)
+        if not layers:
+            return new_state, {"loss": loss}
         mask = models.layer_mask(spec, hyper)
         metrics = {
             "loss": loss,
@@ -66,6 +71,6 @@ def supervised_mlp(cfg) -> Trial:
             **{name: jnp.where(mask, value, jnp.nan) for name, value in taps.items()},
             "delta_rms": jnp.where(mask, models.probe_rms(probe_grads), jnp.nan),
         }
-        return TrainState(params, opt_state, state.data, state.step + 1, state.key), metrics
+        return new_state, metrics
 
     return Trial(init, step)

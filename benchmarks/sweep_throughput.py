@@ -1,0 +1,280 @@
+"""Workload W: a 32-learning-rate sweep of a deep tanh MLP, four ways, each in its own process.
+
+  (a) PyTorch eager, a Python loop over the configs (nn.Sequential, torch.optim.AdamW, clip_grad_norm_)
+  (b) PyTorch batched over configs (stacked weights, bmm, a batched AdamW) under torch.compile
+  (c) gradlab's engine through its public API (one jit(vmap(scan)) program)
+  (d) the machine's fp32 GEMM peak (jax and numpy, the better of the two)
+
+W: X ~ N(0,1) of 256x128, y = sin(X p), p ~ N(0, 1/128); 16 tanh layers of width 128 (the first maps
+the 128 inputs), linear readout; weights N(0, 1/fan_in), biases 0; MSE; clip_by_global_norm(1.0) then
+AdamW(b1 .9, b2 .999, eps 1e-8, weight decay 1e-4 on weight matrices); 200 steps; 32 learning rates
+log-spaced in [1e-4, 1e-1]; every per-step loss kept; all configs start from the same parameters,
+which (c) draws and (a), (b) load. FLOPs = 3 x forward matmul FLOPs.
+
+  python benchmarks/sweep_throughput.py              # W on this machine (needs the [bench] extra)
+  python benchmarks/sweep_throughput.py --gpu        # W_gpu: 128 lrs, depth 32, width 512, batch 1024
+  python benchmarks/sweep_throughput.py --quick      # a tiny W to check the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def workload(kind: str) -> dict:
+    if kind == "gpu":
+        return dict(lrs=128, layers=32, width=512, batch=1024, steps=200)
+    if kind == "quick":
+        return dict(lrs=4, layers=4, width=32, batch=64, steps=20)
+    return dict(lrs=32, layers=16, width=128, batch=256, steps=200)
+
+
+def flops(w: dict) -> float:
+    per_step = 2 * w["batch"] * ((w["layers"]) * w["width"] ** 2 + w["width"])
+    return 3 * per_step * w["steps"] * w["lrs"]
+
+
+def learning_rates(w: dict) -> np.ndarray:
+    return np.logspace(-4, -1, w["lrs"])
+
+
+def overrides(w: dict) -> list[str]:
+    return [
+        f"model.depth={w['layers'] - 1}", f"model.width={w['width']}", "model.activation=tanh",
+        "model.norm=none", "model.residual=false", "model.init=lecun_normal",
+        f"data.examples={w['batch']}", f"data.input_dim={w['width']}", "data.output_dim=1",
+        "optim.name=adamw", "optim.b1=0.9", "optim.b2=0.999", "optim.eps=1e-8", "optim.weight_decay=1e-4",
+        "optim.clip=global_norm", "optim.clip_threshold=1.0",
+        f"optim.lr={{logspace: [-4, -1, {w['lrs']}]}}", "seeds=1", f"steps={w['steps']}",
+        f"chunk_steps={w['steps']}", "telemetry=loss",
+    ]
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+def run_gradlab(w: dict, shared: Path) -> dict:
+    import jax
+
+    import gradlab
+    from gradlab import config, data, models
+    from gradlab.experiments import gradient_flow
+
+    spec = config.load("gradient_flow", gradient_flow.Config, overrides(w))
+    cfg = spec.config
+    k_params, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))  # as trials.supervised_mlp's init does
+    params = models.init(k_params, models.MLPSpec.from_config(cfg.model, cfg.data.input_dim, 1),
+                         models.MLPHyper.from_config(cfg.model))
+    task = data.make(cfg.data)
+    np.savez(shared, x=np.asarray(task.x), y=np.asarray(task.y),
+             w_in=np.asarray(params["input"]["w"]), w_hidden=np.asarray(params["hidden"]["w"]),
+             w_out=np.asarray(params["output"]["w"]))
+    with tempfile.TemporaryDirectory() as out:
+        outcome = gradlab.execute("gradient_flow", overrides(w), out=out, progress=False, draw=False)
+    ds = outcome.dataset
+    return dict(seconds=float(ds.attrs["run_seconds"]), compile=float(ds.attrs["compile_seconds"]),
+                losses=ds["loss"].transpose("optim.lr", "step").values.tolist(),
+                device=f"{ds.attrs['device_count']} x {ds.attrs['device_kind']}")
+
+
+def _torch_setup(shared: Path):
+    import torch
+
+    torch.manual_seed(0)
+    arrays = np.load(shared)
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    weights = [to(arrays["w_in"])] + [to(a) for a in arrays["w_hidden"]] + [to(arrays["w_out"])]
+    return to(arrays["x"]), to(arrays["y"]), weights
+
+
+def run_torch_loop(w: dict, shared: Path) -> dict:
+    import torch
+
+    x, y, weights = _torch_setup(shared)
+    losses = []
+    start = time.perf_counter()
+    for lr in learning_rates(w):
+        layers = []
+        for i, wt in enumerate(weights):
+            linear = torch.nn.Linear(wt.shape[0], wt.shape[1])
+            with torch.no_grad():
+                linear.weight.copy_(wt.T)
+                linear.bias.zero_()
+            layers += [linear] + ([torch.nn.Tanh()] if i < len(weights) - 1 else [])
+        net = torch.nn.Sequential(*layers)
+        decay = [m.weight for m in net if isinstance(m, torch.nn.Linear)]
+        keep = [m.bias for m in net if isinstance(m, torch.nn.Linear)]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4}, {"params": keep, "weight_decay": 0.0}],
+                                lr=float(lr), betas=(0.9, 0.999), eps=1e-8)
+        curve = []
+        for _ in range(w["steps"]):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.mean((net(x) - y) ** 2)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            curve.append(float(loss))
+        losses.append(curve)
+    return dict(seconds=time.perf_counter() - start, compile=0.0, losses=losses, device="cpu (torch eager)")
+
+
+def run_torch_batched(w: dict, shared: Path) -> dict:
+    import torch
+
+    x, y, weights = _torch_setup(shared)
+    n = w["lrs"]
+    lr = torch.tensor(learning_rates(w), dtype=torch.float32).view(n, 1, 1)
+    params = [wt.unsqueeze(0).repeat(n, 1, 1).contiguous() for wt in weights]
+    params += [torch.zeros(n, 1, wt.shape[1]) for wt in weights]
+    for p in params:
+        p.requires_grad_(True)
+    decays = [1e-4] * len(weights) + [0.0] * len(weights)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    xb, yb = x.unsqueeze(0).expand(n, -1, -1), y.unsqueeze(0).expand(n, -1, -1)
+    k = len(weights)
+
+    def loss_fn(params):
+        h = xb
+        for i in range(k):
+            h = torch.baddbmm(params[k + i], h, params[i])
+            if i < k - 1:
+                h = torch.tanh(h)
+        return torch.mean((h - yb) ** 2, dim=(1, 2))
+
+    def step(params, m, v, t):
+        per_config = loss_fn(params)
+        grads = torch.autograd.grad(per_config.sum(), params)
+        norm = torch.sqrt(sum(torch.sum(g * g, dim=(1, 2)) for g in grads)).view(n, 1, 1)
+        scale = torch.clamp(1.0 / norm, max=1.0)
+        out = []
+        with torch.no_grad():
+            for p, g, mi, vi, wd in zip(params, grads, m, v, decays):
+                g = g * scale
+                mi.mul_(0.9).add_(g, alpha=0.1)
+                vi.mul_(0.999).addcmul_(g, g, value=0.001)
+                update = (mi / (1 - 0.9**t)) / (torch.sqrt(vi / (1 - 0.999**t)) + 1e-8) + wd * p
+                p.sub_(lr * update)
+        return per_config.detach()
+
+    compiled = torch.compile(step)
+    start = time.perf_counter()
+    compiled(params, m, v, torch.tensor(1.0))  # compile and warm up, then restart from the shared start
+    compile_seconds = time.perf_counter() - start
+    x, y, weights = _torch_setup(shared)
+    with torch.no_grad():
+        for i, wt in enumerate(weights):
+            params[i].copy_(wt.unsqueeze(0).expand(n, -1, -1))
+            params[k + i].zero_()
+        for buf in m + v:
+            buf.zero_()
+    curves = []
+    start = time.perf_counter()
+    for t in range(1, w["steps"] + 1):
+        curves.append(compiled(params, m, v, torch.tensor(float(t))))
+    losses = torch.stack(curves, dim=1).tolist()
+    return dict(seconds=time.perf_counter() - start, compile=compile_seconds, losses=losses,
+                device="cpu (torch.compile)")
+
+
+def run_peak(w: dict, shared: Path) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    del w, shared
+    size = 2048
+    best = 0.0
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    mm = jax.jit(jnp.matmul)
+    ja = jnp.asarray(a)
+    mm(ja, ja).block_until_ready()
+    for _ in range(5):
+        start = time.perf_counter()
+        mm(ja, ja).block_until_ready()
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        start = time.perf_counter()
+        a @ a
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return dict(gflops=best / 1e9)
+
+
+CONTENDERS = {"gradlab": run_gradlab, "torch_loop": run_torch_loop, "torch_batched": run_torch_batched,
+              "peak": run_peak}
+
+
+def child(name: str, kind: str, shared: Path, out: Path) -> None:
+    result = CONTENDERS[name](workload(kind), shared)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(CONTENDERS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--shared", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    kind = "gpu" if args.gpu else "quick" if args.quick else "cpu"
+    if args.child:
+        child(args.child, kind, Path(args.shared), Path(args.result))
+        return
+    w = workload(kind)
+    total = flops(w)
+    print(f"workload {kind}: {w}; {total / 1e12:.3f} TFLOP (3 x forward matmuls)")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = Path(tmp) / "shared.npz"
+        order = ["gradlab", "peak", "torch_loop", "torch_batched"]  # gradlab writes the shared start
+        for name in order:
+            if name in args.skip:
+                continue
+            result_file = Path(tmp) / f"{name}.json"
+            flags = ["--gpu"] if args.gpu else ["--quick"] if args.quick else []
+            proc = subprocess.run([sys.executable, __file__, *flags, "--child", name, "--shared", str(shared),
+                                   "--result", str(result_file)], env=os.environ.copy())
+            if proc.returncode != 0:
+                print(f"{name}: failed (exit {proc.returncode})")
+                continue
+            results[name] = json.loads(result_file.read_text())
+    peak = results.get("peak", {}).get("gflops", float("nan"))
+    print(f"\n{'contender':<16}{'run s':>9}{'compile s':>11}{'GFLOP/s':>10}{'of peak':>9}{'peak RSS MiB':>14}")
+    for name in ("torch_loop", "torch_batched", "gradlab"):
+        if name in results:
+            r = results[name]
+            rate = total / r["seconds"] / 1e9
+            print(f"{name:<16}{r['seconds']:>9.2f}{r['compile']:>11.1f}{rate:>10.1f}{rate / peak:>9.0%}"
+                  f"{r['peak_rss_mib']:>14.0f}")
+    print(f"{'fp32 GEMM peak':<16}{'':>9}{'':>11}{peak:>10.1f}")
+    if "gradlab" in results:
+        g = results["gradlab"]["seconds"]
+        for name, label in (("torch_loop", "(a)/(c)"), ("torch_batched", "(b)/(c)")):
+            if name in results:
+                print(f"speed-up of gradlab over {name} {label}: {results[name]['seconds'] / g:.2f}x")
+        ref = np.asarray(results["gradlab"]["losses"])
+        for name in ("torch_loop", "torch_batched"):
+            if name in results:
+                other = np.asarray(results[name]["losses"])
+                low = slice(0, w["lrs"] // 2)
+                early = np.max(np.abs(other[:, :10] - ref[:, :10]) / np.abs(ref[:, :10]))
+                low_lr = np.max(np.abs(other[low] - ref[low]) / np.abs(ref[low]))
+                print(f"loss curves, {name} vs gradlab: max relative difference {early:.1e} over the first 10 steps,"
+                      f" {low_lr:.1e} over the low-lr half")
+
+
+if __name__ == "__main__":
+    main()
