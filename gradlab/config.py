@@ -382,7 +382,10 @@ def _extract_axes(raw: dict, fields: dict, prefix: str, where: str) -> dict:
                     f"{where}: {path}: a mapping is not a value; a sweep is a list, "
                     "{logspace: [lo, hi, n]} or {linspace: [lo, hi, n]}"
                 )
-        elif isinstance(value, dict) and any(f.startswith(path + ".") for f in fields):
+        elif any(f.startswith(path + ".") for f in fields):
+            if not isinstance(value, dict):
+                example = next(f for f in fields if f.startswith(path + "."))
+                _raise(where, path, f"is a section, not a value; set its keys, e.g. {example}=...")
             axes.update(_extract_axes(value, fields, path + ".", where))
     return axes
 

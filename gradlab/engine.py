@@ -12,7 +12,7 @@ its first bad step, and reports NaN metrics from then on; the other points are u
 
 from __future__ import annotations
 
-import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gradlab import results
 from gradlab.config import Plan, RunSpec
-from gradlab.errors import ResultsError
+from gradlab.errors import ResultsError, SweepTooLarge
 
 
 class Trial(NamedTuple):
@@ -134,6 +134,40 @@ def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices) 
     return CompiledGroup(init, compiled, hp, carry_shape, sharding, points, time.perf_counter() - start)
 
 
+def program_bytes(compiled) -> int:
+    """Bytes a compiled program holds on one device: arguments, outputs and temporaries."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return 0
+    return sum(int(getattr(memory, f"{kind}_size_in_bytes", 0)) for kind in ("argument", "output", "temp"))
+
+
+def device_bytes(device) -> int | None:
+    """Memory one device can give a program (free host RAM for a CPU device), if known."""
+    stats = getattr(device, "memory_stats", lambda: None)()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // len(jax.local_devices(backend="cpu"))
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_fits(group: "CompiledGroup", devices) -> None:
+    """Refuse, in one line, a group whose programs need more memory than a device has."""
+    need = max(program_bytes(group.init), program_bytes(group.chunk))
+    have = device_bytes(devices[0])
+    if have is not None and need > have:
+        per_point = need / max(1, -(-group.points // len(devices)))
+        raise SweepTooLarge(
+            f"the sweep needs {need / 2**30:.1f} GiB per device but {have / 2**30:.1f} GiB is free "
+            f"(about {per_point / 2**30:.2f} GiB per point, {group.points} points on {len(devices)} devices); "
+            "sweep fewer points at once, or shrink the model"
+        )
+
+
 def _checkpoint_arrays(t: int, carry, metrics: dict, points: int) -> dict:
     arrays = {"t": np.asarray(t)}
     for i, leaf in enumerate(jax.tree.leaves(carry)):
@@ -166,6 +200,7 @@ def run_group(
 ):
     """Run one static group to the end; returns (metrics (points, steps, ...), first bad step)."""
     group = compiled or compile_group(trial, hp_host, steps, chunk, devices)
+    check_fits(group, devices)
     if checkpoint is not None and checkpoint.exists():
         t, carry, metrics = _restore(checkpoint, group)
     else:

@@ -15,3 +15,7 @@ class ExperimentError(GradlabError):
 
 class ResultsError(GradlabError):
     """A run folder or results file is unwritable, missing, corrupt or from another version."""
+
+
+class SweepTooLarge(GradlabError):
+    """A sweep's compiled program needs more memory than a device has."""

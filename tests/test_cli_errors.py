@@ -41,6 +41,23 @@ def assert_one_line_error(result, *needles):
         (["run", "gradient_flow", "--scale", "huge"], ["--scale 'huge'", "allowed: quick, paper"]),
         (["run", "gradient_flow", "--bogus"], ["unrecognized arguments: --bogus"]),
         (["run"], ["experiment"]),
+        (["run", "gradient_flow", "optim.lr=0"], ["optim.lr", "must be > 0"]),
+        (["run", "gradient_flow", "optim.lr=.nan"], ["optim.lr", "finite"]),
+        (["run", "gradient_flow", "optim.lr=.inf"], ["optim.lr", "finite"]),
+        (["run", "gradient_flow", "model.width=0"], ["model.width", "must be >= 1"]),
+        (["run", "gradient_flow", "seeds=3000000000"], ["seeds", "must be <= 2147483647"]),
+        (["run", "gradient_flow", "seed=2147483640", "seeds=100"], ["seeds", "PRNG"]),
+        (["run", "gradient_flow", "optim.schedule=cosin"], ["optim.schedule", "did you mean 'cosine'"]),
+        (["run", "gradient_flow", "optim.lr={logspace: [-1, -4, 8]}"], ["optim.lr", "lo <= hi"]),
+        (["run", "gradient_flow", "optim.lr={logspace: [-4, -1, 0]}"], ["optim.lr", "count n"]),
+        (["run", "gradient_flow", "model.norm=[none, 3]"], ["model.norm", "one type"]),
+        (["run", "gradient_flow", "model=3"], ["model"]),
+        (["run", "gradient_flow", "steps"], ["expected key=value"]),
+        (["run", "gradient_flow", "--devices", "0"], ["--devices must be >= 1"]),
+        (["run", "gradient_flow", "--devices", "two"], ["--devices", "invalid int"]),
+        (["show", "nope"], ["unknown experiment 'nope'"]),
+        (["plot", "/nonexistent/run"], ["no results here"]),
+        (["frobnicate"], ["invalid choice"]),
     ],
 )
 def test_config_and_usage_errors(args, needles):
@@ -71,3 +88,70 @@ def test_a_small_run_prints_checks_results_and_figure(tmp_path):
     assert (tmp_path / "figures" / "gradient_flow.png").stat().st_size > 10_000
     again = gradlab("run", "gradient_flow", *TINY, "--quiet", "--out", str(tmp_path))
     assert "reused stored results" in again.stdout
+
+
+def test_config_file_missing_directory_and_anchor_bomb(tmp_path):
+    assert_one_line_error(gradlab("run", "gradient_flow", "--config", str(tmp_path / "none.yaml")), "no such config file")
+    assert_one_line_error(gradlab("run", "gradient_flow", "--config", str(tmp_path)), "is a directory")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n")
+    assert_one_line_error(gradlab("run", "gradient_flow", "--config", str(bomb)), "aliases are not allowed")
+
+
+def test_a_sweep_too_large_for_memory_is_refused_in_one_line(tmp_path):
+    result = gradlab("run", "gradient_flow", "model.width=40000", "model.depth=20", *TINY[2:3], *TINY[5:], "--quiet",
+                     "--out", str(tmp_path))
+    assert_one_line_error(result, "GiB per device", "free")
+
+
+def _small_run(tmp_path):
+    result = gradlab("run", "gradient_flow", *TINY, "--quiet", "--no-figure", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = list((tmp_path / "runs").glob("*/results.nc"))
+    return path
+
+
+def test_a_truncated_results_file_is_reported_not_overwritten(tmp_path):
+    path = _small_run(tmp_path)
+    path.write_bytes(path.read_bytes()[:200])
+    before = path.read_bytes()
+    assert_one_line_error(gradlab("run", "gradient_flow", *TINY, "--quiet", "--out", str(tmp_path)),
+                          "corrupt or truncated", "--fresh")
+    assert path.read_bytes() == before
+    fresh = gradlab("run", "gradient_flow", *TINY, "--quiet", "--no-figure", "--fresh", "--out", str(tmp_path))
+    assert fresh.returncode == 0, fresh.stderr
+
+
+def test_results_from_another_gradlab_version_are_refused(tmp_path):
+    import xarray as xr
+
+    path = _small_run(tmp_path)
+    ds = xr.load_dataset(path, engine="h5netcdf")
+    ds.attrs["results_format"] = 99
+    ds.to_netcdf(path, engine="h5netcdf")
+    assert_one_line_error(gradlab("plot", str(path.parent)), "results format 99", "--fresh")
+
+
+def test_ctrl_c_exits_130_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    args = ["run", "gradient_flow", *TINY, "steps=4000", "chunk_steps=5", "--quiet", "--no-figure", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "gradlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(tmp_path.glob("runs/*/ckpt/*.npz")):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    (ckpt,) = list(tmp_path.glob("runs/*/ckpt/*.npz"))
+    import numpy as np
+
+    with np.load(ckpt) as f:
+        assert 0 < int(f["t"]) < 4000
+    assert not list(tmp_path.rglob("*.tmp"))
