@@ -66,20 +66,38 @@ def _silence(metrics: dict, healthy) -> dict:
     return jax.tree.map(lambda m: jnp.where(healthy, m, jnp.nan) if jnp.issubdtype(m.dtype, jnp.inexact) else m, metrics)
 
 
-def _point_init(trial: Trial):
+def split_hp(hp_host: dict) -> tuple[dict, dict]:
+    """(varying, constant): a field with one value over the group is a Python constant.
+
+    Constants let XLA drop what they switch off (an init scheme that is not swept compiles only
+    its own distribution); `seed` always varies, so vmap always has an axis to map.
+    """
+    varying, constant = {}, {}
+    for path, values in hp_host.items():
+        if path != "seed" and np.all(values == values[0]):
+            constant[path] = values[0].item()
+        else:
+            varying[path] = values
+    return varying, constant
+
+
+def _point_init(trial: Trial, constant: dict):
     def init(hp):
+        hp = {**constant, **hp}
         state = trial.init(hp, jax.random.PRNGKey(hp["seed"]))
         return state, jnp.int32(-1)
 
     return init
 
 
-def _point_chunk(trial: Trial, chunk: int, total: int):
+def _point_chunk(trial: Trial, chunk: int, total: int, constant: dict):
     def run(hp, carry, t0):
+        hp = {**constant, **hp}
         def body(carry, i):
             state, bad = carry
             t = t0 + i
             new_state, metrics = trial.step(hp, state)
+            metrics = jax.tree.map(jnp.asarray, metrics)  # a metric of constants may be a Python number
             ok = _all_finite(new_state) & _all_finite(metrics.get("loss", jnp.float32(0)))
             healthy = bad < 0
             active = t < total
@@ -119,14 +137,16 @@ def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices) 
     """Lower and compile a group's init and chunk programs (no step is run)."""
     mesh = jax.sharding.Mesh(np.asarray(devices), ("sweep",))
     sharding = NamedSharding(mesh, PartitionSpec("sweep"))
-    points = len(next(iter(hp_host.values())))
-    hp = jax.device_put(_pad(hp_host, len(devices)), sharding)
+    points = len(hp_host["seed"])
+    varying, constant = split_hp(hp_host)
+    hp = jax.device_put(_pad(varying, len(devices)), sharding)
     start = time.perf_counter()
-    init = jax.jit(jax.vmap(_point_init(trial)), out_shardings=sharding).lower(hp).compile()
-    carry_shape = jax.eval_shape(jax.vmap(_point_init(trial)), hp)
+    point_init = jax.vmap(_point_init(trial, constant))
+    init = jax.jit(point_init, out_shardings=sharding).lower(hp).compile()
+    carry_shape = jax.eval_shape(point_init, hp)
     carry_shape = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), carry_shape)
     chunk_fn = jax.jit(
-        jax.vmap(_point_chunk(trial, chunk, steps), in_axes=(0, 0, None)),
+        jax.vmap(_point_chunk(trial, chunk, steps, constant), in_axes=(0, 0, None)),
         out_shardings=(sharding, sharding),
         donate_argnums=(1,),
     )

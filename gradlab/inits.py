@@ -71,10 +71,17 @@ def weight_from_normal(z, scheme, init_std, init_gain):
     is z orthonormalized. Each is then scaled to unit entry variance and by the scheme's std.
     """
     fan_in, fan_out = z.shape
-    distribution = jnp.asarray(_TABLE)[scheme, 2]
-    unit_uniform = np.sqrt(3.0) * jax.scipy.special.erf(z / np.sqrt(2.0))
-    unit_orth = orthonormalize(z) * np.sqrt(max(z.shape))
-    unit = jnp.select([distribution == NORMAL, distribution == UNIFORM], [z, unit_uniform], unit_orth)
+    units = {
+        NORMAL: lambda: z,
+        UNIFORM: lambda: np.sqrt(3.0) * jax.scipy.special.erf(z / np.sqrt(2.0)),
+        ORTHOGONAL: lambda: orthonormalize(z) * np.sqrt(max(z.shape)),
+    }
+    if isinstance(scheme, (int, np.integer)):  # a scheme known when tracing: build only its own
+        unit = units[int(_TABLE[scheme, 2])]()
+    else:
+        distribution = jnp.asarray(_TABLE)[scheme, 2]
+        unit = jnp.select([distribution == NORMAL, distribution == UNIFORM], [units[NORMAL](), units[UNIFORM]()],
+                          units[ORTHOGONAL]())
     return weight_std(scheme, fan_in, fan_out, init_std, init_gain) * unit
 
 
