@@ -41,6 +41,7 @@ def execute(
     draw: bool = True,
     config_file=None,
     devices=None,
+    stop=None,
 ) -> Outcome:
     """Run (or reuse) an experiment, store its results, draw its figures, evaluate its checks."""
     module = experiments.get(experiment)
@@ -56,7 +57,8 @@ def execute(
         results.ensure_dir(run)
         results.write_text(run / "config.yaml", spec.to_yaml())
         ckpt = results.ensure_dir(run / "ckpt")
-        sweep = engine.run_sweep(module.trial, spec, config.plan(spec), checkpoint_dir=ckpt, progress=progress, devices=devices)
+        sweep = engine.run_sweep(module.trial, spec, config.plan(spec), checkpoint_dir=ckpt, progress=progress, devices=devices,
+                                 stop=stop)
         ds = results.build_dataset(sweep, spec.to_dict(), spec.hash)
         results.save(ds, results_path)
         results.clear_checkpoints(run)

@@ -108,6 +108,21 @@ def _dry_run(args) -> int:
     return 0
 
 
+def _stop_on_ctrl_c():
+    """Ctrl-C asks the sweep to stop after its next checkpoint; a second Ctrl-C stops at once."""
+    import signal
+
+    asked = []
+
+    def handler(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: bool(asked)
+
+
 def _run(args) -> int:
     _host_devices(args.devices)
     if args.dry_run:
@@ -120,6 +135,7 @@ def _run(args) -> int:
     outcome = api.execute(
         args.experiment, args.overrides, args.scale, out=args.out, fresh=args.fresh,
         progress=not args.quiet, draw=not args.no_figure, config_file=args.config_file,
+        stop=_stop_on_ctrl_c(),
     )
     ds = outcome.dataset
     print(f"{args.experiment}: {'reused stored results' if outcome.cached else 'ran'} in {time.perf_counter() - start:.1f} s"

@@ -266,6 +266,7 @@ def run_sweep(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     devices=None,
+    stop: Callable[[], bool] | None = None,
 ) -> SweepResult:
     """Run every group of the plan; metrics come back labelled by the sweep axes.
 
@@ -275,6 +276,8 @@ def run_sweep(
       checkpoint_dir: where each group checkpoints after every chunk; a rerun resumes there.
       progress: show a progress bar over all steps of all groups.
       devices: the devices to shard the points over (default: all local devices).
+      stop: polled after every chunk's checkpoint; when it returns True the sweep raises
+        KeyboardInterrupt, leaving a checkpoint to resume from.
     """
     from tqdm.auto import tqdm
 
@@ -290,7 +293,12 @@ def run_sweep(
         bar.set_description(f"group {g + 1}/{len(plan.groups)}")
         ckpt = checkpoint_dir / f"group-{g:04d}.ckpt.npz" if checkpoint_dir is not None else None
         trial = trial_fn(group.config)
-        metrics, bad, seconds = run_group(trial, group.hp, steps, chunk, devices, ckpt, bar.update)
+        def tick(n):
+            bar.update(n)
+            if stop is not None and stop():
+                raise KeyboardInterrupt
+
+        metrics, bad, seconds = run_group(trial, group.hp, steps, chunk, devices, ckpt, tick)
         compile_seconds += seconds
         per_group.append((group.index, trial, metrics, bad))
     bar.close()
