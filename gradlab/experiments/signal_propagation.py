@@ -1,0 +1,346 @@
+"""A4: the order-to-chaos phase diagram of a deep tanh net (Poole et al. 2016; Schoenholz et al. 2017).
+
+With W ~ N(0, sigma_w^2 / N) and b ~ N(0, sigma_b^2), the back-propagated signal of a wide
+net obeys E|dL/dh_{l-1}|^2 = chi_1 E|dL/dh_l|^2 once the pre-activation length has settled at
+its fixed point q*, where chi_1 = sigma_w^2 E[tanh'(sqrt(q*) z)^2] (Schoenholz et al. 2017,
+eq. 15). So ln delta_l^2 (delta = RMS of dL/dh_l) falls linearly toward the input with slope
+ln chi_1 per layer: gradients vanish in the ordered phase (chi_1 < 1), explode in the chaotic
+one (chi_1 > 1), and the critical line chi_1 = 1 passes through (sigma_w^2, sigma_b^2) = (1, 0).
+Two inputs' correlation c_l approaches its fixed point c* like exp(-l / xi_c), with
+xi_c^-1 = -ln(sigma_w^2 E[tanh'(u1) tanh'(u2)]) at c* (eq. 9); xi_c diverges on the critical line.
+
+The whole (sigma_w^2, sigma_b^2, seed) grid is one compiled program: sigma_w = model.init_gain
+(lecun_normal: Var W = init_gain^2 / fan_in) and sigma_b = model.bias_std are traced. One
+probe at init (steps: 1) records delta_rms per layer (the quantity supervised_mlp records at
+step 0) and the mean correlation of the pre-activations of pairs of the batch's inputs.
+The slope is fitted over hidden layers skip_layers + 1 .. depth, after q has settled at q*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradlab import data, meanfield, models, plotting, results, trials
+from gradlab.config import ExperimentConfig, param
+from gradlab.engine import Trial
+from gradlab.errors import ExperimentError
+from gradlab.experiments import Check
+
+NAME = "signal_propagation"
+CLAIM = "ln|dL/dh_l|^2 falls toward the input with slope ln chi_1 (mean field); chi_1 = 1 is the order-to-chaos edge"
+AXES = ["model.init_gain", "model.bias_std", "seed"]
+# The catalog's check: |slope - ln chi_1| <= 0.015 at width 512, depth 60 (50 layers fitted), 4 seeds.
+REFERENCE = {"width": 512, "fit_layers": 50, "seeds": 4, "tolerance": 0.015}
+DEV_MAX = 0.3  # fit ln|c_l - c*| only where |c_l - c*| <= this, near c*, where the approach is exponential
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """ExperimentConfig plus the slope fit's window."""
+
+    skip_layers: int = param(10, low=0, doc="hidden layers left out of the slope fit while q settles at q*")
+
+
+def preactivations(params, x, spec: models.MLPSpec, hyper: models.MLPHyper):
+    """The input projection's and every hidden block's pre-activations: (depth + 1, batch, width).
+
+    The same network as models.apply (plain or residual, no norm), written out to expose z_l.
+    """
+    act = models.activation_fn(spec.activation, hyper.leaky_slope)
+    residual = jnp.asarray(hyper.residual).astype(jnp.float32)
+    pre0 = x @ params["input"]["w"] + params["input"]["b"][None]
+
+    def block(h, layer):
+        index, lp = layer
+        pre = h @ lp["w"] + lp["b"][None]
+        new = jnp.where(index < hyper.depth, residual * h + act(pre), h)
+        return new, pre
+
+    _, pres = jax.lax.scan(block, act(pre0), (jnp.arange(spec.depth), params["hidden"]))
+    return jnp.concatenate([pre0[None], pres])
+
+
+def decorrelation(pre_LxBxD):
+    """Mean of 1 - c over the disjoint input pairs (0, 1), (2, 3), ... per layer, computed as
+    |u_a - u_b|^2 / 2 of the unit vectors u = z / |z|, which stays accurate where c is within
+    float32 rounding of 1: shape (layers,)."""
+    unit = pre_LxBxD / jnp.sqrt(jnp.sum(jnp.square(pre_LxBxD), axis=-1, keepdims=True))
+    pairs = unit.shape[1] // 2
+    diff = unit[:, 0 : 2 * pairs : 2] - unit[:, 1 : 2 * pairs : 2]
+    return jnp.mean(0.5 * jnp.sum(jnp.square(diff), axis=-1), axis=1)
+
+
+class Probe(NamedTuple):
+    key: jax.Array  # the point's parameters are drawn from it inside the step
+    data: data.Data
+
+
+def trial(cfg) -> Trial:
+    """A probe at init: per layer delta_rms (RMS of dL/dh_l, as supervised_mlp records it before
+    its first update), preact_rms, and one_minus_c (the input pairs' decorrelation).
+
+    The parameters are drawn inside the step and not kept: a sweep of hundreds of width-512,
+    depth-60 nets then holds one set of weights per point at a time, not the params, gradients
+    and updates of a training state.
+    """
+    if cfg.model.norm != "none":
+        raise ExperimentError(f"{NAME}: mean-field theory is for nets without normalization; got model.norm={cfg.model.norm!r}")
+    spec = trials.mlp_spec(cfg)
+
+    def init(hp, key):
+        del hp
+        return Probe(key, data.make(cfg.data))
+
+    def step(hp, state):
+        hyper = models.MLPHyper.from_hp(hp)
+        params = models.init(jax.random.split(state.key)[0], spec, hyper)  # supervised_mlp's k_params
+        batch = data.batch(state.data, cfg.data, jnp.int32(0), jax.random.split(state.key)[1])
+
+        def loss_fn(probes):
+            out, taps = models.apply(params, batch.x, spec, hyper, probes)
+            return data.loss(cfg.data, out, batch.y), taps
+
+        probes = models.zero_probes(spec, batch.x.shape[0], jnp.dtype(spec.dtype))
+        (loss, taps), probe_grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
+        mask = models.layer_mask(spec, hyper)
+        one_minus_c = decorrelation(preactivations(params, batch.x, spec, hyper))
+        metrics = {
+            "loss": loss,
+            "delta_rms": jnp.where(mask, models.probe_rms(probe_grads), jnp.nan),
+            "preact_rms": jnp.where(mask, taps["preact_rms"], jnp.nan),
+            "one_minus_c": jnp.where(mask, jnp.concatenate([one_minus_c, jnp.full((1,), jnp.nan)]), jnp.nan),
+        }
+        return state, metrics
+
+    return Trial(init, step)
+
+
+# ----------------------------------------------------------------------------- analysis (host, numpy)
+
+
+def ols_weights(n: int) -> np.ndarray:
+    """a with slope = sum(a * y) for the least-squares line through (0, y_0) .. (n - 1, y_{n-1})."""
+    x = np.arange(n) - (n - 1) / 2.0
+    return x / np.sum(x**2)
+
+
+def random_walk_slope_std(n: int) -> float:
+    """Std of the fitted slope of a random walk with unit-variance steps, over n points."""
+    tail = np.cumsum(ols_weights(n)[::-1])[::-1][1:]  # sum_{k >= j} a_k for steps j = 1..n-1
+    return float(np.sqrt(np.sum(tail**2)))
+
+
+def tolerance(width: int, fit_layers: int, seeds: int) -> float:
+    """The slope check's tolerance: the catalog's 0.015 at width 512, 50 fitted layers (depth 60,
+    10 skipped) and 4 seeds, scaled like the slope's noise, rw(n) sqrt(Var step / seeds) with
+    Var step ~ 2 / width. At the reference it is 3.1 sigma of that noise model near q* = 0."""
+    ref = REFERENCE
+    scale = random_walk_slope_std(fit_layers) / random_walk_slope_std(ref["fit_layers"])
+    return ref["tolerance"] * scale * np.sqrt(ref["width"] * ref["seeds"] / (width * seeds))
+
+
+class Grid(dict):
+    """Named numpy arrays over (sigma_w^2, sigma_b^2, [seed]): measurement and theory."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _ordered(ds, var):
+    order = ("model.init_gain", "model.bias_std", "seed", "layer")
+    return ds[var].isel(step=0).transpose(*order).values.astype(float)
+
+
+def analyse(ds) -> Grid:
+    """Fitted growth rates and correlation depth scales, with the mean-field theory, on the grid."""
+    ds = results.with_axes(ds, AXES)
+    cfg = results.config_of(ds)["config"]
+    width, depth, skip = cfg["model"]["width"], cfg["model"]["depth"], cfg["skip_layers"]
+    sw2 = np.asarray(ds["model.init_gain"].values, float) ** 2
+    sb2 = np.asarray(ds["model.bias_std"].values, float) ** 2
+    SW, SB = np.meshgrid(sw2, sb2, indexing="ij")
+    layers = np.arange(1 + skip, depth + 1)  # hidden layers in the fit
+    if len(layers) < 3:
+        raise ExperimentError(f"{NAME}: skip_layers={skip} leaves {len(layers)} of {depth} hidden layers to fit")
+    seeds = ds.sizes["seed"]
+    delta = _ordered(ds, "delta_rms")[..., layers]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = -np.log(delta**2) @ ols_weights(len(layers))  # (gain, bias, seed): ln-growth per layer toward the input
+    q = meanfield.q_star(SW, SB)
+    ln_chi = np.log(meanfield.chi_1(SW, q))
+    # Mean field at finite depth, from the input's q_0 = sigma_w^2 |x|^2 / d + sigma_b^2 with E|x|^2 = d.
+    # delta_{l-1}^2 = chi_1(q_l) delta_l^2, so ln delta_l^2 - ln delta_L^2 = sum_{m > l} ln chi_1(q_m).
+    ln_chi_l = np.log(meanfield.chi_1(SW, meanfield.q_profile(SW + SB, SW, SB, depth)[layers]))
+    profile = np.cumsum(ln_chi_l[::-1], axis=0)[::-1] - ln_chi_l
+    finite_depth = -np.moveaxis(profile, 0, -1) @ ols_weights(len(layers))
+    tol = tolerance(width, len(layers), seeds)
+    settled = np.abs(finite_depth - ln_chi) <= tol / 3  # q is at q* throughout the window
+    xi_theory, xi_measured = correlation_depth_scales(ds, SW, SB, q)
+    return Grid(sw2=sw2, sb2=sb2, SW=SW, SB=SB, q=q, ln_chi=ln_chi, finite_depth=finite_depth, rate=rate,
+                mean_rate=np.nanmean(rate, axis=-1), tolerance=tol, settled=settled, width=width, depth=depth,
+                skip=skip, seeds=seeds, fit_layers=len(layers), xi_theory=xi_theory, xi_measured=xi_measured)
+
+
+def correlation_depth_scales(ds, SW, SB, q):
+    """xi_c from theory and from the measured approach of c_l to c* (seed mean over input pairs):
+    -1 / slope of ln|c_l - c*| over the layers where DEV_MAX >= |c_l - c*| >= the noise floor, three
+    standard errors of the seed mean late in the net (O(N^-1/2) in the chaotic phase; ~0 in the
+    ordered one, where pairs converge together). NaN where fewer than 4 layers qualify, and where
+    sigma_b^2 = 0 (q* = 0 in the ordered phase: the correlation map is the identity there)."""
+    c_star = meanfield.c_star(SW, SB, q=q)
+    xi_theory = meanfield.xi_c(SW, SB, q=q, c=c_star)
+    one_minus_c = _ordered(ds, "one_minus_c")[..., :-1]  # layers 0..depth: the pre-activations
+    seeds, depth = one_minus_c.shape[2], one_minus_c.shape[3] - 1
+    dev = np.abs(np.nanmean(one_minus_c, axis=2) - (1.0 - c_star)[..., None])
+    late = one_minus_c[..., -max(depth // 4, 2):]
+    floor = np.maximum(3.0 * np.nanmean(np.nanstd(late, axis=2), axis=-1) / np.sqrt(seeds), 1e-6)
+    xi_measured = np.full(SW.shape, np.nan)
+    for i, j in np.ndindex(SW.shape):
+        use = np.nonzero((dev[i, j] <= DEV_MAX) & (dev[i, j] >= floor[i, j]))[0]
+        use = use[use >= 1]
+        if SB[i, j] > 0 and len(use) >= 4:
+            slope = np.polyfit(use, np.log(dev[i, j, use]), 1)[0]
+            xi_measured[i, j] = -1.0 / slope if slope < 0 else np.inf
+    xi_theory = np.where(SB > 0, xi_theory, np.nan)
+    return xi_theory, xi_measured
+
+
+
+def critical_sigma_w2(sigma_b2=0.0, lo: float = 0.5, hi: float = 4.0, iters: int = 40):
+    """The sigma_w^2 where the mean-field chi_1 crosses 1 at each sigma_b^2, by bisection."""
+    sigma_b2 = np.asarray(sigma_b2, float)
+    lo, hi = np.full(sigma_b2.shape, lo), np.full(sigma_b2.shape, hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        chaotic = meanfield.chi_1(mid, meanfield.q_star(mid, sigma_b2)) > 1.0
+        lo, hi = np.where(chaotic, lo, mid), np.where(chaotic, mid, hi)
+    return 0.5 * (lo + hi)
+
+
+def checks(ds) -> list[Check]:
+    return _checks(analyse(ds))
+
+
+def _checks(g: Grid) -> list[Check]:
+    tol = g.tolerance
+    err = np.abs(g.mean_rate - g.ln_chi)
+    n_settled, n = int(g.settled.sum()), g.settled.size
+    out = []
+    critical = float(critical_sigma_w2(0.0))
+    out.append(Check("mean-field chi_1 = 1 at sigma_b^2 = 0: sigma_w^2", critical, "1 (tanh'(0)^2 = 1, q* = 0)",
+                     abs(critical - 1.0) <= 1e-3))
+    if n_settled:
+        worst = float(np.max(err[g.settled]))
+        out.append(Check(f"max |slope - ln chi_1| ({n_settled}/{n} points with q at q*)", worst,
+                         f"<= {tol:.3g} (0.015 at width 512, 50 layers, 4 seeds)", worst <= tol))
+    worst_all = float(np.max(np.abs(g.mean_rate - g.finite_depth)))
+    out.append(Check(f"max |slope - mean field along q_l| (all {n} points)", worst_all, f"<= {tol:.3g}", worst_all <= tol))
+    clear = np.abs(g.ln_chi) > tol
+    if clear.any():
+        agree = float(np.mean(np.sign(g.mean_rate[clear]) == np.sign(g.ln_chi[clear])))
+        out.append(Check(f"phase (sign of slope) = sign of ln chi_1 ({int(clear.sum())} points off the edge)",
+                         agree, "1", agree == 1.0))
+    # Ordered phase (c* = 1), off the edge, and xi_c short enough for the approach to finish
+    # inside the net (exp(-depth / xi_c) <= e^-4); there 1/xi_c = -ln chi_1 as for the gradient.
+    ordered = np.isfinite(g.xi_measured) & (g.ln_chi < -tol) & (g.SB > 0) & (g.xi_theory <= g.depth / 4)
+    if ordered.any():
+        gap = float(np.max(np.abs(1.0 / g.xi_measured[ordered] - 1.0 / g.xi_theory[ordered])))
+        out.append(Check(f"ordered phase: max |1/xi_c measured - 1/xi_c| ({int(ordered.sum())} points, xi_c <= depth/4)",
+                         gap, f"<= {tol:.3g}", gap <= tol))
+    return out
+
+
+def _edges(v):
+    mid = (v[1:] + v[:-1]) / 2
+    return np.concatenate([[v[0] - (mid[0] - v[0]) if len(v) > 1 else v[0] - 0.5], mid,
+                           [v[-1] + (v[-1] - mid[-1]) if len(v) > 1 else v[0] + 0.5]])
+
+
+def critical_line(sb2_max: float):
+    """(sigma_w^2, sigma_b^2) along the mean-field edge chi_1 = 1, up to sigma_b^2 = sb2_max."""
+    sw2, sb2 = meanfield.critical_line(np.linspace(0.0, 3.0, 3000) ** 2)
+    keep = sb2 <= sb2_max * 1.0001
+    return sw2[keep], sb2[keep]
+
+
+def figures(ds) -> dict:
+    from matplotlib.colors import TwoSlopeNorm
+
+    g = analyse(ds)
+    found = {c.name.split(" (")[0]: c for c in _checks(g)}
+    fig, axes = plotting.figure(2, 2, width=4.3, height=3.3)
+    # (a) the phase diagram: measured growth rate, mean-field edge
+    ax = axes[0, 0]
+    limit = float(np.nanmax(np.abs(g.mean_rate))) or 1.0
+    mesh = ax.pcolormesh(_edges(g.sw2), _edges(g.sb2), g.mean_rate.T, cmap="RdBu_r",
+                         norm=TwoSlopeNorm(0.0, -limit, limit), shading="flat")
+    fig.colorbar(mesh, ax=ax, label=r"measured $-$slope of $\ln\delta_l^2$ per layer")
+    line_w, line_b = critical_line(float(g.sb2.max()) if g.sb2.max() > 0 else 0.3)
+    ax.plot(line_w, line_b, color="black", lw=1.6, label=r"mean field $\chi_1 = 1$")
+    ax.plot([1.0], [0.0], "o", color="black", ms=4, clip_on=False)
+    ax.set_xlabel(r"$\sigma_w^2$")
+    ax.set_ylabel(r"$\sigma_b^2$")
+    ax.set_title("growth of $|\\partial L/\\partial h_l|^2$ toward the input")
+    box = dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.8)
+    ax.text(0.03, 0.97, "ordered: vanishing", transform=ax.transAxes, fontsize=7.5, va="top", bbox=box)
+    ax.text(0.97, 0.97, "chaotic: exploding", transform=ax.transAxes, fontsize=7.5, va="top", ha="right", bbox=box)
+    ax.legend(loc="lower right", fontsize=7)
+    # (b) example profiles: ln delta_l^2 against depth, with the mean-field slope
+    ax = axes[0, 1]
+    delta = _ordered(results.with_axes(ds, AXES), "delta_rms")
+    layers = np.arange(1, g.depth + 1)
+    nearest_edge = np.abs(g.ln_chi) + 9 * ~g.settled  # the settled point closest to chi_1 = 1
+    picks = [np.unravel_index(np.argmin(score), g.ln_chi.shape) for score in (g.ln_chi, nearest_edge, -g.ln_chi)]
+    for k, (i, j) in enumerate(picks):
+        y = np.log(delta[i, j][..., layers] ** 2)
+        y = y - y[:, -1:]  # relative to the last hidden layer
+        color = plotting.COLORS[k]
+        label = rf"$\sigma_w^2$={g.sw2[i]:.2g}, $\sigma_b^2$={g.sb2[j]:.2g}: $\ln\chi_1$={g.ln_chi[i, j]:+.3f}, fit {g.mean_rate[i, j]:+.3f}"
+        plotting.band(ax, layers, y, label, color=color, log=False)
+        ax.plot(layers, g.ln_chi[i, j] * (g.depth - layers), ls="--", color=color, lw=1)
+    ax.axvspan(0.5, g.skip + 0.5, color="0.85", alpha=0.6, lw=0)
+    ax.text(g.skip / 2 + 0.5, 0.02, "not fitted", transform=ax.get_xaxis_transform(), ha="center", fontsize=7)
+    ax.set_xlabel("hidden layer l (input side left)")
+    ax.set_ylabel(r"$\ln \delta_l^2 - \ln \delta_L^2$")
+    ax.set_title(r"profiles; dashed: slope $\ln\chi_1$ (mean field)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=6.5, frameon=False)
+    # (c) measured against mean field, every grid point
+    ax = axes[1, 0]
+    for j, b in enumerate(g.sb2):
+        ax.errorbar(g.ln_chi[:, j], g.mean_rate[:, j], yerr=np.nanstd(g.rate[:, j], axis=-1) / np.sqrt(g.seeds),
+                    fmt="o", ms=3, label=rf"$\sigma_b^2$={b:.2g}", color=plotting.COLORS[j % len(plotting.COLORS)])
+    lim = [float(np.nanmin(g.ln_chi)) - 0.05, float(np.nanmax(g.ln_chi)) + 0.05]
+    ax.plot(lim, lim, color="black", lw=0.8)
+    ax.set_xlabel(r"mean-field $\ln\chi_1$")
+    ax.set_ylabel("fitted growth rate per layer")
+    ax.set_title(f"width {g.width}, depth {g.depth}, {g.seeds} seeds, fit over {g.fit_layers} layers")
+    ax.legend(loc="lower right", fontsize=6.5)
+    lines = []
+    if "max |slope - ln chi_1|" in found:
+        lines.append(f"max |slope - ln χ₁| = {found['max |slope - ln chi_1|'].measured:.4f}")
+    lines.append(f"tolerance {g.tolerance:.4f}")
+    plotting.note(ax, "\n".join(lines))
+    # (d) correlation depth scale
+    ax = axes[1, 1]
+    fine = np.linspace(g.sw2.min(), g.sw2.max(), 120)
+    for j, b in enumerate(g.sb2):
+        if b <= 0:
+            continue
+        color = plotting.COLORS[j % len(plotting.COLORS)]
+        theory = meanfield.xi_c(fine, b)
+        ax.plot(fine, np.where(theory < 1e3, theory, np.nan), color=color, lw=1.2, label=rf"$\sigma_b^2$={b:.2g} theory")
+        ax.plot(g.sw2, g.xi_measured[:, j], "o", color=color, ms=4, mfc="none")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"$\sigma_w^2$")
+    ax.set_ylabel(r"correlation depth scale $\xi_c$ (layers)")
+    ax.set_title(r"$\xi_c$: lines mean field (Schoenholz eq. 9), circles measured")
+    if "ordered phase: max |1/xi_c measured - 1/xi_c|" in found:
+        plotting.note(ax, f"ordered: max |1/ξ_meas - 1/ξ| = {found['ordered phase: max |1/xi_c measured - 1/xi_c|'].measured:.4f}",
+                      loc="lower right")
+    ax.legend(loc="upper left", fontsize=6.5)
+    fig.suptitle("Order to chaos in a deep tanh net at init (Poole et al. 2016; Schoenholz et al. 2017)", fontsize=10)
+    return {"": fig}
