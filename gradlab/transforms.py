@@ -72,16 +72,53 @@ def schedule_shape(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def learning_rate(cfg: OptimConfig, lr, total_steps: int) -> Callable:
-    """count -> learning rate: the traced peak `lr` times the schedule's shape."""
-    shape = schedule_shape(cfg, total_steps)
-    return lambda count: lr * shape(count)
+    """step -> learning rate: the traced peak `lr` times the schedule's shape.
+
+    With accumulate_steps k the optimizer updates once per k steps: its schedule runs over
+    total_steps // k updates and step t gets the rate of the update it contributes to, t // k.
+    """
+    k = cfg.accumulate_steps
+    shape = schedule_shape(cfg, updates_of(cfg, total_steps))
+    return lambda count: lr * shape(count // k)
 
 
-def optimizer(cfg: OptimConfig, hp: dict, total_steps: int, prefix: str = "optim.") -> optax.GradientTransformation:
-    """The optimizer alone (no clipping), its swept numbers taken from `hp`."""
+def updates_of(cfg: OptimConfig, total_steps: int) -> int:
+    """How many optimizer updates `total_steps` training steps make (one per accumulate_steps)."""
+    return max(1, total_steps // cfg.accumulate_steps)
+
+
+def adamw_decoupled(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, mask=None):
+    """AdamW as Loshchilov & Hutter 2019 (Algorithm 2) write it: the decay is not scaled by the lr.
+
+        update = -(learning_rate * m_hat / (sqrt(v_hat) + eps) + weight_decay * params)
+
+    The paper multiplies both terms by the schedule multiplier eta_t only: learning_rate =
+    alpha eta_t and weight_decay = lambda eta_t (numbers or schedules). optax.adamw (and
+    torch.optim.AdamW) instead compute -learning_rate * (m_hat / (sqrt(v_hat) + eps) +
+    weight_decay * params): their decay per step is learning_rate * weight_decay.
+
+    References:
+      Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019, Algorithm 2 line 12.
+    """
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.scale_by_learning_rate(learning_rate, flip_sign=False),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale(-1.0),
+    )
+
+
+def optimizer(cfg: OptimConfig, hp: dict, total_updates: int, prefix: str = "optim.") -> optax.GradientTransformation:
+    """The optimizer alone (no clipping, no accumulation), its swept numbers taken from `hp`."""
     h = {name: hp[prefix + name] for name in ("lr", "momentum", "b1", "b2", "eps", "weight_decay")}
-    lr = learning_rate(cfg, h["lr"], total_steps)
+    shape = schedule_shape(cfg, total_updates)
+    lr = lambda count: h["lr"] * shape(count)  # noqa: E731
     inject = optax.inject_hyperparams
+    if cfg.name == "adamw_decoupled":
+        return inject(adamw_decoupled, static_args=("mask",))(
+            learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"],
+            weight_decay=lambda count: h["weight_decay"] * shape(count), mask=_matrices,
+        )
     if cfg.name == "adamw":
         return inject(optax.adamw, static_args=("mask",))(
             learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"],
@@ -117,5 +154,15 @@ def clipping(cfg: OptimConfig, threshold) -> optax.GradientTransformation:
 
 
 def build(cfg: OptimConfig, hp: dict, total_steps: int, prefix: str = "optim.") -> optax.GradientTransformation:
-    """clipping -> optimizer, as one optax chain."""
-    return optax.chain(clipping(cfg, hp[prefix + "clip_threshold"]), optimizer(cfg, hp, total_steps, prefix))
+    """clipping -> optimizer, as one optax chain; under optax.MultiSteps when accumulate_steps > 1.
+
+    MultiSteps averages k = accumulate_steps gradients, passes their mean through the chain
+    once (clipping acts on the mean, as it would on one batch k times larger) and returns zero
+    updates in between; the schedule counts updates, so warmup_steps are updates too.
+    """
+    chain = optax.chain(
+        clipping(cfg, hp[prefix + "clip_threshold"]), optimizer(cfg, hp, updates_of(cfg, total_steps), prefix)
+    )
+    if cfg.accumulate_steps == 1:
+        return chain
+    return optax.MultiSteps(chain, every_k_schedule=cfg.accumulate_steps).gradient_transformation()
