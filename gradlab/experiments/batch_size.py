@@ -1,0 +1,334 @@
+"""B5: batch size, the linear scaling rule with warmup, gradient accumulation and the noise scale.
+
+Linear scaling (Goyal et al. 2017, Sec. 2): when the minibatch grows k-fold, multiply the learning
+rate by k, reaching k lr by a gradual warmup from lr over the first epochs (Sec. 2.2); then the loss
+against examples seen follows the small batch's until the batch is too large. Here the rate is
+optim.lr (1 + (k - 1) min(1, seen / (warmup_epochs x examples))), k = (B / base_batch)**lr_scaling,
+B the effective batch (data.batch_size x optim.accumulate_steps): lr_scaling 1 is the linear rule,
+1/2 the square-root rule, 0 a fixed rate. Both numbers are traced: one compile per
+(batch_size, accumulate_steps), every run taking the same number of steps.
+
+Gradient noise scale (McCandlish et al. 2018, Eq. 2.8): B_simple = tr(Sigma) / |G|^2, Sigma the
+per-example gradient covariance, G the full gradient. Each step measures, from the per-example
+gradients g_i of its batch, tr(Sigma) ~ sum_i |g_i - g_bar|^2 / (B - 1) and |G|^2 ~ |g_bar|^2 -
+tr(Sigma) / B (both unbiased); over a window of steps B_simple is the ratio of their means (their
+App. A.1). Below it a bigger batch buys proportionally fewer steps (the linear rule holds), above
+it not: the checks compare, at the examples the base batch saw in its run, each batch's loss under
+the warmed-up linear rule with the base batch's (within HOLDS for B <= B_simple, beyond it for
+B >= 2 B_simple), and the largest batch that stays finite with and without warmup.
+
+Accumulation: optax.MultiSteps averages k gradients of batches of B before one update. The k
+batches partition the batch of kB the same update of a kB run draws (data.batch shuffles per
+epoch with the same key) and the loss is a mean over examples, so the two take the same updates up
+to float rounding; the check compares their losses update by update.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradlab import data, models, plotting, results, transforms, trials
+from gradlab.config import ExperimentConfig, param
+from gradlab.engine import Trial
+from gradlab.experiments import Check
+
+NAME = "batch_size"
+CLAIM = "linear lr scaling + warmup keeps loss vs examples seen until the noise scale; k x B accumulated = kB"
+AXES = ["data.batch_size", "optim.accumulate_steps", "lr_scaling", "warmup_epochs", "seed"]
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """ExperimentConfig plus the learning-rate scaling rule and a warmup measured in examples."""
+
+    base_batch: int = param(16, low=1, doc="the effective batch size at which the lr is optim.lr")
+    lr_scaling: float = param(1.0, low=0.0, doc="lr x (B / base_batch)**lr_scaling: 1 linear, 0.5 sqrt, 0 none")
+    warmup_epochs: float = param(0.0, low=0.0,
+                                 doc="ramp the lr from optim.lr to its scaled value over this many epochs")
+
+
+def effective_batch(cfg) -> int:
+    size = cfg.data.batch_size if 0 < cfg.data.batch_size < cfg.data.examples else cfg.data.examples
+    return size * cfg.optim.accumulate_steps
+
+
+def learning_rate(cfg, hp, step):
+    """The rate of training step `step`: optim.lr scaled by k = (B / base_batch)**lr_scaling, reached
+    by Goyal et al.'s gradual warmup, linear from optim.lr to k optim.lr over warmup_epochs."""
+    batch = effective_batch(cfg) // cfg.optim.accumulate_steps
+    scale = (effective_batch(cfg) / cfg.base_batch) ** hp["lr_scaling"]
+    warm_examples = hp["warmup_epochs"] * cfg.data.examples
+    seen = (jnp.asarray(step) + 1).astype(jnp.float32) * batch  # examples in the update this step completes
+    ramp = jnp.where(warm_examples > 0, jnp.minimum(1.0, seen / jnp.maximum(warm_examples, 1.0)), 1.0)
+    return hp["optim.lr"] * (1.0 + (scale - 1.0) * ramp)
+
+
+def trial(cfg) -> Trial:
+    """Train the MLP; every step records, before its update: loss (of the batch), lr, grad_sq =
+    |g_bar|^2 and trace_sigma = sum_i |g_i - g_bar|^2 / (B - 1) from per-example gradients."""
+    spec = trials.mlp_spec(cfg)
+
+    def init(hp, key):
+        k_params, k_batches = jax.random.split(key)
+        params = models.init(k_params, spec, models.MLPHyper.from_hp(hp))
+        opt_state = transforms.build(cfg.optim, {**hp, "optim.lr": learning_rate(cfg, hp, 0)}, cfg.steps).init(params)
+        return trials.TrainState(params, opt_state, data.make(cfg.data), jnp.int32(0), k_batches)
+
+    def step(hp, state):
+        hyper = models.MLPHyper.from_hp(hp)
+        lr = learning_rate(cfg, hp, state.step)
+        # The schedule is rebuilt each step around this step's rate (constant within the step).
+        tx = transforms.build(cfg.optim, {**hp, "optim.lr": lr}, cfg.steps)
+        batch = data.batch(state.data, cfg.data, state.step, state.key)
+
+        def example_loss(params, x, y):
+            out, _ = models.apply(params, x[None], spec, hyper)
+            return data.loss(cfg.data, out, y[None])
+
+        losses, per_example = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
+            state.params, batch.x, batch.y)
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example)
+        size = batch.x.shape[0]
+        spread = sum(jnp.sum(jnp.square(g - m[None]))
+                     for g, m in zip(jax.tree.leaves(per_example), jax.tree.leaves(grads)))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": jnp.mean(losses),
+            "lr": lr,
+            "grad_sq": optax.tree.norm(grads, squared=True),
+            "trace_sigma": spread / max(size - 1, 1),
+        }
+        return trials.TrainState(params, opt_state, state.data, state.step + 1, state.key), metrics
+
+    return Trial(init, step)
+
+
+
+# ----------------------------------------------------------------------------- reading results
+
+WINDOW_EXAMPLES = 256  # smoothing of the minibatch loss, in examples
+HOLDS = 1.25  # the rule "holds" at a batch size when its loss at the base run's examples is within 25%
+ACCUMULATION_RTOL = 1e-5  # k mean-of-means against one mean: float32 rounding, ~1e-7 an update
+ACCUMULATION_UPDATES = 10
+
+
+def _sel(ds, batch, k, **traced):
+    return ds.sel({"data.batch_size": batch, "optim.accumulate_steps": k, **traced})
+
+
+def runs(ds) -> list[tuple[int, int]]:
+    """(batch_size, accumulate_steps) of every group, by effective batch then accumulation."""
+    pairs = [(int(b), int(k)) for b in ds["data.batch_size"].values for k in ds["optim.accumulate_steps"].values]
+    return sorted(pairs, key=lambda p: (p[0] * p[1], p[1]))
+
+
+def per_update(loss: np.ndarray, k: int) -> np.ndarray:
+    """The loss of each optimizer update: the mean over its k minibatches (..., steps // k)."""
+    n = loss.shape[-1] // k
+    return loss[..., : n * k].reshape(loss.shape[:-1] + (n, k)).mean(axis=-1)
+
+
+def smoothed(loss: np.ndarray, batch: int) -> np.ndarray:
+    """A trailing mean of the minibatch loss over WINDOW_EXAMPLES examples (..., steps)."""
+    w = max(1, WINDOW_EXAMPLES // batch)
+    c = np.cumsum(np.nan_to_num(loss, nan=np.inf), axis=-1)
+    out = np.empty_like(c)
+    with np.errstate(invalid="ignore"):  # inf - inf past a divergence: nan, as it should read
+        out[..., :w] = c[..., :w] / np.arange(1, min(w, c.shape[-1]) + 1)
+        out[..., w:] = (c[..., w:] - c[..., :-w]) / w
+    return np.where(np.isfinite(out), out, np.nan)
+
+
+def noise_scale(ds, batch: int, k: int, window: slice) -> float:
+    """B_simple = mean tr(Sigma) / mean(|g_bar|^2 - tr(Sigma)/B) over the steps in `window`,
+    pooled over seeds (McCandlish et al. 2018, App. A.1), from the first lane of the traced axes."""
+    p = _sel(ds, batch, k).isel({"lr_scaling": 0, "warmup_epochs": 0})
+    trace, sq = p["trace_sigma"].values[..., window], p["grad_sq"].values[..., window]
+    return float(np.nanmean(trace) / np.nanmean(sq - trace / batch))
+
+
+def base_noise_scale(ds) -> float:
+    """B_simple over the last quarter of the base-batch run (whose loss sets the comparisons)."""
+    cfg = results.config_of(ds)["config"]
+    steps = ds.sizes["step"]
+    return noise_scale(ds, cfg["base_batch"], 1, slice(3 * steps // 4, None))
+
+
+def loss_at(ds, batch: int, k: int, examples: int, **traced) -> float:
+    """Smoothed loss after `examples` examples (median over seeds; inf if that seed diverged first)."""
+    loss = _sel(ds, batch, k, **traced)["loss"].values
+    t = examples // batch - 1
+    if t >= loss.shape[-1]:
+        return float("nan")
+    at = smoothed(loss, batch)[..., t]
+    return float(np.median(np.where(np.isfinite(at), at, np.inf)))
+
+
+def scaling_table(ds) -> list[tuple[int, float, float, float]]:
+    """(effective batch, loss ratio to the base batch at the base run's examples) for the linear
+    rule with warmup, without warmup, and a fixed lr; one row per effective batch (k = 1 preferred)."""
+    cfg = results.config_of(ds)["config"]
+    base, steps = cfg["base_batch"], ds.sizes["step"]
+    examples = base * steps
+    ref = loss_at(ds, base, 1, examples, lr_scaling=0.0, warmup_epochs=0.0)
+    warm = float(max(ds["warmup_epochs"].values))
+    rows, seen = [], set()
+    for b, k in runs(ds):
+        if b * k in seen or b * k == base:
+            continue
+        seen.add(b * k)
+        rows.append((b * k, *(loss_at(ds, b, k, examples, lr_scaling=s, warmup_epochs=w) / ref
+                               for s, w in ((1.0, warm), (1.0, 0.0), (0.0, 0.0)))))
+    return rows
+
+
+def accumulation_error(ds) -> tuple[float, int]:
+    """max |loss of k x B per update - loss of kB| / loss of kB over every matching pair, over the
+    first ACCUMULATION_UPDATES updates of the lanes where neither run diverged; and the pair count.
+
+    Float32 rounding differs between the two (a mean of k means against one mean, ~1e-7), and
+    training amplifies any difference over many updates (chaotically so near the edge of
+    stability), so the updates are compared while that amplification is small."""
+    worst, pairs = 0.0, 0
+    for b, k in runs(ds):
+        if k == 1 or (b * k, 1) not in runs(ds):
+            continue
+        acc = per_update(_sel(ds, b, k)["loss"].values, k)[..., :ACCUMULATION_UPDATES]
+        big = _sel(ds, b * k, 1)["loss"].values[..., : acc.shape[-1]]
+        healthy = ~(_sel(ds, b, k)["diverged"].values | _sel(ds, b * k, 1)["diverged"].values)
+        worst = max(worst, float(np.max(np.abs(acc - big)[healthy] / np.abs(big)[healthy], initial=0.0)))
+        pairs += 1
+    return worst, pairs
+
+
+def checks(ds) -> list[Check]:
+    ds = results.with_axes(ds, AXES)
+    cfg = results.config_of(ds)["config"]
+    out = []
+    err, pairs = accumulation_error(ds)
+    if pairs:
+        out.append(Check(f"MultiSteps k x B vs batch kB: first {ACCUMULATION_UPDATES} updates' loss, max rel. diff",
+                         err,
+                         f"<= {ACCUMULATION_RTOL:g} (float32)", err <= ACCUMULATION_RTOL))
+    lanes = set(ds["lr_scaling"].values.tolist()) >= {0.0, 1.0} and (ds["warmup_epochs"].values > 0).any()
+    if not lanes or cfg["base_batch"] not in [b * k for b, k in runs(ds)]:
+        return out
+    b_simple = base_noise_scale(ds)
+    table = scaling_table(ds)
+    below = [(b, r) for b, r, *_ in table if b <= b_simple]
+    above = [(b, r) for b, r, *_ in table if b >= 2 * b_simple]
+    if below:
+        b, r = max(below, key=lambda x: x[1])
+        out.append(Check(f"linear rule + warmup, B <= B_simple = {b_simple:.0f}: worst loss / base-batch loss (B={b})",
+                         r, f"<= {HOLDS:g} (holds)", r <= HOLDS))
+    if above:
+        b, r = min(above, key=lambda x: x[1])
+        out.append(Check(f"linear rule + warmup, B >= 2 B_simple: best loss / base-batch loss (B={b})",
+                         r, f"> {HOLDS:g} (breaks)", r > HOLDS))
+    # Warmup: the largest batch where the warmed-up linear rule still holds finite, with against without.
+    finite = [(b, rw, r0) for b, rw, r0, _ in table if np.isfinite(rw)]
+    if finite:
+        b, rw, r0 = max(finite)
+        out.append(Check(f"linear rule at B={b}: loss without / with warmup", r0 / rw, "> 1 (warmup helps)",
+                         r0 / rw > 1))
+    return out
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def figures(ds) -> dict:
+    ds = results.with_axes(ds, AXES)
+    cfg = results.config_of(ds)["config"]
+    base, steps = cfg["base_batch"], ds.sizes["step"]
+    warm = float(max(ds["warmup_epochs"].values))
+    fig, axes = plotting.figure(2, 3, width=3.7, height=3.0)
+    groups = [(b, k) for b, k in runs(ds) if k == 1 or (b * k, 1) not in runs(ds)]
+    colors = {b * k: plotting.COLORS[i % len(plotting.COLORS)] for i, (b, k) in enumerate(groups)}
+    start = float(np.median(ds["loss"].isel(step=0).values))
+    panels = [(axes[0, 0], 1.0, warm, f"linear rule + warmup ({warm:g} epochs)"),
+              (axes[0, 1], 1.0, 0.0, "linear rule, no warmup"), (axes[0, 2], 0.0, 0.0, "fixed lr (no scaling)")]
+    for ax, scaling, w, title in panels:
+        for b, k in groups:
+            label = f"B={b * k}" + (f" ({b}x{k})" if k > 1 else "")
+            loss = smoothed(_sel(ds, b, k, lr_scaling=scaling, warmup_epochs=w)["loss"].values, b)
+            with warnings.catch_warnings():  # steps after every seed diverged: all nan, drawn as a gap
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mid = np.nanmedian(loss, axis=0)
+            seen = (np.arange(loss.shape[-1]) + 1) * b
+            ax.plot(seen, np.minimum(mid, 3 * start), color=colors[b * k], lw=1.2, label=label)
+            bad = _sel(ds, b, k, lr_scaling=scaling, warmup_epochs=w)["first_bad_step"].values.ravel()
+            for step in bad[bad >= 0]:  # a diverged seed: x where it went non-finite, at the top
+                ax.plot(seen[step], 3 * start, "x", color=colors[b * k], ms=6, mew=1.5)
+        ax.axvline(base * steps, color="0.5", ls=":", lw=1)
+        ax.set(xscale="log", yscale="log", xlabel="examples seen", title=title)
+        ax.set_ylim(top=4 * start)
+    axes[0, 0].set_ylabel(f"minibatch loss (mean over {WINDOW_EXAMPLES} examples)")
+    axes[0, 0].legend(loc="lower left", frameon=False, fontsize=6.5)
+
+    # Accumulation: k x B against kB, loss per update.
+    ax = axes[1, 0]
+    for b, k in runs(ds):
+        if k > 1 and (b * k, 1) in runs(ds):
+            acc = np.nanmedian(per_update(_sel(ds, b, k, lr_scaling=0.0, warmup_epochs=0.0)["loss"].values, k), axis=0)
+            big = np.nanmedian(_sel(ds, b * k, 1, lr_scaling=0.0, warmup_epochs=0.0)["loss"].values, axis=0)[: len(acc)]
+            ax.plot(big, color=colors[b * k], lw=2.5, alpha=0.45, label=f"B={b * k}")
+            ax.plot(acc, color="k", lw=0.8, ls="--", label="k x B accumulated" if b == min(runs(ds))[0] else None)
+    err, pairs = accumulation_error(ds)
+    if pairs:
+        plotting.note(ax, f"max rel. diff, first {ACCUMULATION_UPDATES}\nupdates: {err:.2g}", loc="lower left")
+    ax.set(yscale="log", xlabel="optimizer update", ylabel="loss of the update's batch",
+           title="MultiSteps: k x B against kB (fixed lr)")
+    ax.legend(loc="upper right", frameon=False, fontsize=6.5)
+
+    # Noise scale along training, per effective batch (fixed lr lanes).
+    ax = axes[1, 1]
+    for b, k in groups:
+        n = ds.sizes["step"]
+        window = max(4, n // 16)
+        centres, values = [], []
+        for lo in range(0, n - window + 1, window):
+            centres.append((lo + window / 2) * b)
+            values.append(noise_scale(ds, b, k, slice(lo, lo + window)))
+        ax.plot(centres, np.where(np.asarray(values) > 0, values, np.nan), "o-", ms=2.5, color=colors[b * k],
+                lw=1, label=f"B={b * k}")
+    b_simple = base_noise_scale(ds)
+    ax.axhline(b_simple, color="0.3", ls=":", lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="examples seen", ylabel=r"$B_{simple} = tr(\Sigma)/|G|^2$",
+           title="noise scale (McCandlish et al. 2018)")
+    at_init = noise_scale(ds, base, 1, slice(0, max(2, steps // 16)))
+    plotting.note(ax, f"B={base}: B_simple {at_init:.0f} at first,\n{b_simple:.0f} over its last quarter",
+                  loc="lower right")
+
+    # Summary: loss at the base run's examples against batch size.
+    ax = axes[1, 2]
+    table = scaling_table(ds)
+    bs = np.array([base] + [r[0] for r in table])
+    for j, (label, marker) in enumerate([(f"linear + warmup", "o"), ("linear", "s"), ("fixed lr", "^")]):
+        ratio = np.array([1.0] + [r[1 + j] for r in table])
+        shown = np.where(np.isfinite(ratio), ratio, np.nan)
+        ax.plot(bs, shown, marker=marker, ms=4, lw=1, label=label, color=plotting.COLORS[j])
+        for b in bs[~np.isfinite(ratio)]:
+            ax.plot(b, 5 * 1.3**j, "x", ms=7, mew=1.5, color=plotting.COLORS[j])
+    ax.axhline(HOLDS, color="0.5", ls="--", lw=0.8)
+    ax.axvline(b_simple, color="0.3", ls=":", lw=1)
+    ax.annotate(" B_simple", (b_simple, 0.55), xycoords=("data", "axes fraction"), fontsize=7, color="0.3")
+    ax.set(xscale="log", yscale="log", ylim=(0.8, 40), xlabel="effective batch size B",
+           ylabel=f"loss / B={base}'s at {base * steps} examples", title="does the rule hold? (x: diverged)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=6.5)
+    found = [c for c in checks(ds) if c.name.startswith("linear rule")]
+    if found:
+        short = [c.name.split(": ")[0].replace("linear rule + warmup, ", "") + f": {c.measured:.3g} ({c.expected})"
+                 for c in found]
+        plotting.note(ax, "\n".join(short), loc="upper left")
+    fig.suptitle(f"Batch size: {cfg['optim']['name']} at lr {cfg['optim']['lr']:g} x (B/{base})^s, {steps} steps each, "
+                 f"{cfg['data']['examples']} examples, {ds.sizes['seed']} seeds (median); dotted: the base run's end",
+                 fontsize=9.5)
+    return {"": fig}

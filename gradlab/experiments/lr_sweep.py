@@ -1,0 +1,264 @@
+"""B2: too small a learning rate crawls, too large diverges; warmup, clipping and norms move the edge.
+
+Each curve is the final training loss (mean of the last TAIL steps, median over seeds) against 32+
+log-spaced learning rates. The rate, the seed and two switches are vmapped, one compile serving
+them all: `warmup` (steps of a linear 0 -> 1 ramp multiplied into the lr, as
+optim.warmup_steps would give) and `clip` (global-norm clipping at optim.clip_threshold, or at an
+infinite threshold, which optax leaves bit-for-bit unclipped). Optimizer and normalization change
+the program: one compile per pair. A diverged run (non-finite: ds['diverged'],
+ds['first_bad_step']) is drawn as a marker above the axis, not dropped.
+
+LR sensitivity (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training
+instabilities", Sec. 3.2): S = E_eta[min(L(eta), L0) - L*] with L(eta) the final loss at rate eta,
+L* = min_eta L(eta) the curve's best, L0 the loss at initialisation (a diverged run counts as L0)
+and eta log-uniform over the sweep's range, so E is the mean over the log-spaced grid. We report
+S / L0: 0 when every rate of the range is as good as the best. The edge of a curve is the first
+rate past its best that diverges or ends above L0.
+
+Plain gradient descent on the local quadratic model of the loss is stable iff eta < 2/lambda0,
+lambda0 the top eigenvalue of the loss Hessian at init (power iteration on Hessian-vector
+products here). So no rate below 2/lambda0 should make the loss rise in the first RISE_STEPS
+steps. Above it a network need not diverge: the loss rises, the curvature falls below 2/eta and
+training goes on (the catapult phase, Lewkowycz et al. 2020); the figure shows how far past
+2/lambda0 the edge lies. The checks: that lower bound; and that clipping, and warmup in unnormalised
+nets (whose sharpness at init is high), move the edge to larger rates. What LayerNorm does to the
+edge depends on the net (up at the quick size, down at width 8): the figure shows it, with the
+with/without ratio in its note.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from gradlab import data, models, plotting, results, trials
+from gradlab.config import ExperimentConfig, param
+from gradlab.engine import Trial
+from gradlab.experiments import Check
+
+NAME = "lr_sweep"
+CLAIM = "final loss against lr: too small crawls, too large diverges; warmup, clipping and norms widen the window"
+POWER_ITERATIONS = 40
+TAIL = 10  # final loss: mean of the last TAIL steps
+RISE_STEPS = 20  # plain GD "rises" if its loss exceeds the initial one within this many steps
+AXES = ["optim.name", "model.norm", "warmup", "clip", "seed"]
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """ExperimentConfig plus warmup and clipping as traced switches (on and off share a compile)."""
+
+    warmup: int = param(0, low=0, sweep="traced", doc="linear lr warmup 0 -> 1 over this many steps (0: none)")
+    clip: bool = param(False, sweep="traced", doc="clip at optim.clip_threshold (global norm unless optim.clip says)")
+
+
+class State(NamedTuple):
+    train: trials.TrainState
+    sharpness: jax.Array  # lambda_max of the full-data loss Hessian at initialisation (0: not sgd)
+
+
+def top_eigenvalue(loss_fn, params, key, iterations: int = POWER_ITERATIONS):
+    """lambda_max of the Hessian of loss_fn at params: power iteration on Hessian-vector products."""
+    flat, unravel = ravel_pytree(params)
+
+    def hvp(v):
+        return ravel_pytree(jax.jvp(jax.grad(loss_fn), (params,), (unravel(v),))[1])[0]
+
+    v = jax.lax.fori_loop(0, iterations, lambda _, v: hvp(v / jnp.linalg.norm(v)), jax.random.normal(key, flat.shape))
+    v = v / jnp.linalg.norm(v)
+    return jnp.vdot(v, hvp(v))
+
+
+def switched(hp, step):
+    """hp with this step's warmup factor in the lr and an infinite clip threshold where clip is off.
+
+    The factor is t / warmup for t < warmup, as optax.linear_schedule(0, 1, warmup) (and so
+    optim.warmup_steps) gives; optax's clipping returns gradients untouched below the threshold.
+    """
+    t = step.astype(jnp.float32)
+    warm = jnp.where(hp["warmup"] > 0, jnp.minimum(t / jnp.maximum(hp["warmup"], 1), 1.0), 1.0)
+    threshold = jnp.where(hp["clip"], hp["optim.clip_threshold"], jnp.inf)
+    return {**hp, "optim.lr": hp["optim.lr"] * warm, "optim.clip_threshold": threshold}
+
+
+def trial(cfg) -> Trial:
+    """supervised_mlp under the traced warmup and clip switches; records `sharpness_init` too."""
+    clip = cfg.optim.clip if cfg.optim.clip != "none" else "global_norm"
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, clip=clip))
+    base = trials.supervised_mlp(cfg)
+    spec = trials.mlp_spec(cfg)
+
+    def init(hp, key):
+        state = base.init(switched(hp, jnp.int32(0)), key)
+        if cfg.optim.name != "sgd":  # 2 / lambda_max bounds plain gradient descent only
+            return State(state, jnp.float32(0.0))  # a nan in the state would read as divergence
+        hyper = models.MLPHyper.from_hp(hp)
+
+        def loss_fn(params):
+            return data.loss(cfg.data, models.apply(params, state.data.x, spec, hyper)[0], state.data.y)
+
+        return State(state, top_eigenvalue(loss_fn, state.params, jax.random.fold_in(key, 1)))
+
+    def step(hp, state):
+        train, metrics = base.step(switched(hp, state.train.step), state.train)
+        sharpness = state.sharpness if cfg.optim.name == "sgd" else jnp.float32(jnp.nan)
+        return State(train, state.sharpness), {**metrics, "sharpness_init": sharpness}
+
+    return Trial(init, step, base.metric_dims)
+
+
+# ----------------------------------------------------------------------------- reading results
+
+
+class Curve(NamedTuple):
+    """One optimizer x norm x warmup x clip: final loss per learning rate (median over seeds)."""
+
+    name: str
+    norm: str
+    warmup: int
+    clip: bool
+    lrs: np.ndarray
+    final: np.ndarray  # (lrs,) median over seeds; inf where the median seed diverged
+    diverged: np.ndarray  # (lrs,) bool: the median is a non-finite run
+    initial: float
+    first_rise: np.ndarray  # (seeds,) smallest lr whose loss exceeds L0 within RISE_STEPS (nan: none)
+    sharpness: np.ndarray  # (seeds,) lambda_max at init (nan unless sgd)
+
+    @property
+    def label(self) -> str:
+        parts = (["warmup"] if self.warmup else []) + (["clip"] if self.clip else [])
+        return " + ".join(parts) or "plain"
+
+    def sensitivity(self) -> float:
+        """Wortsman et al. 2023's LR sensitivity E[min(L, L0) - L*], divided by L0."""
+        capped = np.minimum(np.where(np.isfinite(self.final), self.final, self.initial), self.initial)
+        return float(np.mean(capped - capped.min()) / self.initial)
+
+    def edge(self) -> float:
+        """The smallest rate above the best one whose run diverges or ends above L0 (inf: none)."""
+        fails = ~(self.final <= self.initial)
+        best = int(np.argmin(np.where(fails, np.inf, self.final)))
+        above = np.nonzero(fails[best:])[0]
+        return float(self.lrs[best + above[0]]) if above.size else float("inf")
+
+
+def curves(ds) -> list[Curve]:
+    ds = results.with_axes(ds, AXES + ["optim.lr"])
+    lrs = ds["optim.lr"].values.astype(float)
+    out = []
+    for name in ds["optim.name"].values:
+        for norm in ds["model.norm"].values:
+            for warmup in ds["warmup"].values:
+                for clip in ds["clip"].values:
+                    point = ds.sel({"optim.name": name, "model.norm": norm, "warmup": warmup, "clip": clip})
+                    loss = point["loss"].transpose("optim.lr", "seed", "step").values.astype(float)
+                    diverged = point["diverged"].transpose("optim.lr", "seed").values
+                    final = np.where(diverged, np.inf, np.mean(loss[:, :, -TAIL:], axis=2))
+                    final = np.median(np.where(np.isfinite(final), final, np.inf), axis=1)
+                    early = np.where(np.isfinite(loss[:, :, : RISE_STEPS + 1]), loss[:, :, : RISE_STEPS + 1], np.inf)
+                    rises = np.max(early[:, :, 1:], axis=2) > early[:, :, 0]
+                    first = np.where(rises.any(axis=0), lrs[np.argmax(rises, axis=0)], np.nan)
+                    out.append(Curve(str(name), str(norm), int(warmup), bool(clip), lrs, final, ~np.isfinite(final),
+                                     float(np.median(loss[:, :, 0])), first,
+                                     point["sharpness_init"].isel({"step": 0, "optim.lr": 0}).values.astype(float)))
+    return out
+
+
+def _find(found, **kw):
+    return next(c for c in found if all(getattr(c, k) == v for k, v in kw.items()))
+
+
+def checks(ds) -> list[Check]:
+    found = curves(ds)
+    out = []
+    plain_gd = [c for c in found if c.name == "sgd" and not c.warmup and not c.clip]
+    if plain_gd:
+        ratio = np.concatenate([c.first_rise * c.sharpness / 2 for c in plain_gd])
+        lo = float(np.nanmin(ratio)) if np.isfinite(ratio).any() else float("nan")
+        out.append(Check(f"plain GD: smallest lr rising within {RISE_STEPS} steps x lambda0/2", lo,
+                         ">= 1 (GD is stable below 2/lambda0)", bool(np.all(np.isfinite(ratio))) and lo >= 1.0))
+    # Each switch alone against the plain curve of the same optimizer (and norm).
+    plain = {(c.name, c.norm): c for c in found if not c.warmup and not c.clip}
+    variants = {
+        "clipping": [(c, plain[c.name, c.norm]) for c in found if c.clip and not c.warmup],
+        # Observed, not asserted: with LayerNorm the sharpness at init is already low and warmup
+        # does not move SGD's edge; LayerNorm itself moves the edge up at the quick size but down
+        # in a width-8 net. The figure shows both.
+        "warmup (no norm)": [(c, plain[c.name, c.norm]) for c in found if c.warmup and not c.clip and c.norm == "none"],
+    }
+    for what, pairs in variants.items():
+        if pairs:
+            ratios = [c.edge() / ref.edge() for c, ref in pairs]
+            i = int(np.argmin(ratios))
+            out.append(Check(f"{what}: divergence edge, with / without (min of {len(pairs)}: {pairs[i][0].name})",
+                             float(ratios[i]), "> 1 (widens the window)", ratios[i] > 1.0))
+    return out
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def figures(ds) -> dict:
+    found = curves(ds)
+    names = list(dict.fromkeys(c.name for c in found))
+    norms = list(dict.fromkeys(c.norm for c in found))
+    fig, axes = plotting.figure(len(norms), len(names), width=3.6, height=3.0, sharex=True, sharey="row")
+    top = 3.0 * max(c.initial for c in found)
+    styles = {}
+    for row, norm in enumerate(norms):
+        for col, name in enumerate(names):
+            ax = axes[row, col]
+            for i, c in enumerate(c for c in found if c.name == name and c.norm == norm):
+                color = styles.setdefault(c.label, plotting.COLORS[len(styles) % len(plotting.COLORS)])
+                shown = np.where(np.isfinite(c.final), np.minimum(c.final, top), np.nan)
+                edge = c.edge()
+                edge_text = f"{edge:.2g}" if np.isfinite(edge) else "none"
+                ax.plot(c.lrs, shown, color=color, marker=".", ms=3,
+                        label=f"{c.label}: S={c.sensitivity():.2f}, edge {edge_text}")
+                lift = top * 1.6**i  # one row of markers per curve above the data
+                ax.plot(c.lrs[c.diverged], np.full(c.diverged.sum(), lift), "x", color=color, ms=4, mew=1.1)
+                over = np.isfinite(c.final) & (c.final > top)
+                ax.plot(c.lrs[over], np.full(over.sum(), lift), "^", color=color, ms=3.5, mfc="none")
+                ax.axhline(c.initial, color="0.6", lw=0.8, ls="--")
+            gd = [c for c in found if c.name == name and c.norm == norm and not c.warmup and not c.clip]
+            if gd and np.isfinite(gd[0].sharpness).any():
+                x = 2.0 / float(np.median(gd[0].sharpness))
+                ax.axvline(x, color="0.3", ls=":", lw=1)
+                ax.annotate("2/λ₀", (x, 0.62), xycoords=("data", "axes fraction"), fontsize=7, color="0.3",
+                            rotation=90, ha="right", va="center")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{name}, norm={norm}")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.24 if row == len(norms) - 1 else -0.06),
+                      frameon=False, fontsize=6.5)
+            if col == 0:
+                ax.set_ylabel(f"final loss (mean of last {TAIL} steps)")
+            if row == len(norms) - 1:
+                ax.set_xlabel("peak learning rate")
+    found_checks = checks(ds)
+    gd_checks = [c for c in found_checks if c.name.startswith("plain GD")]
+    if gd_checks and "sgd" in names:
+        plotting.note(axes[0, names.index("sgd")],
+                      f"plain GD: loss first rises\nat {gd_checks[0].measured:.2f} x 2/λ₀ (≥ 1)", loc="lower left")
+    edges = [(c.name.split(":")[0], c.measured) for c in found_checks if "edge" in c.name]
+    by_key = {(c.name, c.norm, c.warmup, c.clip): c for c in found}
+    ln = [by_key[n, "layernorm", 0, False].edge() / by_key[n, "none", 0, False].edge()
+          for n in names if (n, "layernorm", 0, False) in by_key and (n, "none", 0, False) in by_key]
+    if ln:
+        edges.append(("layernorm (not a check)", min(ln)))
+    if edges:
+        text = "\n".join(f"{what}: edge x{ratio:.3g}" for what, ratio in edges)
+        # Bottom-left panel: its slowest curves leave the lower left empty for small rates.
+        plotting.note(axes[-1, 0], "min over curves, with/without\n" + text, loc="lower left")
+    cfg = results.config_of(ds)["config"]
+    fig.suptitle(f"Final loss against learning rate ({cfg['steps']} steps, seeds: {ds.sizes.get('seed', 1)}, median): "
+                 f"x diverged, ^ above the axis, dashed: loss at init L0\n"
+                 f"S = LR sensitivity E[min(L, L0) - L*]/L0 (Wortsman et al. 2023); "
+                 f"edge: first lr past the best that diverges or ends above L0", fontsize=9)
+    return {"": fig}
