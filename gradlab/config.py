@@ -79,6 +79,8 @@ class ModelConfig:
     leaky_slope: float = param(0.01, low=0.0)
     dtype: str = param("float32", choices=DTYPES, doc="compute dtype; params stay float32")
     unroll: int = param(1, low=1, doc="lax.scan unroll of the hidden layers")
+    final_norm: bool = param(False, doc="normalise the last hidden state before the readout (Pre-LN transformers)")
+    remat: bool = param(False, doc="jax.checkpoint each hidden block: recompute activations in the backward pass")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ A hidden block is, with r = 1 for residual nets and 0 otherwise,
   pre-norm:  h <- r h + act(W norm(h) + b)
   post-norm: h <- norm(r h + act(W h + b))
 and a block at index >= the (traced) active depth passes h through unchanged, so depth can
-be a vmapped sweep axis under one compile.
+be a vmapped sweep axis under one compile. With `final_norm` (and a norm) the last hidden state
+is normalised once more before the readout, as in Pre-LN transformers; with `remat` each block
+is wrapped in jax.checkpoint, trading recomputation for activation memory.
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ class MLPSpec:
     norm_position: str = "pre"
     dtype: str = "float32"
     unroll: int = 1
+    final_norm: bool = False
+    remat: bool = False
 
     @classmethod
     def from_config(cls, model, in_dim: int, out_dim: int) -> "MLPSpec":
         return cls(
             in_dim=in_dim, out_dim=out_dim, depth=model.depth, width=model.width,
             activation=model.activation, norm=model.norm, norm_position=model.norm_position,
-            dtype=model.dtype, unroll=model.unroll,
+            dtype=model.dtype, unroll=model.unroll, final_norm=model.final_norm, remat=model.remat,
         )
 
     @property
@@ -100,11 +104,14 @@ def init(key, spec: MLPSpec, hyper: MLPHyper) -> dict:
     if spec.norm != "none":
         hidden["scale"] = jnp.ones((d, w))
         hidden["bias"] = jnp.zeros((d, w))
-    return {
+    params = {
         "input": {"w": weight(z[0].reshape(n_in, w)), "b": hyper.bias_std * z[3]},
         "hidden": hidden,
         "output": {"w": weight(z[2].reshape(w, n_out)), "b": hyper.bias_std * z[5]},
     }
+    if spec.final_norm and spec.norm != "none":
+        params["final"] = {"scale": jnp.ones((w,)), "bias": jnp.zeros((w,))}
+    return params
 
 
 def zero_probes(spec: MLPSpec, batch: int, dtype=jnp.float32) -> dict:
@@ -160,8 +167,12 @@ def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None =
             new = new + probe.astype(dtype)
         return new, _layer_taps(new, pre)
 
+    if spec.remat:  # recompute each block's activations in the backward pass instead of storing them
+        block = jax.checkpoint(block)
     layers = (jnp.arange(spec.depth), p["hidden"], probes["hidden"])
     h, taps_hidden = jax.lax.scan(block, h, layers, unroll=spec.unroll)
+    if "final" in p:
+        h = apply_norm(spec.norm, h, p["final"])
     out = h @ p["output"]["w"] + p["output"]["b"][None]
     if probed:
         out = out + probes["output"].astype(dtype)
