@@ -292,6 +292,7 @@ def load(
         if config.seed + config.seeds - 1 > MAX_SEEDS:
             raise ConfigError(f"{where}: seeds: seed + seeds must stay below 2**31 (the PRNG's seed range)")
         axes.append(Axis("seed", tuple(range(config.seed, config.seed + config.seeds)), "traced"))
+    _check_relations(config, axes, where)
     order = {k: i for i, k in enumerate(fields)}
     axes.sort(key=lambda a: (a.path == "seed", order[a.path]))
     return RunSpec(experiment, config, tuple(axes), where, scale)
@@ -481,6 +482,20 @@ def _coerce(schema: type, path: str, value, where: str):
     except OmegaConfBaseException as e:
         _, msg = _omegaconf_message(e)
         return _raise(where, path, msg)
+
+
+def _check_relations(config, axes: list, where: str) -> None:
+    """Constraints between fields, over every value a swept field takes."""
+    swept = {a.path: a.values for a in axes}
+
+    def values(path):
+        return swept.get(path, (get_path(config, path),))
+
+    if "inverse_time" in values("optim.schedule"):
+        bad = [r for r in values("optim.decay_rate") if r > 1]
+        if bad:
+            _raise(where, "optim.decay_rate", f"the inverse_time schedule ends at decay_rate x lr, so it must be "
+                   f"in (0, 1], got {bad[0]}")
 
 
 def _check_constraints(config, fields: dict, where: str) -> None:

@@ -42,7 +42,10 @@ def schedule_shape(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
             0.0, 1.0, warmup, max(total_steps, warmup + 1), end_value=cfg.final_lr_fraction
         )
     if cfg.schedule == "onecycle":
-        return optax.cosine_onecycle_schedule(total_steps, 1.0)
+        # The rise lasts warmup_steps when given, else 30% of training (Smith & Topin 2017).
+        # optax places the peak at int(pct_start * total); the half step keeps that exact.
+        pct = (warmup + 0.5) / total_steps if 0 < warmup < total_steps else 0.3
+        return optax.cosine_onecycle_schedule(total_steps, 1.0, pct_start=pct)
     n = max(1, total_steps - warmup)
     end = cfg.final_lr_fraction
     if cfg.schedule == "constant":
@@ -59,10 +62,12 @@ def schedule_shape(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         drops = {int(n * i / (cfg.cycles + 1)): cfg.decay_rate for i in range(1, cfg.cycles + 1)}
         base = optax.piecewise_constant_schedule(1.0, drops)
     elif cfg.schedule == "sgdr":
+        # c - 1 periods of n // c steps; the last one takes the remainder, so training ends annealed.
         period = max(1, n // cfg.cycles)
+        spans = [period] * (cfg.cycles - 1) + [max(1, n - period * (cfg.cycles - 1))]
         base = optax.sgdr_schedule(
-            [dict(init_value=1.0, peak_value=1.0, decay_steps=period, warmup_steps=0, end_value=end)]
-            * cfg.cycles
+            [dict(init_value=1.0, peak_value=1.0, decay_steps=span, warmup_steps=0, end_value=end)
+             for span in spans]
         )
     else:  # config validation lists the allowed names; this is a programming error
         raise ValueError(f"unknown schedule {cfg.schedule!r}")

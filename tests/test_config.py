@@ -118,3 +118,11 @@ def test_errors_from_the_command_line_say_so(tmp_path):
 def test_logspace_values_are_exact_powers():
     values = config._axis_values({"logspace": [-5, 0, 6]}, "optim.lr", "x")
     assert all(math.isclose(v, 10.0**e, rel_tol=1e-12) for v, e in zip(values, range(-5, 1)))
+
+
+@pytest.mark.parametrize("schedule", ["inverse_time", "[constant, inverse_time]"])
+def test_inverse_time_ending_above_the_peak_is_refused(tmp_path, schedule):
+    with pytest.raises(ConfigError, match=r"optim\.decay_rate: .*inverse_time.*\(0, 1\], got 2"):
+        load(tmp_path, "optim: {decay_rate: 2.0}\n", [f"optim.schedule={schedule}"])
+    # an exponential schedule may grow: decay_rate > 1 is allowed there
+    assert load(tmp_path, "optim: {decay_rate: 2.0, schedule: exponential}\n").config.optim.decay_rate == 2.0

@@ -144,3 +144,9 @@ def test_cli_start_override_is_a_value_not_a_sweep(tmp_path: Path):
             "steps=30", "start=[3, 2]", "--out", str(tmp_path), "--quiet", "--no-figure", "--check"]
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli.main(argv) == 0
+
+
+def test_every_optimizer_has_a_legend_label():
+    from gradlab.config import OPTIMIZERS
+
+    assert set(OPTIMIZERS) <= set(quadratic.LABELS)

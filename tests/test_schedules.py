@@ -36,7 +36,7 @@ def half_cosine(frac):
 
 def expected(schedule, t, total=T, warmup=0, r=R, a=A, c=C):
     if schedule == "onecycle":
-        p = int(0.3 * total)
+        p = warmup if warmup else int(0.3 * total)
         lo, end = 1 / 25, 1 / 25 / 1e4
         if t < p:
             return 1 - (1 - lo) * half_cosine(t / p)
@@ -58,9 +58,12 @@ def expected(schedule, t, total=T, warmup=0, r=R, a=A, c=C):
         return 1 / (1 + (1 / r - 1) * min(s, n) / n)
     if schedule == "cosine":
         return a + (1 - a) * half_cosine(s / n)
-    if schedule == "sgdr":
+    if schedule == "sgdr":  # c - 1 periods of n // c steps, then one to the end
         period = n // c
-        return a if s >= c * period else a + (1 - a) * half_cosine((s % period) / period)
+        last = (c - 1) * period
+        if s < last:
+            return a + (1 - a) * half_cosine((s % period) / period)
+        return a + (1 - a) * half_cosine((s - last) / (n - last))
     raise ValueError(schedule)
 
 
@@ -96,9 +99,18 @@ def test_step_drops_by_the_rate_at_each_boundary():
 def test_sgdr_restarts_to_the_peak_each_period():
     shape = shape_of("sgdr")
     period = T // C  # 33
+    ends = [(k + 1) * period - 1 for k in range(C - 1)] + [T - 1]  # the last period takes the remainder
     for k in range(C):
         assert float(shape(np.int32(k * period))) == pytest.approx(1.0, rel=1e-6)
-        assert float(shape(np.int32((k + 1) * period - 1))) == pytest.approx(A, abs=3e-3)  # one step before the end
+        # one step before a period's end the cosine is (1 + cos(pi (P-1)/P)) / 2 < 3e-3 for P >= 33
+        assert float(shape(np.int32(ends[k]))) == pytest.approx(A, abs=3e-3)
+
+
+def test_onecycle_rise_lasts_the_warmup_when_given():
+    shape = shape_of("onecycle", warmup=17)
+    values = np.asarray([float(shape(np.int32(t))) for t in range(T)])
+    assert int(np.argmax(values)) == 17
+    np.testing.assert_allclose(values, [expected("onecycle", t, warmup=17) for t in range(T)], rtol=1e-5, atol=1e-7)
 
 
 def test_onecycle_peaks_at_30_percent():

@@ -41,7 +41,7 @@ CATALOG_LR = 0.15  # the catalog's example rate, quoted in the figure when the s
 CLOSED_FORM_RTOL = 1e-4  # float32: ~30 steps x eps32 x 1/|1 - 8 eta| cancellation
 TINY = 1e-30  # below this a float32 iterate may be flushed to zero; growth is measured above it
 LABELS = {"sgd": "GD", "momentum": "momentum", "nesterov": "Nesterov", "rmsprop": "RMSProp",
-          "adam": "Adam", "adamw": "AdamW"}
+          "adam": "Adam", "adamw": "AdamW", "adamw_decoupled": "AdamW (paper)"}
 
 
 @dataclass(frozen=True)

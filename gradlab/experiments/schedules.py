@@ -8,11 +8,12 @@ a = final_lr_fraction and c = cycles, the shapes are (t counted from the end of 
   exponential    r**(t/n)                                     (optax.exponential_decay)
   inverse_time   1 / (1 + (1/r - 1) t/n), which reaches r at t = n
   cosine         a + (1 - a) (1 + cos(pi t/n)) / 2            (Loshchilov & Hutter 2017)
-  sgdr           the cosine over each of c periods P = n // c, back to 1 at every t = kP
-  onecycle       cosine 1/25 -> 1 over p = int(0.3 T) steps, then 1 -> 1/(25e4) over the
-                 rest (optax.cosine_onecycle_schedule; Smith & Topin 2017)
+  sgdr           the cosine over each of c periods P = n // c (the last one takes the n - (c-1)P
+                 steps left), back to 1 at every t = kP
+  onecycle       cosine 1/25 -> 1 over p = W, or int(0.3 T) with no warmup, steps, then
+                 1 -> 1/(25e4) over the rest (optax.cosine_onecycle_schedule; Smith & Topin 2017)
   warmup_cosine  t/W over W = warmup_steps or T // 10, then the cosine over T - W steps
-A nonzero warmup_steps puts a linear 0 -> 1 warmup of W steps in front of the first six.
+A nonzero warmup_steps puts a linear 0 -> 1 warmup of W steps in front of the first seven.
 The checks compare the recorded `lr`, and the learning rate the optimizer's inject_hyperparams
 state actually applied, with these formulas written here in numpy (float64) at each schedule's
 landmark steps; then compare the training loss each schedule ends at with a constant rate's:
@@ -85,7 +86,8 @@ def _warmup_free(name: str, t, n: int, optim: dict):
         return 1 + (a - 1) * np.minimum(t, n) / n
     if name == "sgdr":
         period = max(1, n // c)
-        return np.where(t < c * period, _cosine(t % period, period, a), a)
+        last = (c - 1) * period  # the last period runs from here to n
+        return np.where(t < last, _cosine(t % period, period, a), _cosine(t - last, max(1, n - last), a))
     raise ValueError(f"no closed form for schedule {name!r}")
 
 
@@ -94,7 +96,8 @@ def closed_form(name: str, steps: int, optim: dict, t=None) -> np.ndarray:
     t = np.arange(steps, dtype=np.float64) if t is None else np.asarray(t, np.float64)
     lr = optim["lr"]
     if name == "onecycle":
-        p = math.floor(ONECYCLE_PCT * steps)
+        w = optim["warmup_steps"]
+        p = w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps)
         start, end = 1 / ONECYCLE_DIV, 1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
         up = start + (1 - start) * (1 - _cosine(t, p, 0.0))
         down = _cosine(t - p, steps - p, end)
@@ -124,7 +127,7 @@ def landmarks(name: str, steps: int, optim: dict) -> list[int]:
         period = max(1, n // optim["cycles"])
         edges |= {w + k * period for k in range(optim["cycles"])}
     if name == "onecycle":
-        edges.add(math.floor(ONECYCLE_PCT * steps))
+        edges.add(w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps))
     if name == "warmup_cosine":
         wc = optim["warmup_steps"] or max(1, steps // 10)
         edges |= {wc // 2, wc}
@@ -209,8 +212,8 @@ def _landmark_checks(ds, names, steps, optim) -> list[Check]:
         out.append(Check(f"sgdr: min lr/peak at restarts t={starts}", back, "= 1", abs(back - 1) <= TOLERANCE))
     if "onecycle" in names:
         top = int(np.argmax(_per_seed(ds, "lr", "onecycle")[0]))
-        want = math.floor(ONECYCLE_PCT * steps)
-        out.append(Check("onecycle: argmax_t lr / steps", top / steps, f"= {ONECYCLE_PCT:g} (t={want})", top == want))
+        want = w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps)
+        out.append(Check("onecycle: argmax_t lr / steps", top / steps, f"= {want / steps:g} (t={want})", top == want))
     if "warmup_cosine" in names:
         rec = _per_seed(ds, "lr", "warmup_cosine")[0]
         wc = optim["warmup_steps"] or max(1, steps // 10)
