@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "run": "gradlab.api", "execute": "gradlab.api", "resolve": "gradlab.api", "load": "gradlab.api",
-    "plot": "gradlab.api", "figures": "gradlab.api", "checks": "gradlab.api",
+    "plot": "gradlab.api", "figures": "gradlab.api", "checks": "gradlab.api", "reproduce": "gradlab.api",
     "ExperimentConfig": "gradlab.config", "RunSpec": "gradlab.config",
     "Trial": "gradlab.engine", "run_sweep": "gradlab.engine",
     "GradlabError": "gradlab.errors", "ConfigError": "gradlab.errors",

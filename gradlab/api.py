@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import xarray as xr
 
 from gradlab import config, engine, experiments, plotting, results
+from gradlab.errors import GradlabError
 from gradlab.experiments import Check
 
 
@@ -136,3 +139,56 @@ def save_figures(experiment: str, ds: xr.Dataset, folder: Path) -> list[Path]:
 
 def checks(ds: xr.Dataset) -> list[Check]:
     return experiments.get(ds.attrs["experiment"]).checks(ds)
+
+
+@dataclass
+class Reproduced:
+    """One experiment of `reproduce`: its checks (or the error that stopped it) and its time."""
+
+    experiment: str
+    claim: str
+    checks: list[Check]
+    seconds: float
+    cached: bool
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.error and all(c.passed for c in self.checks)
+
+
+def reproduce(
+    scale: str | None = None,
+    only=None,
+    *,
+    out: str | os.PathLike = ".",
+    progress: bool = True,
+    stop=None,
+    on_start: Callable[[int, int, str], None] | None = None,
+    on_done: Callable[[int, int, Reproduced], None] | None = None,
+) -> list[Reproduced]:
+    """Run every experiment of the catalog (or `only` those), reusing stored results of the same
+    config hash, redraw every figure into OUT/figures and evaluate every check.
+
+    An experiment that fails with a gradlab error is reported as failed and the others go on; an
+    interrupted reproduce resumes where it stopped, since finished experiments are stored and the
+    running one checkpoints after every chunk.
+    """
+    names = list(dict.fromkeys(only)) if only else experiments.names()
+    for name in names:
+        resolve(name, (), scale)  # an unknown name or preset fails before anything runs
+    done = []
+    for i, name in enumerate(names):
+        if on_start is not None:
+            on_start(i, len(names), name)
+        start = time.perf_counter()
+        module = experiments.get(name)
+        try:
+            outcome = execute(name, (), scale, out=out, progress=progress, stop=stop)
+            row = Reproduced(name, module.CLAIM, outcome.checks, time.perf_counter() - start, outcome.cached)
+        except GradlabError as e:
+            row = Reproduced(name, module.CLAIM, [], time.perf_counter() - start, False, error=str(e))
+        done.append(row)
+        if on_done is not None:
+            on_done(i, len(names), row)
+    return done

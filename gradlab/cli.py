@@ -12,6 +12,7 @@ import time
 EXIT_USAGE = 2
 DEFAULT_HOST_DEVICES = 1
 EXIT_INTERRUPTED = 130
+CLAIM_WIDTH = 60  # `gradlab list` prints the claims in full
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="compile only: print sweep size, compiles, FLOPs and memory per device, then exit")
     r.add_argument("--devices", type=int, metavar="N",
                    help=f"CPU only: split the host into N devices to shard the sweep over (default {DEFAULT_HOST_DEVICES})")
+
+    rp = sub.add_parser("reproduce", help="run every experiment (stored results reused), redraw every figure, "
+                                          "print one table of checks")
+    rp.add_argument("--scale", help="a preset every config defines (quick, paper)")
+    rp.add_argument("--only", nargs="+", metavar="NAME", help="these experiments only")
+    rp.add_argument("--out", default=".", help="folder for runs/ and figures/ (default: .)")
+    rp.add_argument("--check", action="store_true", help="exit 1 if any check fails")
+    rp.add_argument("--quiet", action="store_true", help="no progress bars")
+    rp.add_argument("--devices", type=int, metavar="N",
+                    help=f"CPU only: split the host into N devices (default {DEFAULT_HOST_DEVICES})")
 
     sub.add_parser("list", help="the experiments and their claims")
 
@@ -153,6 +164,45 @@ def _run(args) -> int:
     return 1 if (args.check and failed) else 0
 
 
+def reproduce_table(rows) -> str:
+    """One row per check; the experiment, its claim and its time on its first row."""
+    table = []
+    for r in rows:
+        claim = r.claim if len(r.claim) <= CLAIM_WIDTH else r.claim[: CLAIM_WIDTH - 3] + "..."
+        head = [r.experiment, claim, f"{r.seconds:.0f} s" + (" (stored)" if r.cached else "")]
+        if r.error:
+            table.append([head[0], head[1], "error: " + r.error, "", "", "FAIL", head[2]])
+        for k, c in enumerate(r.checks):
+            first = head if k == 0 else ["", "", ""]
+            table.append([first[0], first[1], c.name, f"{c.measured:.4g}", c.expected,
+                          "pass" if c.passed else "FAIL", first[2]])
+    return _table(table, ["experiment", "claim", "check", "measured", "expected", "result", "time"])
+
+
+def _reproduce(args) -> int:
+    _host_devices(args.devices)
+    from gradlab import api
+
+    _use_compilation_cache()
+    start = time.perf_counter()
+
+    def started(i, n, name):
+        print(f"[{i + 1}/{n}] {name} ...", flush=True)
+
+    def finished(i, n, row):
+        state = "error" if row.error else ("pass" if row.passed else "FAIL")
+        how = "stored results" if row.cached else "ran"
+        print(f"[{i + 1}/{n}] {row.experiment}: {state} ({how}, {row.seconds:.0f} s)", flush=True)
+
+    rows = api.reproduce(args.scale, args.only, out=args.out, progress=not args.quiet, stop=_stop_on_ctrl_c(),
+                         on_start=started, on_done=finished)
+    print(reproduce_table(rows))
+    failed = [r.experiment for r in rows if not r.passed]
+    print(f"{len(rows) - len(failed)} of {len(rows)} experiments pass all checks in {time.perf_counter() - start:.0f} s"
+          + (f"; failing: {', '.join(failed)}" if failed else ""))
+    return 1 if (args.check and failed) else 0
+
+
 def _list(args) -> int:
     from gradlab import experiments
 
@@ -186,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = _parser().parse_args(argv)
-        return {"run": _run, "list": _list, "show": _show, "plot": _plot}[args.command](args)
+        commands = {"run": _run, "reproduce": _reproduce, "list": _list, "show": _show, "plot": _plot}
+        return commands[args.command](args)
     except (GradlabError, _UsageError) as e:
         print(f"gradlab: error: {e}" if isinstance(e, GradlabError) else f"{e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,364 @@
+"""C1: exploding gradients and their fix, gradient clipping (Pascanu et al. 2013).
+
+A deep ReLU MLP trained by plain SGD at learning rates past the edge of stability, under the four
+clipping rules of optim.clip (one compile each; lr and seeds vmapped):
+  none         g
+  global_norm  g min(1, tau / |g|)                    optax.clip_by_global_norm(tau), tau = optim.clip_threshold
+  value        clip(g_i, -v, v) element by element    optax.clip(v), v = value_threshold
+  agc          per unit, g_u min(1, a max(|w_u|, 1e-3) / |g_u|)   optax.adaptive_grad_clip(a), a = agc_threshold
+With SGD the update is -lr clip(g), so under global-norm clipping its norm is lr min(|g|, tau) exactly;
+the checks test that on optax's chain directly and on every recorded step. Without clipping the net
+diverges at the large rates; with global-norm clipping a step is at most lr tau long, and it trains.
+
+The cliff (Pascanu et al. 2013, Sec. 3 and Fig. 6): the one-neuron recurrent map x_t = w tanh(x_{t-1}) + b,
+x_0 = 0.5, loss (x_T - target)^2 after T = 50 steps. For w > 1 the map has two stable fixed points;
+where (w, b) crosses the fold of the positive one, x_T jumps from one branch to the other, and over
+a sliver of (w, b) the loss falls a cliff: there the gradient is orders of magnitude larger than
+anywhere else. Gradient descent started beside it is thrown far away by one step unless the step
+is clipped; clipped, a step is at most lr tau long. Computed here in plain JAX (vmap over the grid),
+not in the sweep: it does not depend on the sweep's values.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradlab import data, models, plotting, results, telemetry, transforms, trials
+from gradlab.config import ExperimentConfig, param
+from gradlab.engine import Trial
+from gradlab.experiments import Check
+
+NAME = "clipping"
+CLAIM = "global-norm clipping makes |update| = lr min(|g|, tau): training survives rates where unclipped SGD explodes"
+AXES = ["optim.clip", "optim.lr", "seed"]
+KINDS = {"none": "no clipping", "global_norm": "global norm", "value": "per value", "agc": "adaptive (AGC)"}
+UPDATE_RTOL = 1e-5  # |update| against lr min(|g|, tau): float32 sums of ~1e4 squares, ~1e-6 relative
+TRAINS = 0.5  # "trains": final loss below half the initial loss
+CLIPPED_RTOL = 1e-6  # a step counts as clipped when clipping changed its gradient's norm by more than this
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """ExperimentConfig plus the thresholds of the two clipping rules other than global norm."""
+
+    value_threshold: float = param(0.01, low=0.0, low_open=True, doc="optim.clip=value: bound on each |g_i|")
+    agc_threshold: float = param(0.01, low=0.0, low_open=True,
+                                 doc="optim.clip=agc: bound on |g_u| / max(|w_u|, 1e-3) per unit")
+
+
+def with_threshold(cfg, hp: dict) -> dict:
+    """hp with optim.clip_threshold set to the threshold of the config's clipping rule."""
+    threshold = {"value": hp["value_threshold"], "agc": hp["agc_threshold"]}.get(cfg.optim.clip,
+                                                                                hp["optim.clip_threshold"])
+    return {**hp, "optim.clip_threshold": threshold}
+
+
+def trial(cfg) -> Trial:
+    """supervised_mlp (its grad_global_norm is before clipping), recording also, before each update:
+    clip_scale = |clip(g)| / |g|, clipped_elements (fraction of g's entries clipping changed) and
+    update_global_norm (of the whole update the optax chain returns, biases included)."""
+    base = trials.supervised_mlp(cfg)
+    spec = trials.mlp_spec(cfg)
+
+    def init(hp, key):
+        return base.init(with_threshold(cfg, hp), key)
+
+    def step(hp, state):
+        hp = with_threshold(cfg, hp)
+        new_state, metrics = base.step(hp, state)
+        # The same batch and gradient as base.step (XLA shares the work); optax's clipping rules are
+        # stateless, so applying the rule alone shows what it did to this step's gradient.
+        batch = data.batch(state.data, cfg.data, state.step, state.key)
+        hyper = models.MLPHyper.from_hp(hp)
+        grads = jax.grad(lambda p: data.loss(cfg.data, models.apply(p, batch.x, spec, hyper)[0], batch.y))(state.params)
+        clipped, _ = transforms.clipping(cfg.optim, hp["optim.clip_threshold"]).update(
+            grads, optax.EmptyState(), state.params)
+        updates, _ = transforms.build(cfg.optim, hp, cfg.steps).update(grads, state.opt_state, state.params)
+        changed = sum(jnp.sum(c != g) for c, g in zip(jax.tree.leaves(clipped), jax.tree.leaves(grads)))
+        size = sum(g.size for g in jax.tree.leaves(grads))
+        return new_state, {
+            **metrics,
+            "clip_scale": telemetry.safe_ratio(telemetry.global_norm(clipped), telemetry.global_norm(grads)),
+            "clipped_elements": changed.astype(jnp.float32) / size,
+            "update_global_norm": telemetry.global_norm(updates),
+        }
+
+    return Trial(init, step, base.metric_dims)
+
+
+# ----------------------------------------------------------------------------- the cliff
+
+
+class Cliff(NamedTuple):
+    """The one-neuron RNN of Pascanu et al. 2013, Fig. 6 (tanh instead of their sigmoid)."""
+
+    steps: int = 50
+    x0: float = 0.5
+    target: float = -1.0
+    w_range: tuple = (0.5, 3.0, 251)  # grid: lo, hi, points
+    b_range: tuple = (-1.5, 0.5, 201)
+    start: tuple = (2.5, -0.5)  # (w, b) beside the wall
+    lr: float = 0.01
+    tau: float = 5.0
+    iterations: int = 80
+
+
+CLIFF = Cliff()
+
+
+def rnn_final(w, b, x0, steps: int):
+    """x_T of x_t = w tanh(x_{t-1}) + b."""
+    return jax.lax.scan(lambda x, _: (w * jnp.tanh(x) + b, None), jnp.asarray(x0, jnp.float32), None, length=steps)[0]
+
+
+def cliff_loss(params, cliff: Cliff = CLIFF):
+    """(x_T - target)^2 at params = (w, b)."""
+    return jnp.square(rnn_final(params[0], params[1], cliff.x0, cliff.steps) - cliff.target)
+
+
+def descend(cliff: Cliff, clip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient descent on the cliff loss from cliff.start: (points (iterations + 1, 2), losses)."""
+    tx = optax.sgd(cliff.lr)
+    if clip:
+        tx = optax.chain(optax.clip_by_global_norm(cliff.tau), tx)
+    loss_and_grad = jax.value_and_grad(lambda p: cliff_loss(p, cliff))
+
+    def body(carry, _):
+        p, opt_state = carry
+        loss, g = loss_and_grad(p)
+        u, opt_state = tx.update(g, opt_state, p)
+        return (optax.apply_updates(p, u), opt_state), (p, loss)
+
+    p0 = jnp.asarray(cliff.start, jnp.float32)
+    (last, _), (points, losses) = jax.lax.scan(body, (p0, tx.init(p0)), None, length=cliff.iterations)
+    points = np.vstack([np.asarray(points), np.asarray(last)[None]])
+    return points, np.append(np.asarray(losses), float(cliff_loss(last, cliff)))
+
+
+@functools.lru_cache(maxsize=4)
+def cliff_surface(cliff: Cliff = CLIFF) -> dict:
+    """Loss and gradient over the (w, b) grid (vmapped) and both descents, as numpy arrays."""
+    ws, bs = np.linspace(*cliff.w_range), np.linspace(*cliff.b_range)
+    grid = jnp.stack(jnp.meshgrid(jnp.asarray(ws, jnp.float32), jnp.asarray(bs, jnp.float32), indexing="ij"), -1)
+    f = jax.jit(jax.vmap(jax.vmap(jax.value_and_grad(lambda p: cliff_loss(p, cliff)))))
+    loss, grad = f(grid)
+    plain, plain_loss = descend(cliff, clip=False)
+    clipped, clipped_loss = descend(cliff, clip=True)
+    return dict(w=ws, b=bs, loss=np.asarray(loss, float), grad=np.asarray(grad, float), plain=plain,
+                plain_loss=plain_loss, clipped=clipped, clipped_loss=clipped_loss)
+
+
+def wall_slope(surface: dict) -> float:
+    """max |L(w + h, b) - L(w, b)| / h over neighbouring grid points: by the mean value theorem the
+    true max |dL/dw| between them is at least this, however thin the wall is."""
+    return float(np.max(np.abs(np.diff(surface["loss"], axis=0)) / np.diff(surface["w"])[:, None]))
+
+
+def step_lengths(points: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(np.diff(points, axis=0), axis=1)
+
+
+# ----------------------------------------------------------------------------- reading results
+
+
+def _cfg(ds) -> dict:
+    return results.config_of(ds)["config"]
+
+
+def _by_kind(ds, var: str, kind: str) -> np.ndarray:
+    """(lr, seed, step, ...) of one clipping rule."""
+    point = ds[var].sel({"optim.clip": kind})
+    return point.transpose("optim.lr", "seed", "step", ...).values.astype(float)
+
+
+def kinds(ds) -> list[str]:
+    return [str(k) for k in ds["optim.clip"].values]
+
+
+def final_loss(ds, kind: str) -> np.ndarray:
+    """(lr, seed): mean loss of the last 10 steps; inf where the run diverged or its loss is not finite."""
+    loss = _by_kind(ds, "loss", kind)
+    diverged = ds["diverged"].sel({"optim.clip": kind}).transpose("optim.lr", "seed").values
+    with np.errstate(invalid="ignore", over="ignore"):
+        final = np.mean(loss[..., -10:], axis=-1)
+    return np.where(diverged | ~np.isfinite(final), np.inf, final)
+
+
+def demo_lr_index(ds) -> int:
+    """The smallest rate at which no clipping fails to train (diverges, or ends above TRAINS x its
+    start) on every seed; the largest rate if it trains everywhere."""
+    lrs = ds["optim.lr"].values
+    if "none" not in kinds(ds):
+        return len(lrs) - 1
+    start = _by_kind(ds, "loss", "none")[..., 0]
+    fails = np.all(~(final_loss(ds, "none") < TRAINS * start), axis=-1)
+    return int(np.argmax(fails)) if fails.any() else len(lrs) - 1
+
+
+def clipped_steps(ds, kind: str) -> np.ndarray:
+    """(lr, seed): fraction of the steps run (before any divergence) whose gradient clipping changed."""
+    scale = _by_kind(ds, "clip_scale", kind)
+    ran = np.isfinite(scale)
+    with np.errstate(invalid="ignore"):
+        hit = (scale < 1 - CLIPPED_RTOL) & ran
+    return hit.sum(-1) / np.maximum(ran.sum(-1), 1)
+
+
+def update_norm_error(ds) -> float:
+    """max over recorded SGD steps of | |update| / (lr min(|g|, tau)) - 1 | under global-norm clipping."""
+    cfg = _cfg(ds)
+    tau = cfg["optim"]["clip_threshold"]
+    lr = _by_kind(ds, "lr", "global_norm")
+    expected = lr * np.minimum(_by_kind(ds, "grad_global_norm", "global_norm"), tau)
+    measured = _by_kind(ds, "update_global_norm", "global_norm")
+    with np.errstate(invalid="ignore"):
+        return float(np.nanmax(np.abs(measured / expected - 1)))
+
+
+def layer_update_error(ds) -> float:
+    """The same from the stock per-layer telemetry: update_norm_l = lr min(1, tau / |g|) grad_norm_l."""
+    tau = _cfg(ds)["optim"]["clip_threshold"]
+    g = _by_kind(ds, "grad_global_norm", "global_norm")
+    scale = (_by_kind(ds, "lr", "global_norm") * np.minimum(1.0, tau / g))[..., None]
+    expected = scale * _by_kind(ds, "grad_norm", "global_norm")
+    with np.errstate(invalid="ignore"):
+        return float(np.nanmax(np.abs(_by_kind(ds, "update_norm", "global_norm") / expected - 1)))
+
+
+def checks(ds) -> list[Check]:
+    ds = results.with_axes(ds, AXES)
+    cfg = _cfg(ds)
+    out = []
+    names = kinds(ds)
+    if "global_norm" in names and cfg["optim"]["name"] == "sgd":
+        err = update_norm_error(ds)
+        out.append(Check("global_norm, SGD: | |update| / (lr min(|g|, tau)) - 1 |, max over steps", err,
+                         f"<= {UPDATE_RTOL:g}", err <= UPDATE_RTOL))
+        err = layer_update_error(ds)
+        out.append(Check("global_norm, SGD: per-layer update_norm / (lr min(1, tau/|g|) grad_norm) - 1, max", err,
+                         f"<= {UPDATE_RTOL:g}", err <= UPDATE_RTOL))
+    if {"none", "global_norm"} <= set(names):
+        i = demo_lr_index(ds)
+        lr = float(ds["optim.lr"].values[i])
+        start = _by_kind(ds, "loss", "none")[i, :, 0]
+        none = final_loss(ds, "none")[i] / start
+        clipped = final_loss(ds, "global_norm")[i] / start
+        out.append(Check(f"no clipping at lr={lr:.3g}: final / initial loss, best seed", float(np.min(none)),
+                         f"> {TRAINS:g} or diverged (inf)", bool(np.all(~(none < TRAINS)))))
+        out.append(Check(f"global_norm at lr={lr:.3g}: final / initial loss, worst seed", float(np.max(clipped)),
+                         f"< {TRAINS:g}", bool(np.all(clipped < TRAINS))))
+    surface = cliff_surface(CLIFF)
+    median = float(np.median(np.abs(surface["grad"][..., 0])))
+    wall = max(wall_slope(surface), float(np.max(np.abs(surface["grad"][..., 0]))))
+    out.append(Check("cliff: max |dL/dw| (>= grid difference quotient) / median |dL/dw|", wall / median,
+                     ">= 100", wall / median >= 100))
+    steps = step_lengths(surface["clipped"])
+    bound = CLIFF.lr * CLIFF.tau
+    out.append(Check("cliff: clipped descent, longest step / (lr tau)", float(steps.max() / bound),
+                     "<= 1 + 1e-6", steps.max() <= bound * (1 + 1e-6)))
+    thrown = step_lengths(surface["plain"]).max()
+    out.append(Check("cliff: unclipped descent, longest step / (lr tau)", float(thrown / bound),
+                     ">= 10 (thrown off the wall)", thrown >= 10 * bound))
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def figures(ds) -> dict:
+    return {"": training_figure(ds), "cliff": cliff_figure()}
+
+
+def training_figure(ds):
+    ds = results.with_axes(ds, AXES)
+    cfg = _cfg(ds)
+    names = kinds(ds)
+    lrs = ds["optim.lr"].values.astype(float)
+    i = demo_lr_index(ds)
+    thresholds = {"global_norm": f"τ={cfg['optim']['clip_threshold']:g}", "value": f"v={cfg['value_threshold']:g}",
+                  "agc": f"a={cfg['agc_threshold']:g}", "none": ""}
+    fig, axes = plotting.figure(1, 3, width=3.8, height=3.0)
+    steps = ds["step"].values
+    for k, kind in enumerate(names):
+        color = plotting.COLORS[k % len(plotting.COLORS)]
+        frac = clipped_steps(ds, kind)[i]
+        bad = ds["diverged"].sel({"optim.clip": kind}).isel({"optim.lr": i}).values
+        label = f"{KINDS.get(kind, kind)} {thresholds.get(kind, '')}".strip()
+        label += f": clipped {np.mean(frac):.0%} of steps" if kind != "none" else ""
+        if bad.any():
+            label += f", {int(bad.sum())}/{bad.size} diverged"
+        plotting.band(axes[0, 0], steps, _by_kind(ds, "loss", kind)[i], label, color)
+        plotting.band(axes[0, 1], steps, _by_kind(ds, "grad_global_norm", kind)[i], label, color)
+        final = final_loss(ds, kind)
+        with np.errstate(all="ignore"):
+            mid = np.median(final, axis=-1)
+        ok = np.isfinite(mid)
+        axes[0, 2].plot(lrs[ok], mid[ok], "o-", color=color, ms=3, label=label)
+        axes[0, 2].plot(lrs[~ok], np.full((~ok).sum(), np.nan), color=color)
+        for lr in lrs[~ok]:
+            axes[0, 2].axvline(lr, color=color, lw=0.6, alpha=0.5, ymax=0.06 + 0.04 * k)
+    axes[0, 0].set(yscale="log", xlabel="step", ylabel="training loss", title=f"loss, SGD lr={lrs[i]:.3g}")
+    axes[0, 1].set(yscale="log", xlabel="step", ylabel="|g| before clipping",
+                   title=f"pre-clip global gradient norm, lr={lrs[i]:.3g}")
+    if "global_norm" in names:
+        axes[0, 1].axhline(cfg["optim"]["clip_threshold"], color="k", lw=0.8, ls="--")
+    axes[0, 2].set(xscale="log", yscale="log", xlabel="learning rate", ylabel="final loss (median over seeds)",
+                   title="final loss against lr (ticks: diverged)")
+    axes[0, 2].axvline(lrs[i], color="0.5", ls=":", lw=0.8)
+    start = float(np.nanmedian(ds["loss"].isel(step=0).values))
+    axes[0, 2].axhline(start, color="0.5", lw=0.8, ls="--")
+    axes[0, 0].legend(loc="upper center", bbox_to_anchor=(1.7, -0.2), ncol=2, frameon=False, fontsize=7.5)
+    out = {c.name: c for c in checks(ds)}
+    errs = [c for name, c in out.items() if name.startswith("global_norm, SGD: | |update|")]
+    if errs:
+        plotting.note(axes[0, 1], f"global norm: |update| = lr min(|g|, τ)\nmax rel. err {errs[0].measured:.1e}",
+                      loc="lower left")
+    fig.suptitle(f"Exploding gradients and clipping: depth-{cfg['model']['depth']} {cfg['model']['activation']} MLP, "
+                 f"init gain {cfg['model']['init_gain']:g}, full-batch SGD, {cfg['steps']} steps", fontsize=10)
+    return fig
+
+
+def cliff_figure(cliff: Cliff = CLIFF):
+    s = cliff_surface(cliff)
+    fig, axes = plotting.figure(1, 3, width=3.8, height=3.1)
+    ax = axes[0, 0]
+    mesh = ax.pcolormesh(s["w"], s["b"], np.log10(s["loss"] + 1e-4).T, shading="auto", cmap="viridis")
+    fig.colorbar(mesh, ax=ax, label="log10 loss")
+    for key, color, name in (("plain", "#d1495b", "no clipping"), ("clipped", "white", f"global norm τ={cliff.tau:g}")):
+        ax.plot(s[key][:, 0], s[key][:, 1], ".-", color=color, ms=2.5, lw=0.9, label=name)
+    ax.plot(*cliff.start, "*", color="#edae49", mec="k", ms=10)
+    ax.set(xlim=cliff.w_range[:2], ylim=cliff.b_range[:2], xlabel="w", ylabel="b",
+           title=f"loss of x_t = w tanh(x_(t-1)) + b, T={cliff.steps}")
+    ax.legend(loc="lower right", fontsize=7, facecolor="0.7")
+    ax = axes[0, 1]
+    grad = np.abs(s["grad"][..., 0])
+    mesh = ax.pcolormesh(s["w"], s["b"], np.log10(grad + 1e-6).T, shading="auto", cmap="magma")
+    fig.colorbar(mesh, ax=ax, label="log10 |dL/dw|")
+    median = np.median(grad)
+    wall = max(wall_slope(s), grad.max())
+    ax.set(xlabel="w", ylabel="b", title="the gradient wall")
+    plotting.note(ax, f"max |dL/dw| ≥ {wall:.3g}\nmedian {median:.3g}\nratio {wall / median:.0f}", loc="upper right")
+    ax = axes[0, 2]
+    bound = cliff.lr * cliff.tau
+    for key, color, name in (("plain", "#d1495b", "no clipping"), ("clipped", "#1b6ca8", f"global norm τ={cliff.tau:g}")):
+        steps = step_lengths(s[key])
+        ax.plot(np.arange(1, len(steps) + 1), steps, ".-", color=color, ms=3, lw=0.9,
+                label=f"{name}: final loss {s[key + '_loss'][-1]:.2g}")
+    ax.axhline(bound, color="k", ls="--", lw=0.8, label="lr τ")
+    ax.set(yscale="log", xlabel="iteration", ylabel="step length |Δ(w, b)|",
+           title=f"gradient-descent steps, lr={cliff.lr:g}")
+    ax.legend(loc="upper right", fontsize=7)
+    plain = step_lengths(s["plain"]).max()
+    clipped = step_lengths(s["clipped"]).max()
+    plotting.note(ax, f"longest step / (lr τ):\nunclipped {plain / bound:.0f}, clipped {clipped / bound:.3f}",
+                  loc="lower left")
+    fig.suptitle("The cliff (Pascanu et al. 2013): one step on the wall throws plain gradient descent away; "
+                 "clipped steps stay ≤ lr τ", fontsize=10)
+    return fig

@@ -1,0 +1,258 @@
+"""C6: activation checkpointing (jax.checkpoint) trades recomputation for activation memory.
+
+Reverse mode keeps, for every hidden block of the MLP's lax.scan, the residuals its backward
+pass needs. For a tanh block h -> y = tanh(h W + b) JAX's linearisation keeps three (batch, width)
+float32 arrays per layer: the block input h (for dL/dW = h^T delta), the output y (the scan's
+carry out) and tanh'(z) = 1 - y^2 (tanh's JVP rule evaluates it in the forward pass). So the
+compiled program's temporary memory grows with depth at about
+    slope_plain = 3 x batch x width x 4 bytes per layer,
+With model.remat each block is wrapped in jax.checkpoint: only its input (the scan carry h)
+is kept, and the block is re-run in the backward pass, so
+    slope_remat = 1 x batch x width x 4 bytes per layer   (ratio 1/3 for tanh),
+at the price of one more forward pass: with a backward pass ~2 forwards, ~(1 + 2 + 1)/(1 + 2)
+= 4/3 of the time.
+
+Depth fixes the program's shapes, so the memory is measured per depth in `depths`, outside the
+engine's sweep: `trial(cfg)` compiles the gradient of the loss (forward + backward) at every depth,
+reads `compiled.memory_analysis()`, counts the residuals `jax.vjp` keeps (the shapes-level
+reference of the slope) and times a few calls after a warm-up. Those numbers ride along as
+constant metrics of a short training run of the config's own model (model.remat is a static
+axis: one group each), whose losses and gradient norms must agree with and without remat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradlab import data, models, plotting, results, telemetry, trials
+from gradlab.config import ExperimentConfig, param
+from gradlab.engine import Trial
+from gradlab.errors import ConfigError
+from gradlab.experiments import Check
+
+NAME = "remat"
+CLAIM = "jax.checkpoint per block cuts the activation memory's slope in depth from 3 to 1 (batch x width) arrays per layer for ~4/3 the time"
+AXES = ["model.remat", "seed"]
+F32_BYTES = 4
+SLOPE_RTOL = 0.05  # the measured slope may differ from the residual count by XLA's per-layer bookkeeping:
+#                    a few scalars and predicates per layer, well under 5% of one (batch, width) array at
+#                    batch x width >= 64 x 64 (>= 16 KiB); buffer reuse could only lower it, never by 5%.
+GRAD_RTOL = 1e-5  # remat re-runs the same float32 ops: at most a few ulps (~1e-7) per layer, x depth <= 64.
+MEASURED = ("temp_bytes", "argument_bytes", "output_bytes", "residual_bytes", "step_seconds", "depth_measured")
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """ExperimentConfig plus the depths whose compiled memory and time are measured."""
+
+    depths: tuple[int, ...] = param((4, 8, 16, 32, 64), doc="depths measured (each a compile; at least two)")
+    timing_repeats: int = param(5, low=1, doc="timed calls per depth after one warm-up call (median)")
+
+
+def check_depths(depths) -> tuple[int, ...]:
+    depths = tuple(int(d) for d in depths)
+    if len(depths) < 2 or min(depths) < 1 or len(set(depths)) != len(depths):
+        raise ConfigError(f"depths: needs at least two distinct depths >= 1 (a slope), got {list(depths)}")
+    return tuple(sorted(depths))
+
+
+def batch_size(cfg) -> int:
+    return cfg.data.batch_size if 0 < cfg.data.batch_size < cfg.data.examples else cfg.data.examples
+
+
+def gradient_program(spec: models.MLPSpec, cfg):
+    """(loss function, its example arguments) for one MLP: what one step differentiates."""
+    hyper = models.MLPHyper.from_config(cfg.model)._replace(depth=spec.depth)
+    params = models.init(jax.random.PRNGKey(0), spec, hyper)
+    batch = data.make(cfg.data)
+    n = batch_size(cfg)
+
+    def loss(params, x, y):
+        out, _ = models.apply(params, x, spec, hyper)
+        return data.loss(cfg.data, out, y)
+
+    return loss, (params, batch.x[:n], batch.y[:n])
+
+
+def activation_residual_bytes(fn, args, batch: int, width: int) -> int:
+    """Bytes of the residuals jax.vjp keeps that are activations: arrays ending in (batch, width).
+
+    The vjp closure's leaves are exactly what reverse mode saves from the forward pass (weights and
+    inputs it reads are among them, but do not end in (batch, width) unless width == in_dim, and the
+    input x is counted once, not per layer)."""
+    leaves = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(fn, *a)[1]), *args)
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in leaves if tuple(s.shape[-2:]) == (batch, width))
+
+
+def measure(cfg, depth: int, repeats: int) -> dict:
+    """Compiled memory (bytes), vjp activation residuals (bytes) and median seconds of one
+    forward + backward pass of the config's MLP at `depth`."""
+    spec = dataclasses.replace(trials.mlp_spec(cfg), depth=depth)
+    loss, args = gradient_program(spec, cfg)
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(*args).compile()
+    memory = compiled.memory_analysis()
+    jax.block_until_ready(compiled(*args))  # warm-up: first-call allocation and caching
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        seconds.append(time.perf_counter() - start)
+    return {
+        "temp_bytes": float(memory.temp_size_in_bytes),
+        "argument_bytes": float(memory.argument_size_in_bytes),
+        "output_bytes": float(memory.output_size_in_bytes),
+        "residual_bytes": float(activation_residual_bytes(loss, args, batch_size(cfg), spec.width)),
+        "step_seconds": float(np.median(seconds)),
+        "depth_measured": float(depth),
+    }
+
+
+def trial(cfg) -> Trial:
+    """A short training run of the config's MLP (losses and gradient norms, to compare remat on and
+    off), carrying per-depth measurements of the gradient program as constant metrics."""
+    depths = check_depths(cfg.depths)
+    rows = [measure(cfg, d, cfg.timing_repeats) for d in depths]
+    table = {k: jnp.asarray([r[k] for r in rows], jnp.float32) for k in MEASURED}
+    base = trials.supervised_mlp(cfg)
+    spec = trials.mlp_spec(cfg)
+
+    def step(hp, state):
+        hyper = models.MLPHyper.from_hp(hp)
+        batch = data.batch(state.data, cfg.data, state.step, state.key)
+
+        def loss_fn(params):
+            return data.loss(cfg.data, models.apply(params, batch.x, spec, hyper)[0], batch.y)
+
+        grads = jax.grad(loss_fn)(state.params)
+        new_state, metrics = base.step(hp, state)
+        return new_state, {**metrics, "grad_global_norm": telemetry.global_norm(grads), **table}
+
+    return Trial(base.init, step, {k: ("depth_point",) for k in MEASURED})
+
+
+# ----------------------------------------------------------------------------- analysis (host)
+
+
+def table(ds) -> dict:
+    """Per remat value (False, True): the measured arrays over depth, from the first step."""
+    ds = results.with_axes(ds, AXES)
+    out = {}
+    for remat in (False, True):
+        if remat not in list(ds["model.remat"].values):
+            continue
+        point = ds.sel({"model.remat": remat}).isel(seed=0, step=0)
+        out[remat] = {k: point[k].values.astype(float) for k in MEASURED}
+    return out
+
+
+def slope(depth, y) -> float:
+    """Least-squares slope of y against depth."""
+    return float(np.polyfit(np.asarray(depth, float), np.asarray(y, float), 1)[0])
+
+
+def unit_bytes(ds) -> int:
+    """One (batch, width) float32 array: the unit of activation memory."""
+    cfg = results.config_of(ds)["config"]
+    d = cfg["data"]
+    n = d["batch_size"] if 0 < d["batch_size"] < d["examples"] else d["examples"]
+    return n * cfg["model"]["width"] * F32_BYTES
+
+
+def slopes(ds) -> dict:
+    """remat -> (temp-memory slope, vjp-residual slope), bytes per layer."""
+    return {r: (slope(t["depth_measured"], t["temp_bytes"]), slope(t["depth_measured"], t["residual_bytes"]))
+            for r, t in table(ds).items()}
+
+
+def checks(ds) -> list[Check]:
+    ds = results.with_axes(ds, AXES)
+    out = []
+    unit = unit_bytes(ds)
+    fits = slopes(ds)
+    for remat, (temp, resid) in fits.items():
+        err = abs(temp - resid) / resid
+        label = "with remat" if remat else "without remat"
+        out.append(Check(f"{label}: temp-memory slope / (batch x width x 4 B) [residual count: {resid / unit:.3g}]",
+                         temp / unit, f"= {resid / unit:.3g} +- {SLOPE_RTOL:.0%} (vjp residuals per layer)",
+                         err <= SLOPE_RTOL))
+    if len(fits) == 2:
+        ratio = fits[True][0] / fits[False][0]
+        expected = fits[True][1] / fits[False][1]
+        out.append(Check("slope ratio remat / plain", ratio, f"= {expected:.3g} +- {2 * SLOPE_RTOL:.0%} (residual ratio)",
+                         abs(ratio - expected) <= 2 * SLOPE_RTOL * expected))
+        loss = ds["loss"].transpose("model.remat", ...).values.astype(float)
+        norm = ds["grad_global_norm"].transpose("model.remat", ...).values.astype(float)
+        err = float(max(np.max(np.abs(loss[1] - loss[0]) / np.abs(loss[0])),
+                        np.max(np.abs(norm[1] - norm[0]) / np.abs(norm[0]))))
+        out.append(Check("training run: max rel. diff of loss and grad norm, remat vs plain", err,
+                         f"<= {GRAD_RTOL:g} (same float32 ops re-run)", err <= GRAD_RTOL))
+    return out
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def figures(ds) -> dict:
+    tab = table(ds)
+    ds = results.with_axes(ds, AXES)
+    cfg = results.config_of(ds)["config"]
+    unit = unit_bytes(ds)
+    fits = slopes(ds)
+    fig, axes = plotting.figure(1, 3, width=3.6, height=3.0)
+    labels = {False: "no remat", True: "remat (jax.checkpoint per block)"}
+    colors = {False: plotting.COLORS[1], True: plotting.COLORS[0]}
+    ax = axes[0, 0]
+    for remat, t in tab.items():
+        d = t["depth_measured"]
+        ax.plot(d, t["temp_bytes"] / 2**20, "o-", color=colors[remat], label=labels[remat])
+        ax.plot(d, (t["temp_bytes"][0] + fits[remat][1] * (d - d[0])) / 2**20, ":", color=colors[remat], lw=1)
+    ax.set_xlabel("depth (hidden blocks)")
+    ax.set_ylabel("compiled temp memory (MiB)")
+    ax.set_title("peak temporary memory of forward + backward")
+    lines = [f"slope / (B·W·4 B): {('remat' if r else 'plain')} {fits[r][0] / unit:.3f} (vjp residuals {fits[r][1] / unit:.0f})"
+             for r in fits]
+    if len(fits) == 2:
+        lines.append(f"ratio {fits[True][0] / fits[False][0]:.3f} (expected {fits[True][1] / fits[False][1]:.3f})")
+    lines.append("dotted: residual count per layer")
+    plotting.note(ax, "\n".join(lines), loc="upper left")
+    ax.legend(loc="lower right", frameon=False)
+
+    ax = axes[0, 1]
+    for remat, t in tab.items():
+        ax.plot(t["depth_measured"], t["step_seconds"] * 1e3, "o-", color=colors[remat], label=labels[remat])
+    ax.set_xlabel("depth (hidden blocks)")
+    ax.set_ylabel("median time per forward + backward (ms)")
+    ax.set_title(f"step time (median of {cfg['timing_repeats']}, after warm-up)")
+    if len(tab) == 2:
+        ratio = tab[True]["step_seconds"] / tab[False]["step_seconds"]
+        plotting.note(ax, f"time ratio remat/plain: {np.median(ratio):.2f} (median over depths;\n"
+                          f"range {ratio.min():.2f}..{ratio.max():.2f}); expected ~4/3 = 1.33\n"
+                          "(one extra forward); shared CPU: noisy", loc="upper left")
+
+    ax = axes[0, 2]
+    if len(tab) == 2:
+        d = tab[False]["depth_measured"]
+        mem = tab[True]["temp_bytes"] / tab[False]["temp_bytes"]
+        ax.plot(d, mem, "o-", color=plotting.COLORS[2], label="temp memory remat / plain")
+        ax.plot(d, tab[True]["step_seconds"] / tab[False]["step_seconds"], "s-", color=plotting.COLORS[3],
+                label="time remat / plain")
+        ax.axhline(fits[True][1] / fits[False][1], color=plotting.COLORS[2], ls=":", lw=1, label="memory, deep limit")
+        ax.axhline(4 / 3, color=plotting.COLORS[3], ls=":", lw=1, label="time, 4/3")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, max(1.6, float(np.nanmax(tab[True]["step_seconds"] / tab[False]["step_seconds"])) * 1.1))
+        ax.legend(loc="lower left", frameon=False, fontsize=7)
+    ax.set_xlabel("depth (hidden blocks)")
+    ax.set_ylabel("remat / plain")
+    ax.set_title("the trade")
+    grad = next((c for c in checks(ds) if c.name.startswith("training run")), None)
+    extra = f"; training run remat vs plain: max rel. diff {grad.measured:.1e}" if grad else ""
+    n = unit // (cfg["model"]["width"] * F32_BYTES)
+    fig.suptitle(f"Activation checkpointing: {cfg['model']['activation']} MLP, width {cfg['model']['width']}, "
+                 f"batch {n}{extra}", fontsize=10)
+    return {"": fig}
