@@ -44,7 +44,8 @@ SLOPE_RTOL = 0.05  # the measured slope may differ from the residual count by XL
 #                    a few scalars and predicates per layer, well under 5% of one (batch, width) array at
 #                    batch x width >= 64 x 64 (>= 16 KiB); buffer reuse could only lower it, never by 5%.
 GRAD_RTOL = 1e-5  # remat re-runs the same float32 ops: at most a few ulps (~1e-7) per layer, x depth <= 64.
-MEASURED = ("temp_bytes", "argument_bytes", "output_bytes", "residual_bytes", "step_seconds", "depth_measured")
+MEASURED = ("temp_bytes", "argument_bytes", "output_bytes", "residual_bytes", "step_seconds", "flops", "transcendentals",
+            "depth_measured")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def measure(cfg, depth: int, repeats: int) -> dict:
     loss, args = gradient_program(spec, cfg)
     compiled = jax.jit(jax.value_and_grad(loss)).lower(*args).compile()
     memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
     jax.block_until_ready(compiled(*args))  # warm-up: first-call allocation and caching
     seconds = []
     for _ in range(repeats):
@@ -109,6 +112,8 @@ def measure(cfg, depth: int, repeats: int) -> dict:
         "output_bytes": float(memory.output_size_in_bytes),
         "residual_bytes": float(activation_residual_bytes(loss, args, batch_size(cfg), spec.width)),
         "step_seconds": float(np.median(seconds)),
+        "flops": float(cost.get("flops", np.nan)),
+        "transcendentals": float(cost.get("transcendentals", np.nan)),
         "depth_measured": float(depth),
     }
 
