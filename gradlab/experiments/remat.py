@@ -43,6 +43,8 @@ F32_BYTES = 4
 SLOPE_RTOL = 0.05  # the measured slope may differ from the residual count by XLA's per-layer bookkeeping:
 #                    a few scalars and predicates per layer, well under 5% of one (batch, width) array at
 #                    batch x width >= 64 x 64 (>= 16 KiB); buffer reuse could only lower it, never by 5%.
+ELEMENTWISE_OPS = 8  # per element of a block: bias add, select, tanh' (1 - y^2: 2), ... -> the extra flops of a
+#                      re-run block are 2 B W^2 (its matmul) + at most 8 B W: relative slack 8 / (2 W).
 GRAD_RTOL = 1e-5  # remat re-runs the same float32 ops: at most a few ulps (~1e-7) per layer, x depth <= 64.
 MEASURED = ("temp_bytes", "argument_bytes", "output_bytes", "residual_bytes", "step_seconds", "flops", "transcendentals",
             "depth_measured")
@@ -187,6 +189,7 @@ def checks(ds) -> list[Check]:
                          temp / unit, f"= {resid / unit:.3g} +- {SLOPE_RTOL:.0%} (vjp residuals per layer)",
                          err <= SLOPE_RTOL))
     if len(fits) == 2:
+        out += compute_checks(ds)
         ratio = fits[True][0] / fits[False][0]
         expected = fits[True][1] / fits[False][1]
         out.append(Check("slope ratio remat / plain", ratio, f"= {expected:.3g} +- {2 * SLOPE_RTOL:.0%} (residual ratio)",
@@ -200,6 +203,31 @@ def checks(ds) -> list[Check]:
     return out
 
 
+def extra_compute(ds) -> dict:
+    """What remat adds to the compiled program, from XLA's cost analysis. HloCostAnalysis counts a
+    while loop's body once (it does not know the trip count), so the difference remat - plain is the
+    extra work of one scan body: one block's forward, re-run. Per depth (they agree); median."""
+    tab = table(ds)
+    return {k: float(np.median(tab[True][k] - tab[False][k])) for k in ("flops", "transcendentals")}
+
+
+def compute_checks(ds) -> list[Check]:
+    cfg = results.config_of(ds)["config"]
+    width = cfg["model"]["width"]
+    unit = unit_bytes(ds) // F32_BYTES  # B x W
+    extra = extra_compute(ds)
+    out = []
+    per_matmul = extra["flops"] / (2 * unit * width)
+    slack = ELEMENTWISE_OPS / (2 * width)
+    out.append(Check("remat: extra flops per scan body / one block's matmul (2 B W^2)", per_matmul,
+                     f"in [1, 1 + {slack:.3g}] (one forward re-run)", 1.0 <= per_matmul <= 1.0 + slack))
+    if cfg["model"]["activation"] == "tanh":
+        per_tanh = extra["transcendentals"] / unit
+        out.append(Check("remat: extra tanh evaluations per scan body / (B W)", per_tanh, "= 1 (one forward re-run)",
+                         per_tanh == 1.0))
+    return out
+
+
 # ----------------------------------------------------------------------------- figure
 
 
@@ -208,56 +236,62 @@ def figures(ds) -> dict:
     ds = results.with_axes(ds, AXES)
     cfg = results.config_of(ds)["config"]
     unit = unit_bytes(ds)
+    width = cfg["model"]["width"]
     fits = slopes(ds)
-    fig, axes = plotting.figure(1, 3, width=3.6, height=3.0)
+    fig, axes = plotting.figure(1, 3, width=3.8, height=3.2)
     labels = {False: "no remat", True: "remat (jax.checkpoint per block)"}
     colors = {False: plotting.COLORS[1], True: plotting.COLORS[0]}
     ax = axes[0, 0]
     for remat, t in tab.items():
         d = t["depth_measured"]
         ax.plot(d, t["temp_bytes"] / 2**20, "o-", color=colors[remat], label=labels[remat])
-        ax.plot(d, (t["temp_bytes"][0] + fits[remat][1] * (d - d[0])) / 2**20, ":", color=colors[remat], lw=1)
+        ax.plot(d, (t["temp_bytes"][0] + fits[remat][1] * (d - d[0])) / 2**20, ":", color="k", lw=1)
     ax.set_xlabel("depth (hidden blocks)")
     ax.set_ylabel("compiled temp memory (MiB)")
-    ax.set_title("peak temporary memory of forward + backward")
-    lines = [f"slope / (B·W·4 B): {('remat' if r else 'plain')} {fits[r][0] / unit:.3f} (vjp residuals {fits[r][1] / unit:.0f})"
-             for r in fits]
+    ax.set_title("temp memory, forward + backward", fontsize=9)
+    lines = ["slope per layer in B·W·4 bytes:"]
+    lines += [f"  {'remat' if r else 'plain'}: {fits[r][0] / unit:.3f} (vjp residuals: {fits[r][1] / unit:.0f})" for r in fits]
     if len(fits) == 2:
         lines.append(f"ratio {fits[True][0] / fits[False][0]:.3f} (expected {fits[True][1] / fits[False][1]:.3f})")
-    lines.append("dotted: residual count per layer")
+    lines.append("dotted: residual count x depth")
     plotting.note(ax, "\n".join(lines), loc="upper left")
-    ax.legend(loc="lower right", frameon=False)
+    ax.legend(loc="lower right", frameon=False, fontsize=7)
 
     ax = axes[0, 1]
     for remat, t in tab.items():
         ax.plot(t["depth_measured"], t["step_seconds"] * 1e3, "o-", color=colors[remat], label=labels[remat])
     ax.set_xlabel("depth (hidden blocks)")
-    ax.set_ylabel("median time per forward + backward (ms)")
-    ax.set_title(f"step time (median of {cfg['timing_repeats']}, after warm-up)")
+    ax.set_ylabel("ms per forward + backward")
+    ax.set_title(f"step time (median of {cfg['timing_repeats']} after warm-up)", fontsize=9)
     if len(tab) == 2:
         ratio = tab[True]["step_seconds"] / tab[False]["step_seconds"]
-        plotting.note(ax, f"time ratio remat/plain: {np.median(ratio):.2f} (median over depths;\n"
-                          f"range {ratio.min():.2f}..{ratio.max():.2f}); expected ~4/3 = 1.33\n"
-                          "(one extra forward); shared CPU: noisy", loc="upper left")
+        plotting.note(ax, f"time remat/plain: median {np.median(ratio):.2f}\n(range {ratio.min():.2f}..{ratio.max():.2f};"
+                          " shared CPU, noisy)", loc="upper left")
 
     ax = axes[0, 2]
     if len(tab) == 2:
         d = tab[False]["depth_measured"]
-        mem = tab[True]["temp_bytes"] / tab[False]["temp_bytes"]
-        ax.plot(d, mem, "o-", color=plotting.COLORS[2], label="temp memory remat / plain")
+        block = 6 * (unit // F32_BYTES) * width  # forward 2 B W^2 + backward 4 B W^2 flops per block
+        compute = (block + extra_compute(ds)["flops"]) / block
+        memory_limit = fits[True][1] / fits[False][1]
+        ax.plot(d, tab[True]["temp_bytes"] / tab[False]["temp_bytes"], "o-", color=plotting.COLORS[2],
+                label="temp memory")
         ax.plot(d, tab[True]["step_seconds"] / tab[False]["step_seconds"], "s-", color=plotting.COLORS[3],
-                label="time remat / plain")
-        ax.axhline(fits[True][1] / fits[False][1], color=plotting.COLORS[2], ls=":", lw=1, label="memory, deep limit")
-        ax.axhline(4 / 3, color=plotting.COLORS[3], ls=":", lw=1, label="time, 4/3")
+                label="time (measured)")
+        ax.axhline(memory_limit, color=plotting.COLORS[2], ls=":", lw=1.2, label=f"memory slope ratio {memory_limit:.2f}")
+        ax.axhline(compute, color=plotting.COLORS[3], ls=":", lw=1.2, label=f"flops per block {compute:.3f}")
         ax.set_xscale("log", base=2)
-        ax.set_ylim(0, max(1.6, float(np.nanmax(tab[True]["step_seconds"] / tab[False]["step_seconds"])) * 1.1))
+        top = float(np.nanmax(tab[True]["step_seconds"] / tab[False]["step_seconds"]))
+        ax.set_ylim(0, max(1.9, top * 1.15))
         ax.legend(loc="lower left", frameon=False, fontsize=7)
+        plotting.note(ax, f"flops per block: (6 + 2)/6 B W² = {compute:.3f}\n(XLA cost analysis: +2 B W² per\n"
+                          "scan body, one forward re-run)", loc="upper right")
     ax.set_xlabel("depth (hidden blocks)")
     ax.set_ylabel("remat / plain")
-    ax.set_title("the trade")
+    ax.set_title("the trade: memory for compute", fontsize=9)
     grad = next((c for c in checks(ds) if c.name.startswith("training run")), None)
-    extra = f"; training run remat vs plain: max rel. diff {grad.measured:.1e}" if grad else ""
-    n = unit // (cfg["model"]["width"] * F32_BYTES)
-    fig.suptitle(f"Activation checkpointing: {cfg['model']['activation']} MLP, width {cfg['model']['width']}, "
-                 f"batch {n}{extra}", fontsize=10)
+    extra = f"; {cfg['steps']} training steps remat vs plain: max rel. diff {grad.measured:.1e}" if grad else ""
+    n = unit // (width * F32_BYTES)
+    fig.suptitle(f"Activation checkpointing: {cfg['model']['activation']} MLP, width {width}, batch {n}{extra}",
+                 fontsize=10)
     return {"": fig}

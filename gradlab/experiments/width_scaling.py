@@ -1,6 +1,47 @@
-"""A6: coordinate check of the standard parametrization against width (Yang & Hu 2021).
+"""A6: coordinate check of the standard parametrization against width (Yang & Hu 2021; Yang et al. 2022).
 
-DRAFT: theory and measurements are filled in below once measured.
+Standard parametrization (SP): every weight W ~ N(0, 1/fan_in), one learning rate eta at every
+width n. Every layer's output at init is O(1) coordinate-wise (a sum of n terms of size n^(-1/2)
+with random signs), whatever n. The coordinate check (Tensor Programs IV, Yang & Hu 2021; Tensor
+Programs V, Yang et al. 2022) trains a few steps at each width and plots, per layer l, the RMS of
+h_l(t) - h_l(0) on a fixed batch against n: a parametrization is stable when none grows with n.
+
+Leading exponents after one step (width n, data and depth fixed; chi = dL/df = O(1)), from
+dL/dh_L = chi W_out^T (entries n^(-1/2)) and dL/dh_(l-1) = (dL/dh_l * phi') W_l^T (the same):
+  SGD    the gradient, hence the update, of W_out has O(1) entries (h_L^T chi), that of a hidden or
+         the input W entries n^(-1/2) (h^T dL/dh). A hidden layer's pre-activation moves by
+         h_(l-1) dW_l = -eta sum_b (h_(l-1)(x) . h_(l-1)(x_b)) dL/dh_l(x_b): the kernel
+         h . h' sums n aligned O(1) terms, so n x n^(-1/2) = n^(1/2). The input layer sums only
+         input_dim terms of n^(-1/2): n^(-1/2). The output moves by h_L dW_out (the readout's
+         share, ~ n) plus (h_L(t) - h_L(0)) W_out (the features' share, n coordinates of
+         n^(1/2) aligned with W_out's n^(-1/2): ~ n): together the NTK step, ~ n.
+  Adam   the first step is eta sign(g) per entry (m_hat = g, v_hat = g^2), so every layer's
+         update is O(eta) per entry. The input layer moves O(1) (input_dim terms), a hidden
+         layer ~ n (n terms of eta aligned with h), the readout's share ~ n (h_L . eta sign(h_L
+         chi)), and the features' share n^(3/2): n coordinates moved ~ eta n, each with the sign of
+         W_out's entry (dL/dh_L = chi W_out^T), summed against W_out's n^(-1/2) entries.
+So under SP with a fixed lr the output's first change grows like n with SGD and n^(3/2) with Adam
+(the brief's "~ width for Adam" is only the readout's share: the hidden layers' sign updates move
+the features by ~ n, and the readout sums them coherently). muP (Tensor Programs IV and V) removes
+the growth by scaling the readout's init and the per-layer learning rates with n.
+
+Measured (gradlab run width_scaling: tanh, depth 2, lecun_normal, lr 1e-4, full batch of 16,
+widths 64..2048, 4 seeds), fitted log-log slope after one step, theory in brackets:
+  SGD   input -0.48 (-1/2), hidden +0.44 (+1/2), output +0.94 (1; readout share +0.91, features'
+        share +0.95); first-update RMS per entry: input -0.49, hidden -0.51, readout -0.02 (-1/2,
+        -1/2, 0).
+  Adam  input +0.00 (0), hidden +0.94 (1), output +1.44 (3/2; readout share +0.93 (1), features'
+        share +1.45 (3/2)); first update = lr per entry at every width (0).
+  init  hidden RMS slopes -0.002, -0.008 (0).
+Every measured slope sits at or below its leading exponent: sub-leading terms (the random-sign
+part of each sum, ~ n^(p - 1/2); terms propagated from the input layer, ~ n^(p - 1)) still weigh
+at width 64. The checks allow p - finite_width_bias(widths) - 4 se <= slope <= p + 4 se, se the
+standard error over seeds, with sub-leading terms at most as large as the leading one from width
+CROSSOVER = 128 on. At lr 1e-3 (not the default) Adam's hidden change reaches ~0.4 at width 2048,
+tanh saturates and its fitted slopes fall to 0.89 (hidden) and 1.37 (output): the exponents hold
+only while eta n stays small. After the first step the lines bend: at width 2048 Adam's first
+step moves the output by O(1) and overshoots (median loss 0.48 -> 0.87) while width 64 barely moves
+(0.73 -> 0.72): one lr cannot suit every width, the SP instability the check exists to catch.
 """
 
 from __future__ import annotations
@@ -12,8 +53,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from gradlab import data, models, plotting, results, trials
+from gradlab import data, models, plotting, results, transforms, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -21,22 +63,31 @@ from gradlab.experiments import Check
 from gradlab.norms import at_least_f32
 
 NAME = "width_scaling"
-CLAIM = "under SP with a fixed lr the output's change after one step grows like width; activations at init do not"
-AXES = ["optim.name", "model.width", "seed"]
+CLAIM = ("under SP with one lr the output's first change grows like width (SGD) and width^1.5 (Adam); "
+         "activations at init do not grow")
+AXES = ["optimizer", "model.width", "seed"]
+
+
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
-    """ExperimentConfig plus the fixed probe batch the activations are measured on."""
+    """ExperimentConfig plus the optimizer as a traced choice and the probe batch."""
 
-    probe_examples: int = param(64, low=1, doc="fixed inputs x ~ N(0, I) on which every layer's output is measured")
+    optimizer: str = param("sgd", choices=OPTIMIZERS, sweep="choice",
+                           doc="replaces optim.name: every choice is built into one program and picked by index")
+    probe_examples: int = param(64, low=1, doc="the first training inputs, on which every layer's output is measured")
 
 
 class State(NamedTuple):
-    train: trials.TrainState
-    probe_x: jax.Array  # (probe, in_dim)
+    params: dict
+    opt_states: tuple  # one state per entry of OPTIMIZERS, each updated every step
+    data: data.Data
+    step: jax.Array
+    key: jax.Array
     start: dict  # the parameters at init
-    start_outputs: tuple  # layer_outputs(start, probe_x)
+    start_outputs: tuple  # layer_outputs(start, probe inputs)
 
 
 def layer_outputs(params: dict, x, spec: models.MLPSpec, hyper: models.MLPHyper):
@@ -50,8 +101,7 @@ def layer_outputs(params: dict, x, spec: models.MLPSpec, hyper: models.MLPHyper)
     act = models.activation_fn(spec.activation, hyper.leaky_slope)
     p = jax.tree.map(lambda a: a.astype(dtype), params)
     residual = jnp.asarray(hyper.residual).astype(dtype)
-    h = act(x.astype(dtype) @ p["input"]["w"] + p["input"]["b"][None])
-    first = h
+    first = act(x.astype(dtype) @ p["input"]["w"] + p["input"]["b"][None])
 
     def block(h, layer):
         index, lp = layer
@@ -59,9 +109,9 @@ def layer_outputs(params: dict, x, spec: models.MLPSpec, hyper: models.MLPHyper)
         new = jnp.where(index < hyper.depth, new, h)
         return new, new
 
-    h, hidden = jax.lax.scan(block, h, (jnp.arange(spec.depth), p["hidden"]))
-    out = h @ p["output"]["w"] + p["output"]["b"][None]
-    return first, hidden, out
+    last, hidden = jax.lax.scan(block, first, (jnp.arange(spec.depth), p["hidden"]))
+    out = last @ p["output"]["w"] + p["output"]["b"][None]
+    return first, hidden, at_least_f32(out)
 
 
 def _rms(a, axes=None):
@@ -74,59 +124,91 @@ def per_layer_rms(outputs) -> jax.Array:
     return jnp.concatenate([_rms(first)[None], _rms(hidden, (1, 2)), _rms(out)[None]])
 
 
-def probe_inputs(cfg) -> jax.Array:
-    """The probe batch: fresh inputs of the task's distribution, fixed by data.seed."""
-    key = jax.random.fold_in(jax.random.PRNGKey(cfg.data.seed), 1)
-    return jax.random.normal(key, (cfg.probe_examples, cfg.data.input_dim))
+def optimizers(cfg, hp) -> list:
+    """The optax chain of every choice in OPTIMIZERS, with the config's other optim settings."""
+    return [transforms.build(dataclasses.replace(cfg.optim, name=name), hp, cfg.steps) for name in OPTIMIZERS]
 
 
 def trial(cfg) -> Trial:
-    """supervised_mlp; every step records, at the parameters theta_t before its update (step 0 is
-    the init), on the probe batch:
+    """Train the config's MLP with the chosen optimizer; every step records, at the parameters
+    theta_t before its update (step 0 is the init), on the probe batch:
 
     act_rms (layer)            RMS of h_l(theta_t)
-    act_change_rms (layer)     RMS of h_l(theta_t) - h_l(theta_0)
-    readout_change_rms         RMS of h_L(theta_0) (W_out,t - W_out,0) + (b_out,t - b_out,0): the
+    act_change_rms (layer)     RMS of h_l(theta_t) - h_l(theta_0); the last layer is the output f
+    readout_change_rms         RMS of h_L(theta_0) (W_out,t - W_out,0) + (b_out,t - b_out,0), the
                                readout's own share of the output's change
+    feature_change_rms         RMS of (h_L(theta_t) - h_L(theta_0)) W_out,t, the share of the change
+                               of the features it reads (the two shares sum to f_t - f_0)
     weight_change_rms (layer)  per-entry RMS of W_l,t - W_l,0
     update_rms (layer)         per-entry RMS of this step's update W_l,t+1 - W_l,t
     and the training loss.
     """
     if cfg.model.norm != "none":
         raise ConfigError(f"model.norm: width_scaling measures a plain MLP; allowed: none (got {cfg.model.norm!r})")
-    base = trials.supervised_mlp(cfg)
+    if cfg.optim.name != "sgd":  # the field's default: a user who set it would be silently ignored
+        raise ConfigError(f"optim.name: width_scaling picks optimizers with `optimizer` (allowed: "
+                          f"{', '.join(OPTIMIZERS)}); leave optim.name unset (got {cfg.optim.name!r})")
+    if cfg.probe_examples > cfg.data.examples:
+        raise ConfigError(f"probe_examples: at most data.examples={cfg.data.examples} (the probe is training "
+                          f"inputs), got {cfg.probe_examples}")
     spec = trials.mlp_spec(cfg)
 
     def init(hp, key):
-        train = base.init(hp, key)
-        x = probe_inputs(cfg)
-        return State(train, x, train.params, layer_outputs(train.params, x, spec, models.MLPHyper.from_hp(hp)))
+        hyper = models.MLPHyper.from_hp(hp)
+        k_params, k_batches = jax.random.split(key)
+        params = models.init(k_params, spec, hyper)
+        task = data.make(cfg.data)
+        opt_states = tuple(tx.init(params) for tx in optimizers(cfg, hp))
+        start_outputs = layer_outputs(params, task.x[: cfg.probe_examples], spec, hyper)
+        return State(params, opt_states, task, jnp.int32(0), k_batches, params, start_outputs)
 
     def step(hp, state):
         hyper = models.MLPHyper.from_hp(hp)
         mask = models.layer_mask(spec, hyper)
-        params = state.train.params
-        now = layer_outputs(params, state.probe_x, spec, hyper)
+        params, start = state.params, state.start
+        now = layer_outputs(params, state.data.x[: cfg.probe_examples], spec, hyper)
         change = jax.tree.map(jnp.subtract, now, state.start_outputs)
-        readout = state.start_outputs[1][-1] @ (params["output"]["w"] - state.start["output"]["w"])
-        readout = readout + (params["output"]["b"] - state.start["output"]["b"])[None]
-        train, metrics = base.step(hp, state.train)
-        moved = jax.tree.map(jnp.subtract, params, state.start)
-        update = jax.tree.map(jnp.subtract, train.params, params)
+        readout = state.start_outputs[1][-1] @ (params["output"]["w"] - start["output"]["w"])
+        readout = readout + (params["output"]["b"] - start["output"]["b"])[None]
+        features = (now[1][-1] - state.start_outputs[1][-1]) @ params["output"]["w"]
+
+        batch = data.batch(state.data, cfg.data, state.step, state.key)
+
+        def loss_fn(p):
+            out, _ = models.apply(p, batch.x, spec, hyper)
+            return data.loss(cfg.data, out, batch.y)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        stepped = [tx.update(grads, s, params) for tx, s in zip(optimizers(cfg, hp), state.opt_states)]
+        choice = hp["optimizer"]
+        updates = jax.tree.map(lambda *u: jnp.stack(u)[choice], *[u for u, _ in stepped])
+        new = State(optax.apply_updates(params, updates), tuple(s for _, s in stepped), state.data, state.step + 1,
+                    state.key, start, state.start_outputs)
         masked = lambda v: jnp.where(mask, v, jnp.nan)  # noqa: E731
-        return State(train, state.probe_x, state.start, state.start_outputs), {
-            "loss": metrics["loss"],
+        return new, {
+            "loss": loss,
             "act_rms": masked(per_layer_rms(now)),
             "act_change_rms": masked(per_layer_rms(change)),
             "readout_change_rms": _rms(readout),
-            "weight_change_rms": masked(models.per_layer(moved, _rms)),
-            "update_rms": masked(models.per_layer(update, _rms)),
+            "feature_change_rms": _rms(features),
+            "weight_change_rms": masked(models.per_layer(jax.tree.map(jnp.subtract, params, start), _rms)),
+            "update_rms": masked(models.per_layer(updates, _rms)),
         }
 
     return Trial(init, step)
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- theory and reading
+
+# Leading exponent p of each quantity ~ width^p after one step, standard parametrization (see the
+# module docstring): the input layer, every hidden layer, the output f, and the output's two shares.
+EXPONENTS = {
+    "sgd": {"input": -0.5, "hidden": 0.5, "output": 1.0, "readout": 1.0, "feature": 1.0},
+    "adam": {"input": 0.0, "hidden": 1.0, "output": 1.5, "readout": 1.0, "feature": 1.5},
+}
+CROSSOVER = 128  # sub-leading terms are assumed no larger than the leading one from this width on
+SIGMAS = 4.0  # seed noise allowed: this many standard errors of the fitted slope
+INIT_BIAS = 0.02  # |slope| a width-free RMS at init may show from its O(1/n) bias (c/n, |c| <= 4)
 
 
 def fit_slope(widths, values) -> tuple[float, float]:
@@ -136,22 +218,170 @@ def fit_slope(widths, values) -> tuple[float, float]:
     y = np.log(np.asarray(values, float))
     per_seed = np.polyfit(x, y.T, 1)[0]
     slope = float(np.polyfit(x, y.mean(axis=0), 1)[0])
-    err = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else float("nan")
+    err = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
     return slope, err
+
+
+def finite_width_bias(widths, crossover: float = CROSSOVER) -> float:
+    """How far below the leading exponent p the fitted slope may fall at these widths.
+
+    The change is a sum over the n coordinates of the layer below: a coherent part growing like
+    n^p and an incoherent (random-sign) part like n^(p - 1/2); lower terms (an input layer's
+    n^(p - 1)) fall off faster still. With the two equal at width `crossover`, RMS^2 ~ n^(2p) (1 +
+    crossover / n) or (1 + (crossover / n)^2), whose fitted log-log slope is p minus the larger of
+    these two returned values; both corrections only lower the slope.
+    """
+    x = np.log(np.asarray(widths, float))
+    n = np.asarray(widths, float)
+    return max(-float(np.polyfit(x, 0.5 * np.log1p((crossover / n) ** k), 1)[0]) for k in (1, 2))
 
 
 def series(ds, var: str, opt: str, layer: int | None, step: int) -> np.ndarray:
     """(seeds, widths) of a metric at one step (and layer)."""
-    sel = {"optim.name": opt}
-    a = ds[var].sel(sel).isel(step=step)
+    a = ds[var].sel({"optimizer": opt}).isel(step=step)
     if layer is not None:
         a = a.isel(layer=layer)
     return a.transpose("seed", "model.width").values.astype(float)
 
 
+def layer_index(ds) -> dict:
+    """Which layer of the `layer` axis stands for each panel: input, the last hidden, output."""
+    layers = ds.sizes["layer"]
+    return {"input": 0, "hidden": layers - 2, "output": layers - 1}
+
+
+def step_one(ds, opt: str, what: str) -> np.ndarray:
+    """(seeds, widths): the change after one update of a layer's output or of an output share."""
+    if what in ("readout", "feature"):
+        return series(ds, f"{what}_change_rms", opt, None, 1)
+    return series(ds, "act_change_rms", opt, layer_index(ds)[what], 1)
+
+
+def slope_check(ds, opt: str, what: str) -> Check:
+    widths = ds["model.width"].values
+    slope, err = fit_slope(widths, step_one(ds, opt, what))
+    p = EXPONENTS[opt][what]
+    lo, hi = p - finite_width_bias(widths) - SIGMAS * err, p + SIGMAS * err
+    label = {"readout": "output, readout's share", "feature": "output, features' share"}.get(what, what)
+    return Check(f"{opt}: d ln|h(1) - h(0)| / d ln width, {label}", slope,
+                 f"in [{lo:.3f}, {hi:.3f}] (theory {p:+g})", lo <= slope <= hi)
+
+
 def checks(ds) -> list[Check]:
-    return []
+    ds = results.with_axes(ds, AXES)
+    widths = ds["model.width"].values
+    if len(widths) < 2:
+        return []
+    out = []
+    opts = [str(o) for o in ds["optimizer"].values]
+    hidden = range(1, ds.sizes["layer"] - 1)
+    for layer in hidden:
+        slope, err = fit_slope(widths, series(ds, "act_rms", opts[0], layer, 0))
+        tol = INIT_BIAS + SIGMAS * err
+        out.append(Check(f"init: d ln RMS(h_{layer}) / d ln width", slope, f"|.| <= {tol:.3f} (theory 0)",
+                         abs(slope) <= tol))
+    if ds.sizes["step"] < 2:
+        return out
+    for opt in opts:
+        for what in ("output", "readout", "feature", "hidden", "input"):
+            out.append(slope_check(ds, opt, what))
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+PANELS = {"input": "input projection h_0", "hidden": "last hidden layer h_L", "output": "output f (readout)"}
+UPDATE_EXPONENTS = {"sgd": {"input": -0.5, "hidden": -0.5, "output": 0.0}, "adam": {"input": 0.0, "hidden": 0.0,
+                                                                                   "output": 0.0}}
+
+
+def _log_width_axis(ax, widths):
+    ax.set(xscale="log", yscale="log")
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
+    ax.set_xlabel("width n")
 
 
 def figures(ds) -> dict:
-    return {}
+    ds = results.with_axes(ds, AXES)
+    cfg = results.config_of(ds)["config"]
+    widths = ds["model.width"].values
+    opts = [str(o) for o in ds["optimizer"].values]
+    steps = ds.sizes["step"]
+    where = layer_index(ds)
+    colors = plotting.matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, max(1, steps - 1)))
+    fig, axes = plotting.figure(len(opts), 4, width=3.3, height=2.8)
+    names = {"sgd": "SGD", "adam": "Adam"}
+    for row, opt in enumerate(opts):
+        for col, what in enumerate(PANELS):
+            ax = axes[row, col]
+            for t in range(1, steps):
+                values = series(ds, "act_change_rms", opt, where[what], t)
+                plotting.band(ax, widths, values, f"t = {t}", color=colors[t - 1])
+            lines = []
+            for t in sorted({1, steps - 1}):
+                slope, err = fit_slope(widths, series(ds, "act_change_rms", opt, where[what], t))
+                lines.append(f"t={t}: slope {slope:+.2f} ± {err:.2f}")
+            if what == "output" and steps > 1:
+                for share, style in (("readout", "--"), ("feature", ":")):
+                    values = series(ds, f"{share}_change_rms", opt, None, 1)
+                    ax.plot(widths, np.exp(np.log(values).mean(axis=0)), style, color="k", lw=1.0,
+                            label=f"t = 1, {share} share")
+                    slope, _ = fit_slope(widths, values)
+                    lines.append(f"{share} share t=1: {slope:+.2f} (theory {EXPONENTS[opt][share]:+g})")
+            lines.insert(1, f"theory (t=1, leading): {EXPONENTS[opt][what]:+g}")
+            _log_width_axis(ax, widths)
+            plotting.note(ax, "\n".join(lines), loc="upper left")
+            lo, hi = ax.get_ylim()
+            widen = max(1.0, np.sqrt(100 * lo / hi))  # at least two decades, so the axis has labelled ticks
+            lo, hi = lo / widen, hi * widen
+            ax.set_ylim(lo, hi * (hi / lo) ** 0.7)  # head room for the note
+            ax.set_title(f"{names.get(opt, opt)}: {PANELS[what]}", fontsize=9)
+            if col == 0:
+                ax.set_ylabel("RMS of h(t) - h(0), probe batch")
+        ax = axes[row, 3]
+        lines, top = [], []
+        for layer in range(ds.sizes["layer"]):
+            label = "f" if layer == ds.sizes["layer"] - 1 else f"h_{layer}"
+            start = series(ds, "act_rms", opt, layer, 0)
+            end = series(ds, "act_rms", opt, layer, steps - 1)
+            top += [start, end]
+            color = plotting.COLORS[layer % len(plotting.COLORS)]
+            ax.plot(widths, np.exp(np.log(start).mean(axis=0)), "o-", ms=3, color=color, label=label)
+            ax.plot(widths, np.exp(np.log(end).mean(axis=0)), "--", color=color)
+            slopes = fit_slope(widths, start)[0], fit_slope(widths, end)[0]
+            lines.append(f"{label}: {slopes[0]:+.3f} at t=0, {slopes[1]:+.2f} at t={steps - 1}")
+        _log_width_axis(ax, widths)
+        lo, hi = min(np.min(v) for v in top), max(np.max(v) for v in top)
+        ax.set_ylim(lo / 4, hi * 40)  # at least two decades, as in the change panels, and room for the note
+        plotting.note(ax, f"slopes (solid: t=0, dashed: t={steps - 1})\n" + "\n".join(lines), loc="upper left")
+        ax.set_title(f"{names.get(opt, opt)}: RMS of each layer's output", fontsize=9)
+        ax.legend(loc="lower right", fontsize=6.5, ncol=2, frameon=False)
+        ax.set_ylabel("RMS of h(t), probe batch")
+    handles, labels = axes[0, 2].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False, fontsize=8)
+    fig.suptitle(f"Coordinate check, standard parametrization: {cfg['model']['activation']} MLP, depth "
+                 f"{cfg['model']['depth']}, N(0, 1/fan_in) init, lr {cfg['optim']['lr']:g} at every width, "
+                 f"{ds.sizes['seed']} seeds (line: median, band: min..max)", fontsize=10)
+
+    fig2, axes2 = plotting.figure(1, len(opts), width=3.6, height=3.0)
+    every = np.stack([series(ds, "update_rms", opt, layer, 0) for opt in opts for layer in where.values()])
+    for col, opt in enumerate(opts):
+        ax = axes2[0, col]
+        lines = []
+        for i, (what, layer) in enumerate(where.items()):
+            values = series(ds, "update_rms", opt, layer, 0)
+            plotting.band(ax, widths, values, PANELS[what].rsplit(" ", 1)[0], color=plotting.COLORS[i])
+            slope, err = fit_slope(widths, values)
+            lines.append(f"{what}: {slope:+.3f} ± {err:.3f} (theory {UPDATE_EXPONENTS[opt][what]:+g})")
+        if opt == "adam":
+            ax.axhline(cfg["optim"]["lr"], color="k", ls=":", lw=1.0, label="lr (Adam's first step: lr sign g)")
+        _log_width_axis(ax, widths)
+        ax.set_ylim(np.min(every) / 30, np.max(every) * 30)  # one scale for both panels
+        plotting.note(ax, "slope against width\n" + "\n".join(lines), loc="lower left")
+        ax.set_title(f"{names.get(opt, opt)}: first update, per-entry RMS of ΔW", fontsize=9)
+        ax.set_ylabel("RMS of W(1) - W(0)")
+    handles, labels = axes2[0, -1].get_legend_handles_labels()
+    fig2.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False, fontsize=8)
+    fig2.suptitle(f"Update size per layer under SP, lr {cfg['optim']['lr']:g}, {ds.sizes['seed']} seeds", fontsize=10)
+    return {"": fig, "updates": fig2}
