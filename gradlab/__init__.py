@@ -16,6 +16,7 @@ _EXPORTS = {
     "GradlabError": "gradlab.errors", "ConfigError": "gradlab.errors",
     "ExperimentError": "gradlab.errors", "ResultsError": "gradlab.errors",
     "Check": "gradlab.experiments",
+    "probe": "gradlab.usermodels", "sweep": "gradlab.usermodels",
 }
 __all__ = sorted(_EXPORTS)
 
