@@ -11,17 +11,19 @@ the checks test that on optax's chain directly and on every recorded step. Witho
 diverges at the large rates; with global-norm clipping a step is at most lr tau long, and it trains.
 
 The cliff (Pascanu et al. 2013, Sec. 3 and Fig. 6): the one-neuron recurrent map x_t = w tanh(x_{t-1}) + b,
-x_0 = 0.5, loss (x_T - target)^2 after T = 50 steps. For w > 1 the map has two stable fixed points;
-where (w, b) crosses the fold of the positive one, x_T jumps from one branch to the other, and over
-a sliver of (w, b) the loss falls a cliff: there the gradient is orders of magnitude larger than
-anywhere else. Gradient descent started beside it is thrown far away by one step unless the step
-is clipped; clipped, a step is at most lr tau long. Computed here in plain JAX (vmap over the grid),
-not in the sweep: it does not depend on the sweep's values.
+x_0 = 0.5, loss (x_T - target)^2 after T = 50 steps. For w > cosh^2(x_0) the map has an unstable fixed
+point between two stable ones, and x_0 sits on it along the line b = x_0 - w tanh(x_0): on one side x_T
+goes to the positive branch, on the other to the negative one, and the gap from x_0 to the unstable
+point is amplified by (w sech^2 x_0)^T. The loss falls a cliff there; across a sliver of (w, b) the
+gradient is orders of magnitude larger than anywhere else. Gradient descent started beside it is
+thrown far away by one step unless the step is clipped; clipped, a step is at most lr tau long.
+Computed here in plain JAX (vmap over the grid), not in the sweep: it does not depend on the sweep's values.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -261,8 +263,11 @@ def checks(ds) -> list[Check]:
                      ">= 100", wall / median >= 100))
     steps = step_lengths(surface["clipped"])
     bound = CLIFF.lr * CLIFF.tau
+    # The points are float32: each coordinate of p + u is rounded by at most eps32 |p| / 2, so a measured
+    # step may exceed lr tau by sqrt(2) eps32 max|p| (~1e-5 of lr tau here).
+    slack = np.sqrt(2) * np.finfo(np.float32).eps * np.abs(surface["clipped"]).max() / bound
     out.append(Check("cliff: clipped descent, longest step / (lr tau)", float(steps.max() / bound),
-                     "<= 1 + 1e-6", steps.max() <= bound * (1 + 1e-6)))
+                     f"<= 1 + {slack:.1g} (float32 rounding of the points)", steps.max() / bound <= 1 + slack))
     thrown = step_lengths(surface["plain"]).max()
     out.append(Check("cliff: unclipped descent, longest step / (lr tau)", float(thrown / bound),
                      ">= 10 (thrown off the wall)", thrown >= 10 * bound))
@@ -291,35 +296,46 @@ def training_figure(ds):
         frac = clipped_steps(ds, kind)[i]
         bad = ds["diverged"].sel({"optim.clip": kind}).isel({"optim.lr": i}).values
         label = f"{KINDS.get(kind, kind)} {thresholds.get(kind, '')}".strip()
-        label += f": clipped {np.mean(frac):.0%} of steps" if kind != "none" else ""
+        if kind != "none":
+            label += f": clipped {np.mean(frac):.0%} of steps"
+        if kind in ("value", "agc"):  # global-norm clipping scales every entry of a clipped step
+            with np.errstate(all="ignore"):
+                entries = np.nanmean(_by_kind(ds, "clipped_elements", kind)[i])
+            label += f", {entries:.1%} of entries"
         if bad.any():
-            label += f", {int(bad.sum())}/{bad.size} diverged"
-        plotting.band(axes[0, 0], steps, _by_kind(ds, "loss", kind)[i], label, color)
-        plotting.band(axes[0, 1], steps, _by_kind(ds, "grad_global_norm", kind)[i], label, color)
+            first = ds["first_bad_step"].sel({"optim.clip": kind}).isel({"optim.lr": i}).values
+            label += f"; {int(bad.sum())}/{bad.size} diverged (step {int(first[bad].min())})"
+        with warnings.catch_warnings():  # a diverged run is all NaN after its first bad step
+            warnings.simplefilter("ignore", RuntimeWarning)
+            plotting.band(axes[0, 0], steps, _by_kind(ds, "loss", kind)[i], label, color)
+            plotting.band(axes[0, 1], steps, _by_kind(ds, "grad_global_norm", kind)[i], label, color)
         final = final_loss(ds, kind)
         with np.errstate(all="ignore"):
             mid = np.median(final, axis=-1)
         ok = np.isfinite(mid)
         axes[0, 2].plot(lrs[ok], mid[ok], "o-", color=color, ms=3, label=label)
-        axes[0, 2].plot(lrs[~ok], np.full((~ok).sum(), np.nan), color=color)
-        for lr in lrs[~ok]:
-            axes[0, 2].axvline(lr, color=color, lw=0.6, alpha=0.5, ymax=0.06 + 0.04 * k)
-    axes[0, 0].set(yscale="log", xlabel="step", ylabel="training loss", title=f"loss, SGD lr={lrs[i]:.3g}")
+        axes[0, 2].plot(lrs[~ok], np.full((~ok).sum(), 0.95 - 0.05 * k), "x", color=color, ms=6, mew=1.5,
+                        transform=axes[0, 2].get_xaxis_transform())
+    start = float(np.nanmedian(ds["loss"].isel(step=0).values))
+    floor = np.nanmin(np.where(ds["loss"].isel({"optim.lr": i}).values > 0, ds["loss"].isel({"optim.lr": i}).values, np.nan))
+    axes[0, 0].set(yscale="log", xlabel="step", ylabel="training loss", title=f"loss, SGD lr={lrs[i]:.3g}",
+                   ylim=(0.5 * floor, 1e3 * start))
     axes[0, 1].set(yscale="log", xlabel="step", ylabel="|g| before clipping",
-                   title=f"pre-clip global gradient norm, lr={lrs[i]:.3g}")
+                   title=f"pre-clip global gradient norm, lr={lrs[i]:.3g}", ylim=(None, 1e6))
     if "global_norm" in names:
         axes[0, 1].axhline(cfg["optim"]["clip_threshold"], color="k", lw=0.8, ls="--")
     axes[0, 2].set(xscale="log", yscale="log", xlabel="learning rate", ylabel="final loss (median over seeds)",
-                   title="final loss against lr (ticks: diverged)")
+                   title="final loss against lr (x: diverged)")
     axes[0, 2].axvline(lrs[i], color="0.5", ls=":", lw=0.8)
-    start = float(np.nanmedian(ds["loss"].isel(step=0).values))
     axes[0, 2].axhline(start, color="0.5", lw=0.8, ls="--")
-    axes[0, 0].legend(loc="upper center", bbox_to_anchor=(1.7, -0.2), ncol=2, frameon=False, fontsize=7.5)
+    plotting.note(axes[0, 2], "dashed: loss at init\ndotted: lr of the left panels", loc="lower left")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=8)
     out = {c.name: c for c in checks(ds)}
     errs = [c for name, c in out.items() if name.startswith("global_norm, SGD: | |update|")]
     if errs:
         plotting.note(axes[0, 1], f"global norm: |update| = lr min(|g|, τ)\nmax rel. err {errs[0].measured:.1e}",
-                      loc="lower left")
+                      loc="upper right")
     fig.suptitle(f"Exploding gradients and clipping: depth-{cfg['model']['depth']} {cfg['model']['activation']} MLP, "
                  f"init gain {cfg['model']['init_gain']:g}, full-batch SGD, {cfg['steps']} steps", fontsize=10)
     return fig

@@ -1,0 +1,249 @@
+"""C5: dead ReLU units against learning rate; Leaky ReLU and GELU.
+
+A unit is "dead" on a data set when its pre-activation is <= 0 on every example: a ReLU then outputs 0
+and passes back no gradient, so nothing revives it. The stock telemetry's dead_frac uses the batch;
+here each step also measures, on the whole training set (before the step's update, like the loss):
+  dead_full    fraction of units with pre-activation <= 0 on all n examples (the same criterion for
+               every activation, though Leaky ReLU and GELU still pass gradient there)
+  nograd_frac  fraction of units whose full-data gradient (incoming weights and bias) has norm at most
+               grad_threshold times the layer's largest: the fair comparison across activations.
+Per layer over the layers with an activation (input projection and hidden blocks; the readout is NaN).
+
+At init (He normal, zero biases) a first-layer unit is dead only if n independent symmetric
+pre-activations are all <= 0: probability 2^-n. Deeper, the examples' pre-activations are correlated;
+with correlation rho (the ReLU arc-cosine map of the layer below's, Cho & Saul 2009, from rho = 0 at
+the input) a unit is dead with probability int phi(z) Phi(-z sqrt(rho / (1 - rho)))^n dz, tiny for
+n = 256. Large steps (Adam moves every weight by about lr) knock units past that margin (a big negative bias step) and ReLU's dead units
+stay dead; Leaky ReLU's slope keeps every unit's gradient nonzero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import erf
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradlab import data, models, plotting, results, trials
+from gradlab.config import ExperimentConfig, param
+from gradlab.engine import Trial
+from gradlab.experiments import Check
+
+NAME = "dead_relu"
+CLAIM = "large learning rates kill ReLU units (pre-activation <= 0 on every example); Leaky ReLU keeps every gradient"
+AXES = ["model.activation", "optim.lr", "seed"]
+LABELS = {"relu": "ReLU", "leaky_relu": "Leaky ReLU", "gelu": "GELU"}
+GROWN = 0.1  # "well above": a large rate kills at least 10% of the units more than the smallest rate
+INIT_QUANTILE = 1e-3  # the init check fails only if the dead count is this unlikely under the bound
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """ExperimentConfig plus the no-gradient threshold."""
+
+    grad_threshold: float = param(1e-7, low=0.0, low_open=True, high=1.0,
+                                  doc="a unit has no gradient when its norm is <= this x its layer's largest")
+
+
+def unit_grad_norms(grads: dict) -> jax.Array:
+    """Per unit of each activation layer, the norm of the gradient of its incoming weights and bias:
+    shape (depth + 1, width), row 0 the input projection."""
+    first = jnp.sqrt(jnp.sum(jnp.square(grads["input"]["w"]), axis=0) + jnp.square(grads["input"]["b"]))
+    hidden = jnp.sqrt(jnp.sum(jnp.square(grads["hidden"]["w"]), axis=1) + jnp.square(grads["hidden"]["b"]))
+    return jnp.concatenate([first[None], hidden])
+
+
+def no_gradient_fraction(norms, threshold) -> jax.Array:
+    """(layers,): fraction of units whose gradient norm is <= threshold x the largest in their layer;
+    NaN for a layer with a non-finite norm (a run overflowing on its way to divergence)."""
+    top = jnp.max(norms, axis=-1, keepdims=True)
+    frac = jnp.mean((norms <= threshold * top).astype(jnp.float32), axis=-1)
+    return jnp.where(jnp.all(jnp.isfinite(norms), axis=-1), frac, jnp.nan)
+
+
+def trial(cfg) -> Trial:
+    """supervised_mlp on minibatches, recording also dead_full and nograd_frac on the whole training set."""
+    base = trials.supervised_mlp(cfg)
+    spec = trials.mlp_spec(cfg)
+
+    def step(hp, state):
+        new_state, metrics = base.step(hp, state)
+        hyper = models.MLPHyper.from_hp(hp)
+
+        def full_loss(params):
+            out, taps = models.apply(params, state.data.x, spec, hyper)
+            return data.loss(cfg.data, out, state.data.y), taps
+
+        grads, taps = jax.grad(full_loss, has_aux=True)(state.params)
+        mask = models.layer_mask(spec, hyper)[:-1]
+        nan = jnp.full((1,), jnp.nan)
+        nograd = no_gradient_fraction(unit_grad_norms(grads), hp["grad_threshold"])
+        return new_state, {
+            **metrics,
+            "dead_full": jnp.concatenate([jnp.where(mask, taps["dead_frac"][:-1], jnp.nan), nan]),
+            "nograd_frac": jnp.concatenate([jnp.where(mask, nograd, jnp.nan), nan]),
+        }
+
+    return Trial(base.init, step, base.metric_dims)
+
+
+# ----------------------------------------------------------------------------- theory
+
+
+def relu_correlation(rho):
+    """Correlation of ReLU(u), ReLU(v) for standard Gaussians of correlation rho, rescaled so that
+    the next layer's pre-activations (He init) have this correlation (Cho & Saul 2009, arc-cosine n=1)."""
+    rho = np.clip(rho, -1.0, 1.0)
+    return (np.sqrt(1 - rho**2) + (np.pi - np.arccos(rho)) * rho) / np.pi
+
+
+def dead_probability(n: int, rho: float) -> float:
+    """P(all n pre-activations <= 0) when they are standard Gaussians with pairwise correlation rho:
+    int phi(z) Phi(-z sqrt(rho / (1 - rho)))^n dz (2^-n at rho = 0)."""
+    if rho <= 0:
+        return 2.0 ** -n
+    z = np.linspace(-12, 12, 24001)
+    phi = np.exp(-z**2 / 2) / np.sqrt(2 * np.pi)
+    cdf = 0.5 * (1 + np.vectorize(erf)(-z * np.sqrt(rho / (1 - rho)) / np.sqrt(2)))
+    return float(np.trapezoid(phi * cdf**n, z))
+
+
+def init_dead_probabilities(n: int, layers: int) -> np.ndarray:
+    """Per activation layer (input projection first), the probability a unit is dead at init."""
+    rho, out = 0.0, []
+    for _ in range(layers):
+        out.append(dead_probability(n, rho))
+        rho = relu_correlation(rho)
+    return np.asarray(out)
+
+
+def poisson_upper(mean: float, tail: float) -> int:
+    """The smallest k with P(Poisson(mean) > k) < tail."""
+    k, term, cdf = 0, np.exp(-mean), np.exp(-mean)
+    while 1 - cdf >= tail:
+        k += 1
+        term *= mean / k
+        cdf += term
+    return k
+
+
+# ----------------------------------------------------------------------------- reading results
+
+
+def _cfg(ds) -> dict:
+    return results.config_of(ds)["config"]
+
+
+def activations(ds) -> list[str]:
+    return [str(a) for a in ds["model.activation"].values]
+
+
+def per_unit_mean(ds, var: str, act: str) -> np.ndarray:
+    """(lr, seed, step): the fraction over all activation layers' units."""
+    values = ds[var].sel({"model.activation": act}).transpose("optim.lr", "seed", "step", "layer").values
+    with np.errstate(all="ignore"):
+        return np.nanmean(values.astype(float), axis=-1)
+
+
+def final(ds, var: str, act: str) -> np.ndarray:
+    """(lr, seed): the last step's value; NaN where the run diverged."""
+    return per_unit_mean(ds, var, act)[..., -1]
+
+
+def checks(ds) -> list[Check]:
+    ds = results.with_axes(ds, AXES)
+    cfg = _cfg(ds)
+    acts = activations(ds)
+    lrs = ds["optim.lr"].values.astype(float)
+    out = []
+    if "relu" in acts and cfg["model"]["init"] == "he_normal" and cfg["model"]["bias_std"] == 0:
+        n, width, depth = cfg["data"]["examples"], cfg["model"]["width"], cfg["model"]["depth"]
+        p = init_dead_probabilities(n, depth + 1)
+        seeds = ds.sizes["seed"]
+        expected = float(np.sum(p) * width * seeds)
+        # At step 0 every lr of a seed holds the same init: count each seed's units once.
+        counts = ds["dead_full"].sel({"model.activation": "relu"}).isel({"step": 0, "optim.lr": 0}).values
+        dead = int(round(float(np.nansum(counts) * width)))
+        allowed = poisson_upper(expected, INIT_QUANTILE)
+        out.append(Check(f"relu at init: dead units (full data, {seeds} seeds x {depth + 1} layers x {width})", dead,
+                         f"<= {allowed} (mean {expected:.2g} from 2^-n and correlated layers)", dead <= allowed))
+    if "relu" in acts:
+        end = final(ds, "dead_full", "relu")
+        with np.errstate(all="ignore"):
+            mid = np.nanmedian(end, axis=-1)
+        small = float(mid[0])
+        big = float(np.nanmax(mid)) if np.isfinite(mid).any() else float("nan")
+        at = lrs[int(np.nanargmax(mid))] if np.isfinite(mid).any() else float("nan")
+        out.append(Check(f"relu: end dead fraction, max over lr (at {at:.3g}) - at lr {lrs[0]:.3g} ({small:.3f})",
+                         big - small, f">= {GROWN:g}", big - small >= GROWN))
+        nograd = per_unit_mean(ds, "nograd_frac", "relu")
+        dead = per_unit_mean(ds, "dead_full", "relu")
+        with np.errstate(invalid="ignore"):
+            gap = float(np.nanmin(nograd - dead))
+        out.append(Check("relu: zero-gradient minus dead fraction, min over lr, seed, step", gap,
+                         ">= 0 (a dead ReLU unit has exactly zero gradient)", gap >= 0))
+    if "leaky_relu" in acts:
+        nograd = per_unit_mean(ds, "nograd_frac", "leaky_relu")
+        worst = float(np.nanmax(nograd))
+        out.append(Check("leaky_relu: zero-gradient fraction, max over lr, seed, step", worst, "== 0 (slope > 0)",
+                         worst == 0.0))
+    return out
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def figures(ds) -> dict:
+    ds = results.with_axes(ds, AXES)
+    cfg = _cfg(ds)
+    acts = activations(ds)
+    lrs = ds["optim.lr"].values.astype(float)
+    fig, axes = plotting.figure(1, 3, width=3.8, height=3.1)
+    colors = {a: plotting.COLORS[k % len(plotting.COLORS)] for k, a in enumerate(acts)}
+    for k, act in enumerate(acts):
+        diverged = ds["diverged"].sel({"model.activation": act}).transpose("optim.lr", "seed").values
+        for ax, var in ((axes[0, 0], "dead_full"), (axes[0, 1], "nograd_frac")):
+            end = final(ds, var, act)
+            plotting.band(ax, lrs, end.T, LABELS.get(act, act), colors[act], log=False)
+            gone = diverged.all(axis=-1)
+            ax.plot(lrs[gone], np.full(gone.sum(), 0.95 - 0.05 * k), "x", color=colors[act], ms=6, mew=1.5,
+                    transform=ax.get_xaxis_transform())
+    measured = checks(ds)
+    notes = []
+    for c in measured:
+        if c.name.startswith("relu at init"):
+            notes.append(f"ReLU dead at init: {c.measured:.0f} units")
+        if c.name.startswith("relu: end dead"):
+            notes.append(f"ReLU large - small lr: {c.measured:+.2f}")
+    plotting.note(axes[0, 0], "\n".join(notes), loc="upper left")
+    axes[0, 0].set(xscale="log", xlabel=f"learning rate ({cfg['optim']['name']})", ylabel="fraction of units",
+                   title="dead at the end: pre-act. ≤ 0 on all n", ylim=(-0.03, 1.03))
+    leaky = [c for c in measured if c.name.startswith("leaky_relu")]
+    if leaky:
+        plotting.note(axes[0, 1], f"Leaky ReLU: {leaky[0].measured:.3g} of units without gradient\n(max over lr, seed, step)", loc="upper left")
+    axes[0, 1].set(xscale="log", xlabel=f"learning rate ({cfg['optim']['name']})", ylabel="fraction of units",
+                   title=f"no gradient: |∇unit| ≤ {cfg['grad_threshold']:g} × layer max", ylim=(-0.03, 1.03))
+    axes[0, 1].legend(loc="center left", fontsize=7.5)
+    # Over training: a few rates, ReLU solid, the others dashed / dotted.
+    ax = axes[0, 2]
+    alive = np.flatnonzero(~ds["diverged"].all(dim=["model.activation", "seed"]).values)
+    picks = alive[np.unique(np.linspace(0, len(alive) - 1, 4).round().astype(int))] if alive.size else np.arange(1)
+    shades = plotting.matplotlib.colormaps["viridis"](np.linspace(0, 0.85, len(picks)))
+    styles = {"relu": "-", "leaky_relu": "--", "gelu": ":"}
+    steps = ds["step"].values
+    for act in acts:
+        dead = per_unit_mean(ds, "dead_full", act)
+        for shade, i in zip(shades, picks):
+            with np.errstate(all="ignore"):
+                ax.plot(steps, np.nanmedian(dead[i], axis=0), styles.get(act, "-."), color=shade, lw=1.2,
+                        label=f"lr={lrs[i]:.2g}" if act == acts[0] else None)
+    ax.set(xlabel="step", ylabel="dead fraction (full data)", ylim=(-0.03, 1.03),
+           title="dead over training (" + ", ".join(f"{styles.get(a, '-.')} {LABELS.get(a, a)}" for a in acts) + ")")
+    ax.title.set_fontsize(8.5)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle(f"Dead units against learning rate: depth-{cfg['model']['depth']} width-{cfg['model']['width']} MLP, "
+                 f"He init, zero biases, {cfg['optim']['name']} batch {cfg['data']['batch_size']} of {cfg['data']['examples']}, "
+                 f"{cfg['steps']} steps (x: diverged; band: seeds)", fontsize=9.5)
+    return {"": fig}

@@ -1,0 +1,136 @@
+"""C1 at a tiny size: global-norm clipping against its formula on optax's chain and on recorded steps;
+the cliff of the one-neuron RNN against a numpy loop, finite differences and its fold."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradlab import api, transforms
+from gradlab.config import OptimConfig
+from gradlab.errors import ConfigError
+from gradlab.experiments import clipping
+
+TINY = ["model.width=8", "model.depth=2", "data.examples=32", "data.input_dim=4", "steps=40", "chunk_steps=40",
+        "seeds=1", "optim.clip=[none, global_norm]", "optim.lr=[0.01, 0.1, 3.0]"]
+TAU = 1.0  # the tiny net's |g| stays above it: the branch |g| < tau is tested on the chain above
+
+
+def sgd_step(clip: str, threshold: float, grads):
+    hp = {f"optim.{k}": jnp.float32(v) for k, v in dict(lr=1.0, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8,
+                                                        weight_decay=0.0, clip_threshold=threshold).items()}
+    tx = transforms.build(OptimConfig(name="sgd", clip=clip), hp, 10)
+    params = jax.tree.map(jnp.ones_like, grads)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates
+
+
+@pytest.mark.parametrize("norm", [0.01, 0.5, 0.999, 1.001, 3.0, 1e4])
+def test_global_norm_clipped_sgd_step_has_norm_min_of_norm_and_tau(norm):
+    """SGD at lr 1 after clip_by_global_norm(tau): update = -g min(1, tau / |g|), so |update| = min(|g|, tau)
+    and its direction is -g's. float32 to ~1e-6 relative."""
+    tau = 1.0
+    rng = np.random.default_rng(int(norm * 1000))
+    raw = {"a": rng.normal(size=(7, 5)), "b": rng.normal(size=(3,)), "c": {"d": rng.normal(size=(2, 2, 2))}}
+    scale = norm / np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(raw)))
+    grads = jax.tree.map(lambda x: jnp.asarray(x * scale, jnp.float32), raw)
+    updates = sgd_step("global_norm", tau, grads)
+    flat_u = np.concatenate([np.ravel(u) for u in jax.tree.leaves(updates)]).astype(float)
+    flat_g = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]).astype(float)
+    np.testing.assert_allclose(np.linalg.norm(flat_u), min(norm, tau), rtol=2e-6)
+    np.testing.assert_allclose(flat_u, -flat_g * min(1.0, tau / np.linalg.norm(flat_g)), rtol=2e-6, atol=1e-12)
+
+
+def test_value_clipping_bounds_each_entry_and_leaves_small_ones():
+    g = {"w": jnp.asarray([[-3.0, 0.05], [0.2, -0.01]])}
+    u = np.asarray(sgd_step("value", 0.1, g)["w"])
+    np.testing.assert_array_equal(u, -np.array([[-0.1, 0.05], [0.1, -0.01]], np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    return api.execute("clipping", TINY, out=out, progress=False, draw=True), out
+
+
+def test_tiny_run_checks_pass_and_figures_are_drawn(tiny):
+    outcome, out = tiny
+    failed = [c for c in outcome.checks if not c.passed]
+    assert not failed, failed
+    assert len(outcome.checks) == 7
+    assert outcome.dataset.attrs["static_groups"] == 2  # one compile per clipping rule; lr vmapped
+    assert (out / "figures" / "clipping.png").exists() and (out / "figures" / "clipping_cliff.png").exists()
+
+
+def test_recorded_updates_follow_the_formula_and_unclipped_sgd_explodes(tiny):
+    """Independent of the checks' code: lr 3 without clipping diverges, with global-norm clipping every
+    recorded update is lr min(|g|, tau) long, and clip_scale = min(1, tau/|g|)."""
+    ds = tiny[0].dataset
+    assert bool(ds["diverged"].sel({"optim.clip": "none", "optim.lr": 3.0}).all())
+    assert not bool(ds["diverged"].sel({"optim.clip": "global_norm"}).any())
+    clipped = ds.sel({"optim.clip": "global_norm"})
+    g = clipped["grad_global_norm"].values.astype(float)
+    lr = clipped["optim.lr"].values.astype(float)[:, None]  # seeds=1: no seed axis
+    np.testing.assert_allclose(clipped["update_global_norm"].values, lr * np.minimum(g, TAU), rtol=1e-5)
+    np.testing.assert_allclose(clipped["clip_scale"].values, np.minimum(1.0, TAU / g), rtol=1e-5)
+    assert (g > TAU).any()
+    unclipped = ds.sel({"optim.clip": "none"})
+    finite = np.isfinite(unclipped["grad_global_norm"].values)  # not the overflowing step before divergence
+    assert np.all(unclipped["clip_scale"].values[finite] == 1.0)
+
+
+def test_rnn_final_equals_a_numpy_loop_and_its_gradient_finite_differences():
+    def loop(w, b, steps=50, x=0.5):
+        for _ in range(steps):
+            x = w * np.tanh(x) + b
+        return x
+
+    for w, b in [(0.7, 0.2), (2.0, -0.3), (2.5, -1.0)]:
+        np.testing.assert_allclose(float(clipping.rnn_final(w, b, 0.5, 50)), loop(w, b), rtol=1e-5, atol=1e-6)
+        # Away from the wall the loss is smooth: central differences in float64 (h = 1e-5, error ~h^2)
+        # against float32 autodiff, agreeing to ~1e-4 relative.
+        h = 1e-5
+        fd = [((loop(w + h, b) + 1) ** 2 - (loop(w - h, b) + 1) ** 2) / (2 * h),
+              ((loop(w, b + h) + 1) ** 2 - (loop(w, b - h) + 1) ** 2) / (2 * h)]
+        grad = jax.grad(clipping.cliff_loss)(jnp.asarray([w, b], jnp.float32))
+        np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-3, atol=1e-4)
+
+
+def test_the_wall_is_where_x0_is_the_unstable_fixed_point():
+    """For w > cosh^2(x_0) the map x -> w tanh x + b has an unstable fixed point between two stable ones;
+    x_0 sits on it where b = x_0 - w tanh x_0. Above that line x_T goes to the positive branch, below
+    it to the negative one, and the distance from x_0 to the unstable point grows like
+    (w sech^2 x_0)^T: the loss jumps within one grid cell of the line."""
+    c = clipping.CLIFF
+    s = clipping.cliff_surface(c)
+    w, b = s["w"], s["b"]
+    cols = (w >= 1.5) & (w <= 3.0)  # growth factor w sech^2(0.5) >= 1.18 per step: 1.18^50 ~ 4e3
+    jump = b[np.argmax(np.abs(np.diff(s["loss"][cols], axis=1)), axis=1)]  # lower point of the jump
+    line = c.x0 - w[cols] * np.tanh(c.x0)
+    db = b[1] - b[0]
+    assert np.all((jump <= line + 1e-6) & (jump >= line - db - 1e-6)), np.c_[w[cols], jump, line][:5]
+
+
+def test_clipped_descent_steps_are_bounded_and_the_plain_one_is_thrown():
+    s = clipping.cliff_surface(clipping.CLIFF)
+    c = clipping.CLIFF
+    bound = c.lr * c.tau
+    assert clipping.step_lengths(s["clipped"]).max() <= bound * (1 + 1e-5)  # float32 points, see checks()
+    assert clipping.step_lengths(s["plain"]).max() >= 10 * bound
+    assert s["clipped_loss"][-1] < s["plain_loss"][-1]
+    # The difference quotient across the wall bounds the true slope from below (mean value theorem):
+    # a fine 1-D scan between the two grid points around the steepest jump finds a slope at least as big.
+    i, j = np.unravel_index(np.argmax(np.abs(np.diff(s["loss"], axis=0))), (len(s["w"]) - 1, len(s["b"])))
+    quotient = abs(s["loss"][i + 1, j] - s["loss"][i, j]) / (s["w"][i + 1] - s["w"][i])
+    ws = jnp.linspace(s["w"][i], s["w"][i + 1], 2001)
+    slopes = jax.vmap(lambda x: jax.grad(clipping.cliff_loss)(jnp.stack([x, jnp.float32(s["b"][j])]))[0])(ws)
+    steepest = float(jnp.max(jnp.abs(slopes)))
+    assert steepest >= quotient
+    assert steepest / np.median(np.abs(s["grad"][..., 0])) >= 100
+
+
+def test_bad_threshold_is_a_config_error():
+    with pytest.raises(ConfigError, match="value_threshold"):
+        api.resolve("clipping", ["value_threshold=0"])
+    with pytest.raises(ConfigError, match="optim.clip"):
+        api.resolve("clipping", ["optim.clip=norm"])
