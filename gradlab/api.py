@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,40 +44,54 @@ def execute(
     config_file=None,
     devices=None,
     stop=None,
+    memory: int | None = None,
+    on_note=None,
 ) -> Outcome:
-    """Run (or reuse) an experiment, store its results, draw its figures, evaluate its checks."""
+    """Run (or reuse) an experiment, store its results, draw its figures, evaluate its checks.
+
+    With several processes (jax.distributed) every process runs the sweep and only process 0
+    writes: the run folder, the results file and the figures.
+    """
+    import jax
+
     module = experiments.get(experiment)
     spec = config.load(experiment, module.Config, list(overrides), scale, config_file)
     run = results.run_dir(out, experiment, spec.hash)
     results_path = run / results.RESULTS_FILE
-    if fresh and run.exists():
-        shutil.rmtree(run)
-    cached = results_path.exists()
+    writer = jax.process_index() == 0
+    if fresh and writer:  # the old results stay until the new ones replace them, so a failed run loses nothing
+        results.clear_checkpoints(run)
+    cached = results_path.exists() and not fresh
     if cached:
         ds = results.load(run)
     else:
-        results.ensure_dir(run)
-        results.write_text(run / "config.yaml", spec.to_yaml())
-        ckpt = results.ensure_dir(run / "ckpt")
-        sweep = engine.run_sweep(module.trial, spec, config.plan(spec), checkpoint_dir=ckpt, progress=progress, devices=devices,
-                                 stop=stop)
+        ckpt = run / "ckpt"
+        if writer:
+            results.ensure_dir(run)
+            results.ensure_dir(ckpt)
+            results.remove_stale_temporaries(run)
+            results.write_text(run / "config.yaml", spec.to_yaml())
+        sweep = engine.run_sweep(module.trial, spec, config.plan(spec), checkpoint_dir=ckpt, progress=progress and writer,
+                                 devices=devices, stop=stop, memory=memory, on_note=on_note if writer else None)
         ds = results.build_dataset(sweep, spec.to_dict(), spec.hash)
-        results.save(ds, results_path)
-        results.clear_checkpoints(run)
+        if writer:
+            results.save(ds, results_path)
+            results.clear_checkpoints(run)
     figures = []
-    if draw:
+    if draw and writer:
         figures = save_figures(experiment, ds, Path(out) / "figures")
     return Outcome(ds, run, module.checks(ds), figures, cached)
 
 
-def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_file=None, devices=None) -> str:
+def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_file=None, devices=None,
+            memory: int | None = None) -> str:
     """Compile every static group without running a step; a table of the sweep's cost."""
     import jax
 
     module = experiments.get(experiment)
     spec = config.load(experiment, module.Config, list(overrides), scale, config_file)
     plan = config.plan(spec)
-    devices = list(devices) if devices is not None else jax.local_devices()
+    devices = list(devices) if devices is not None else jax.devices()
     steps, chunk = spec.config.steps, min(spec.config.chunk_steps, spec.config.steps)
     chunks = -(-steps // chunk)
     lines = [f"{experiment} (hash {spec.hash}): {plan.points} points in {len(plan.groups)} static groups "
@@ -90,16 +103,15 @@ def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_f
     lines.append(header)
     for group in plan.groups:
         label = ", ".join(f"{a.path}={a.values[i]}" for a, i in zip(plan.static_axes, group.index)) or "(all)"
-        compiled = engine.compile_group(module.trial(group.config), group.hp, steps, chunk, devices)
+        compiled = engine.fit_group(module.trial(group.config), group.hp, steps, chunk, devices, memory)
         cost = compiled.chunk.cost_analysis() or {}
         cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get("flops", 0.0)) * chunks
-        memory = compiled.chunk.memory_analysis()
-        per_device = getattr(memory, "temp_size_in_bytes", 0) + getattr(memory, "argument_size_in_bytes", 0) + getattr(
-            memory, "output_size_in_bytes", 0)
+        flops = float(cost.get("flops", 0.0)) * chunks * compiled.batches
         width = -(-group.points // len(devices))
         lines.append(f"  {label[:40]:<40} {group.points:>6} {width:>10} {flops / 1e9:>10.2f} "
-                     f"{per_device / 2**20:>11.1f} MiB {compiled.compile_seconds:>9.1f}")
+                     f"{engine.group_bytes(compiled) / 2**20:>11.1f} MiB {compiled.compile_seconds:>9.1f}")
+        if compiled.batches > 1:
+            lines.append(f"    {engine.split_note(compiled)}")
     return "\n".join(lines)
 
 
@@ -166,6 +178,7 @@ def reproduce(
     stop=None,
     on_start: Callable[[int, int, str], None] | None = None,
     on_done: Callable[[int, int, Reproduced], None] | None = None,
+    memory: int | None = None,
 ) -> list[Reproduced]:
     """Run every experiment of the catalog (or `only` those), reusing stored results of the same
     config hash, redraw every figure into OUT/figures and evaluate every check.
@@ -184,7 +197,7 @@ def reproduce(
         start = time.perf_counter()
         module = experiments.get(name)
         try:
-            outcome = execute(name, (), scale, out=out, progress=progress, stop=stop)
+            outcome = execute(name, (), scale, out=out, progress=progress, stop=stop, memory=memory)
             row = Reproduced(name, module.CLAIM, outcome.checks, time.perf_counter() - start, outcome.cached)
         except GradlabError as e:
             row = Reproduced(name, module.CLAIM, [], time.perf_counter() - start, False, error=str(e))

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--scale", help="a preset of the config (quick, paper)")
     r.add_argument("--config", dest="config_file", help="a config file instead of the experiment's own")
     r.add_argument("--out", default=".", help="folder for runs/ and figures/ (default: .)")
-    r.add_argument("--fresh", action="store_true", help="discard stored results and checkpoints of this config")
+    r.add_argument("--fresh", action="store_true", help="recompute, ignoring stored results and checkpoints (old results are kept until the new ones land)")
     r.add_argument("--no-figure", action="store_true", help="store results only")
     r.add_argument("--check", action="store_true", help="exit 1 if a check fails")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="compile only: print sweep size, compiles, FLOPs and memory per device, then exit")
     r.add_argument("--devices", type=int, metavar="N",
                    help=f"CPU only: split the host into N devices to shard the sweep over (default {DEFAULT_HOST_DEVICES})")
+    _scale_options(r)
 
     rp = sub.add_parser("reproduce", help="run every experiment (stored results reused), redraw every figure, "
                                           "print one table of checks")
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.add_argument("--devices", type=int, metavar="N",
                     help=f"CPU only: split the host into N devices (default {DEFAULT_HOST_DEVICES})")
+    _scale_options(rp)
 
     sub.add_parser("list", help="the experiments and their claims")
 
@@ -65,6 +67,75 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=".", help="figures go to OUT/figures (default: .)")
     return p
+
+
+def _scale_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", type=float, metavar="GIB",
+                   help="GiB per device a sweep may use (default: what is free); a larger sweep runs in batches")
+    hosts = p.add_argument_group("several hosts (jax.distributed; run the same command on every host)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, the same on every host")
+    hosts.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1; process 0 writes the results")
+
+
+def _memory(args) -> int | None:
+    if args.max_memory is None:
+        return None
+    if not args.max_memory > 0 or args.max_memory == float("inf"):
+        raise _UsageError(f"gradlab: --max-memory must be a positive number of GiB, got {args.max_memory}")
+    return int(args.max_memory * 2**30)
+
+
+def _distributed(args) -> None:
+    """Join a jax.distributed cluster when --coordinator is given (before jax touches a device)."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes, "--process-id": args.process_id}
+    if all(v is None for v in given.values()):
+        return
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise _UsageError(f"gradlab: several hosts need --coordinator, --num-processes and --process-id together; "
+                          f"missing {', '.join(missing)}")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _UsageError(f"gradlab: --coordinator must be HOST:PORT (e.g. 10.0.0.1:8476), got {args.coordinator!r}")
+    if args.num_processes < 1:
+        raise _UsageError(f"gradlab: --num-processes must be >= 1, got {args.num_processes}")
+    if not 0 <= args.process_id < args.num_processes:
+        raise _UsageError(f"gradlab: --process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+    import jax
+
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk through gloo
+    except (AttributeError, ValueError):
+        pass
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, initialization_timeout=120)
+    except Exception as e:  # jaxlib raises its own runtime errors; the first line says what went wrong
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise _UsageError(f"gradlab: could not join the coordinator at {args.coordinator}: {first}") from None
+
+
+def _overrides_first(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`gradlab run NAME --out DIR key=value` means the same as `gradlab run NAME key=value --out DIR`."""
+    if len(argv) < 2 or argv[0] not in ("run", "show"):
+        return argv
+    sub = parser._subparsers._group_actions[0].choices[argv[0]]  # noqa: SLF001 (argparse has no public way)
+    takes_value = {s for a in sub._actions for s in a.option_strings if a.nargs is None}
+    head, overrides, options = [argv[0]], [], []
+    rest = iter(argv[1:])
+    for token in rest:
+        if token.startswith("-"):
+            options.append(token)
+            value = next(rest, None) if token in takes_value else None
+            if value is not None:
+                options.append(value)
+        elif "=" in token:
+            overrides.append(token)
+        elif len(head) == 1:
+            head.append(token)
+        else:
+            options.append(token)
+    return head + overrides + options
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -111,10 +182,10 @@ def _host_devices(n: int | None) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def _dry_run(args) -> int:
+def _dry_run(args, memory: int | None) -> int:
     from gradlab import api
 
-    report = api.dry_run(args.experiment, args.overrides, args.scale, config_file=args.config_file)
+    report = api.dry_run(args.experiment, args.overrides, args.scale, config_file=args.config_file, memory=memory)
     print(report)
     return 0
 
@@ -135,9 +206,13 @@ def _stop_on_ctrl_c():
 
 
 def _run(args) -> int:
+    memory = _memory(args)
     _host_devices(args.devices)
+    _distributed(args)
     if args.dry_run:
-        return _dry_run(args)
+        return _dry_run(args, memory)
+    import jax
+
     from gradlab import api
 
     _use_compilation_cache()
@@ -146,8 +221,12 @@ def _run(args) -> int:
     outcome = api.execute(
         args.experiment, args.overrides, args.scale, out=args.out, fresh=args.fresh,
         progress=not args.quiet, draw=not args.no_figure, config_file=args.config_file,
-        stop=_stop_on_ctrl_c(),
+        stop=_stop_on_ctrl_c(), memory=memory, on_note=lambda note: print(f"note: {note}", flush=True),
     )
+    if jax.process_index() != 0:
+        print(f"process {jax.process_index()} of {jax.process_count()}: done in {time.perf_counter() - start:.1f} s; "
+              "process 0 writes the results")
+        return 0
     ds = outcome.dataset
     print(f"{args.experiment}: {'reused stored results' if outcome.cached else 'ran'} in {time.perf_counter() - start:.1f} s"
           f" ({ds.attrs['static_groups']} compiled groups, compile {ds.attrs['compile_seconds']:.1f} s,"
@@ -180,7 +259,9 @@ def reproduce_table(rows) -> str:
 
 
 def _reproduce(args) -> int:
+    memory = _memory(args)
     _host_devices(args.devices)
+    _distributed(args)
     from gradlab import api
 
     _use_compilation_cache()
@@ -195,7 +276,7 @@ def _reproduce(args) -> int:
         print(f"[{i + 1}/{n}] {row.experiment}: {state} ({how}, {row.seconds:.0f} s)", flush=True)
 
     rows = api.reproduce(args.scale, args.only, out=args.out, progress=not args.quiet, stop=_stop_on_ctrl_c(),
-                         on_start=started, on_done=finished)
+                         on_start=started, on_done=finished, memory=memory)
     print(reproduce_table(rows))
     failed = [r.experiment for r in rows if not r.passed]
     print(f"{len(rows) - len(failed)} of {len(rows)} experiments pass all checks in {time.perf_counter() - start:.0f} s"
@@ -235,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     from gradlab.errors import GradlabError
 
     try:
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        args = parser.parse_args(_overrides_first(list(sys.argv[1:] if argv is None else argv), parser))
         commands = {"run": _run, "reproduce": _reproduce, "list": _list, "show": _show, "plot": _plot}
         return commands[args.command](args)
     except (GradlabError, _UsageError) as e:

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gradlab import results
 from gradlab.config import Plan, RunSpec
-from gradlab.errors import ResultsError, SweepTooLarge
+from gradlab.errors import ResultsError, SweepTooLarge  # noqa: F401 (SweepTooLarge is re-exported)
 
 
 class Trial(NamedTuple):
@@ -54,6 +54,7 @@ class SweepResult:
     device_kind: str = ""
     device_count: int = 1
     groups: int = 1
+    processes: int = 1
     notes: list[str] = field(default_factory=list)
 
 
@@ -111,23 +112,50 @@ def _point_chunk(trial: Trial, chunk: int, total: int, constant: dict):
     return run
 
 
-LANE_MULTIPLE = 8  # one AVX2 vector of float32: see _pad
+LANE_MULTIPLE = 8  # one AVX2 vector of float32: see lanes_per_device
 
 
-def _pad(hp: dict, devices: int) -> dict:
-    """Repeat the last point so that every device holds the same number of lanes, a multiple of 8.
+def lanes_per_device(points: int, devices: int) -> int:
+    """How many lanes (vmapped points) each device's program holds: a multiple of 8.
 
     XLA:CPU vectorises the vmapped (lane) axis 8 floats at a time, and rounds a program's sums in
     an order that depends on its lane count modulo that width (1, 2, 3 or 4 lanes each give other
     last bits). With a multiple of 8 lanes per device a point's numbers do not depend on how many
-    devices or other points share its program: 1 and 4 devices agree bit for bit (measured on
-    AVX2). Padding costs at most 7 idle lanes per device; they are dropped from the results.
+    devices, processes or other points share its program: 1 and 4 devices agree bit for bit
+    (measured on AVX2), and so does a sweep split into batches. Padding costs at most 7 idle lanes
+    per device; padded lanes repeat the last point and are dropped from the results.
     """
+    lanes = -(-max(points, 1) // devices)
+    return -(-lanes // LANE_MULTIPLE) * LANE_MULTIPLE
+
+
+def _pad(hp: dict, total: int) -> dict:
     n = len(next(iter(hp.values())))
-    lanes = -(-max(n, 1) // devices)
-    lanes = -(-lanes // LANE_MULTIPLE) * LANE_MULTIPLE
-    extra = lanes * devices - n
-    return {k: np.concatenate([v, np.repeat(v[-1:], extra)]) for k, v in hp.items()}
+    return {k: np.concatenate([v, np.repeat(v[-1:], total - n)]) for k, v in hp.items()}
+
+
+def _put(tree, sharding):
+    """Host arrays -> global arrays laid out by `sharding`; every process passes the same values."""
+    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index]), tree)
+
+
+def _get(tree):
+    """Global arrays -> host numpy arrays, gathered from every process when there are several."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _same_on_every_process(value: int, what: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        seen = np.asarray(multihost_utils.process_allgather(np.int64(value)))
+        if np.any(seen != seen[0]):
+            raise ResultsError(f"the processes disagree on {what} ({sorted(set(seen.tolist()))}); "
+                               "--out must be a folder every host sees, or rerun with --fresh")
 
 
 def default_dims(name: str, shape: tuple) -> tuple[str, ...]:
@@ -137,22 +165,45 @@ def default_dims(name: str, shape: tuple) -> tuple[str, ...]:
 
 
 class CompiledGroup(NamedTuple):
+    """A static group's compiled init and chunk programs, for batches of lanes x devices points.
+
+    The whole group is one batch unless it did not fit in memory (fit_group).
+    """
+
     init: Any
     chunk: Any
-    hp: dict
     carry_shape: Any
     sharding: NamedSharding
-    points: int
+    varying: dict  # host values of the fields that vary over the group's points, unpadded
+    lanes: int  # lanes per device in one batch
     compile_seconds: float
 
+    @property
+    def points(self) -> int:
+        return len(next(iter(self.varying.values())))
 
-def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices) -> CompiledGroup:
-    """Lower and compile a group's init and chunk programs (no step is run)."""
+    @property
+    def batch(self) -> int:
+        return self.lanes * self.sharding.mesh.size
+
+    @property
+    def batches(self) -> int:
+        return -(-self.points // self.batch)
+
+    def hp(self, b: int = 0):
+        """The (padded, sharded) swept values of batch b."""
+        part = {k: v[b * self.batch:(b + 1) * self.batch] for k, v in self.varying.items()}
+        return _put(_pad(part, self.batch), self.sharding)
+
+
+def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices, lanes: int | None = None) -> CompiledGroup:
+    """Lower and compile a group's init and chunk programs for `lanes` points per device (no step is run)."""
     mesh = jax.sharding.Mesh(np.asarray(devices), ("sweep",))
     sharding = NamedSharding(mesh, PartitionSpec("sweep"))
-    points = len(hp_host["seed"])
     varying, constant = split_hp(hp_host)
-    hp = jax.device_put(_pad(varying, len(devices)), sharding)
+    varying = {k: np.asarray(v, jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)) for k, v in varying.items()}
+    lanes = lanes or lanes_per_device(len(hp_host["seed"]), len(devices))
+    hp = {k: jax.ShapeDtypeStruct((lanes * len(devices),), v.dtype, sharding=sharding) for k, v in varying.items()}
     start = time.perf_counter()
     point_init = jax.vmap(_point_init(trial, constant))
     init = jax.jit(point_init, out_shardings=sharding).lower(hp).compile()
@@ -164,7 +215,7 @@ def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices) 
         donate_argnums=(1,),
     )
     compiled = chunk_fn.lower(hp, carry_shape, jax.ShapeDtypeStruct((), jnp.int32)).compile()
-    return CompiledGroup(init, compiled, hp, carry_shape, sharding, points, time.perf_counter() - start)
+    return CompiledGroup(init, compiled, carry_shape, sharding, varying, lanes, time.perf_counter() - start)
 
 
 def program_bytes(compiled) -> int:
@@ -173,6 +224,10 @@ def program_bytes(compiled) -> int:
     if memory is None:
         return 0
     return sum(int(getattr(memory, f"{kind}_size_in_bytes", 0)) for kind in ("argument", "output", "temp"))
+
+
+def group_bytes(group: CompiledGroup) -> int:
+    return max(program_bytes(group.init), program_bytes(group.chunk))
 
 
 def device_bytes(device) -> int | None:
@@ -188,23 +243,62 @@ def device_bytes(device) -> int | None:
     return None
 
 
-def check_fits(group: "CompiledGroup", devices) -> None:
-    """Refuse, in one line, a group whose programs need more memory than a device has."""
-    need = max(program_bytes(group.init), program_bytes(group.chunk))
-    have = device_bytes(devices[0])
-    if have is not None and need > have:
-        per_point = need / max(1, -(-group.points // len(devices)))
-        raise SweepTooLarge(
-            f"the sweep needs {need / 2**30:.1f} GiB per device but {have / 2**30:.1f} GiB is free "
-            f"(about {per_point / 2**30:.2f} GiB per point, {group.points} points on {len(devices)} devices); "
-            "sweep fewer points at once, or shrink the model"
-        )
+def available_bytes(devices) -> int | None:
+    """The memory every device of the sweep can give (the least over the processes)."""
+    mine = [d for d in devices if d.process_index == jax.process_index()] or list(devices)
+    have = device_bytes(mine[0])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        every = np.asarray(multihost_utils.process_allgather(np.int64(-1 if have is None else have)))
+        have = None if np.any(every < 0) else int(every.min())
+    return have
+
+
+def fit_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices, memory: int | None = None) -> CompiledGroup:
+    """Compile a group with as many lanes per device as fit in `memory` bytes per device.
+
+    All points go in one batch when they fit; otherwise the group runs in batches of points, one
+    compiled program for all of them, with a multiple of 8 lanes per device while 8 lanes fit (so
+    the numbers do not change), fewer when not. SweepTooLarge when one lane does not fit.
+    `memory` defaults to what the devices have free.
+    """
+    group = compile_group(trial, hp_host, steps, chunk, devices)
+    have = memory if memory is not None else available_bytes(devices)
+    if have is None:
+        return group
+    compile_seconds = group.compile_seconds
+    while (need := group_bytes(group)) > have:
+        if group.lanes == 1:
+            raise SweepTooLarge(
+                f"one point of the sweep needs {size(need)} per device but {size(have)} is free; "
+                "shrink the model (model.width, model.depth, data.examples, batch size)"
+            )
+        guess = int(have // (need / group.lanes))  # need / lanes over-counts a lane's share: a safe guess
+        lanes = min(group.lanes - 1, max(1, guess))
+        if lanes >= LANE_MULTIPLE:
+            lanes -= lanes % LANE_MULTIPLE
+        group = compile_group(trial, hp_host, steps, chunk, devices, lanes)
+        compile_seconds += group.compile_seconds
+    return group._replace(compile_seconds=compile_seconds)
+
+
+def size(n: float) -> str:
+    """Bytes in the unit a person reads: 0.3 MiB, 2.1 GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def split_note(group: CompiledGroup) -> str:
+    exact = "bit-identical to one batch" if group.lanes % LANE_MULTIPLE == 0 else (
+        f"{group.lanes} lanes per device, so the last bits may differ from an unsplit run")
+    return (f"{group.points} points do not fit in memory at once: running {group.batches} batches of "
+            f"{group.batch} points ({size(group_bytes(group))} per device each; {exact})")
 
 
 def _checkpoint_arrays(t: int, carry, metrics: dict, points: int) -> dict:
     arrays = {"t": np.asarray(t)}
-    for i, leaf in enumerate(jax.tree.leaves(carry)):
-        arrays[f"state_{i:04d}"] = np.asarray(jax.device_get(leaf))
+    for i, leaf in enumerate(jax.tree.leaves(_get(carry))):
+        arrays[f"state_{i:04d}"] = leaf
     for name, chunks in metrics.items():
         arrays[f"metric.{name}"] = np.concatenate(chunks, axis=1) if chunks else np.zeros((points, 0))
     return arrays
@@ -216,9 +310,15 @@ def _restore(path: Path, group: CompiledGroup):
     leaves = [arrays.get(f"state_{i:04d}") for i in range(len(leaves_shape))]
     if any(a is None or a.shape != s.shape for a, s in zip(leaves, leaves_shape)):
         raise ResultsError(f"{path}: checkpoint does not match this program; rerun with --fresh")
-    carry = jax.device_put(jax.tree.unflatten(treedef, leaves), group.sharding)
+    carry = _put(jax.tree.unflatten(treedef, leaves), group.sharding)
     metrics = {k[len("metric."):]: [v] for k, v in arrays.items() if k.startswith("metric.")}
     return int(arrays["t"]), carry, metrics
+
+
+def batch_checkpoint(checkpoint: Path | None, group: CompiledGroup, b: int) -> Path | None:
+    if checkpoint is None or group.batches == 1:
+        return checkpoint
+    return checkpoint.with_name(checkpoint.name.replace(".ckpt.npz", f".batch-{b:04d}-of-{group.batches:04d}.ckpt.npz"))
 
 
 def run_group(
@@ -231,28 +331,42 @@ def run_group(
     on_chunk: Callable[[int], None] | None = None,
     compiled: CompiledGroup | None = None,
 ):
-    """Run one static group to the end; returns (metrics (points, steps, ...), first bad step)."""
-    group = compiled or compile_group(trial, hp_host, steps, chunk, devices)
-    check_fits(group, devices)
-    if checkpoint is not None and checkpoint.exists():
-        t, carry, metrics = _restore(checkpoint, group)
-    else:
-        t, carry, metrics = 0, group.init(group.hp), {}
-    if on_chunk and t:
-        on_chunk(t)
-    while t < steps:
-        carry, out = group.chunk(group.hp, carry, jnp.int32(t))
-        n = min(chunk, steps - t)
-        for name, value in jax.device_get(out).items():
-            metrics.setdefault(name, []).append(np.asarray(value)[:, :n])
-        t += n
-        if checkpoint is not None:
-            results.save_checkpoint(checkpoint, _checkpoint_arrays(t, carry, metrics, group.points))
-        if on_chunk:
-            on_chunk(n)
-    bad = np.asarray(jax.device_get(carry[1]))[: group.points]
-    merged = {k: np.concatenate(v, axis=1)[: group.points] for k, v in metrics.items()}
-    return merged, bad, group.compile_seconds
+    """Run one static group to the end; returns (metrics (points, steps, ...), first bad step, compile s).
+
+    Each batch of points checkpoints after every chunk (only process 0 writes; every process reads,
+    so with several hosts --out must be a folder they all see).
+    """
+    group = compiled or fit_group(trial, hp_host, steps, chunk, devices)
+    writer = jax.process_index() == 0
+    merged, bad = {}, []
+    for b in range(group.batches):
+        path = batch_checkpoint(checkpoint, group, b)
+        hp = group.hp(b)
+        if path is not None and path.exists():
+            t, carry, metrics = _restore(path, group)
+        else:
+            t, carry, metrics = 0, group.init(hp), {}
+        _same_on_every_process(t, f"the checkpoint step of {path}")
+        if on_chunk and t:
+            on_chunk(t)
+        while t < steps:
+            carry, out = group.chunk(hp, carry, jnp.int32(t))
+            n = min(chunk, steps - t)
+            for name, value in _get(out).items():
+                metrics.setdefault(name, []).append(value[:, :n])
+            t += n
+            if path is not None:
+                arrays = _checkpoint_arrays(t, carry, metrics, group.batch)
+                if writer:
+                    results.save_checkpoint(path, arrays)
+            if on_chunk:
+                on_chunk(n)
+        real = min(group.batch, group.points - b * group.batch)
+        bad.append(_get(carry[1])[:real])
+        for k, v in metrics.items():
+            merged.setdefault(k, []).append(np.concatenate(v, axis=1)[:real])
+    merged = {k: np.concatenate(v, axis=0) for k, v in merged.items()}
+    return merged, np.concatenate(bad), group.compile_seconds
 
 
 def first_bad_layers(metrics: dict, dims: dict, bad_step: np.ndarray) -> np.ndarray:
@@ -280,6 +394,8 @@ def run_sweep(
     progress: bool = True,
     devices=None,
     stop: Callable[[], bool] | None = None,
+    memory: int | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Run every group of the plan; metrics come back labelled by the sweep axes.
 
@@ -288,19 +404,22 @@ def run_sweep(
       spec, plan: the resolved config and its sweep plan (config.load, config.plan).
       checkpoint_dir: where each group checkpoints after every chunk; a rerun resumes there.
       progress: show a progress bar over all steps of all groups.
-      devices: the devices to shard the points over (default: all local devices).
+      devices: the devices to shard the points over (default: every device of every process).
       stop: polled after every chunk's checkpoint; when it returns True the sweep raises
         KeyboardInterrupt, leaving a checkpoint to resume from.
+      memory: bytes per device a group may use (default: what the devices have free); a group
+        that needs more runs in batches of points (fit_group).
+      on_note: called with each note as it is made (e.g. that a group runs in batches).
     """
     from tqdm.auto import tqdm
 
-    devices = list(devices) if devices is not None else jax.local_devices()
+    devices = list(devices) if devices is not None else jax.devices()
     cfg = spec.config
     steps, chunk = cfg.steps, min(cfg.chunk_steps, cfg.steps)
     static_shape = tuple(len(a.values) for a in plan.static_axes)
     traced_shape = tuple(len(a.values) for a in plan.traced_axes)
     bar = tqdm(total=steps * len(plan.groups), disable=not progress, unit="step", leave=False)
-    per_group, compile_seconds = [], 0.0
+    per_group, compile_seconds, notes = [], 0.0, []
     start = time.perf_counter()
     for g, group in enumerate(plan.groups):
         bar.set_description(f"group {g + 1}/{len(plan.groups)}")
@@ -311,7 +430,14 @@ def run_sweep(
             if stop is not None and stop():
                 raise KeyboardInterrupt
 
-        metrics, bad, seconds = run_group(trial, group.hp, steps, chunk, devices, ckpt, tick)
+        compiled = fit_group(trial, group.hp, steps, chunk, devices, memory)
+        if compiled.batches > 1:
+            notes.append(f"group {g + 1}: {split_note(compiled)}")
+            if on_note is not None:
+                on_note(notes[-1])
+            bar.total += steps * (compiled.batches - 1)
+            bar.refresh()
+        metrics, bad, seconds = run_group(trial, group.hp, steps, chunk, devices, ckpt, tick, compiled)
         compile_seconds += seconds
         per_group.append((group.index, trial, metrics, bad))
     bar.close()
@@ -345,4 +471,6 @@ def run_sweep(
         device_kind=getattr(device, "device_kind", device.platform),
         device_count=len(devices),
         groups=len(plan.groups),
+        processes=jax.process_count(),
+        notes=notes,
     )

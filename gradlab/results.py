@@ -80,6 +80,16 @@ def _remove(path) -> None:
         pass
 
 
+def remove_stale_temporaries(run: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in a run folder (ours only: `.NAME.*.tmp`)."""
+    removed = []
+    for folder in (run, run / "ckpt"):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+            _remove(tmp)
+            removed.append(tmp)
+    return removed
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
@@ -108,9 +118,19 @@ def provenance(command: str | None = None) -> dict[str, str]:
             info[f"version_{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
             info[f"version_{package}"] = "unknown"
-    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    flags = os.environ.get("XLA_FLAGS", "")
+    info["xla_flags"] = flags
+    info["deterministic_ops"] = _deterministic_ops(flags)
     info["git_commit"] = _git_commit()
     return info
+
+
+def _deterministic_ops(flags: str) -> str:
+    """Whether XLA was asked for deterministic GPU kernels ("true"/"false"); the CPU always is."""
+    for flag in flags.split():
+        if flag.startswith("--xla_gpu_deterministic_ops="):
+            return flag.split("=", 1)[1].lower()
+    return "false"
 
 
 def _git_commit() -> str:
@@ -151,6 +171,8 @@ def build_dataset(sweep, spec_dict: dict, config_hash: str, extra_attrs: dict | 
         results_format=RESULTS_FORMAT,
         device_kind=sweep.device_kind,
         device_count=sweep.device_count,
+        process_count=sweep.processes,
+        notes="\n".join(sweep.notes),
         compile_seconds=sweep.compile_seconds,
         run_seconds=sweep.run_seconds,
         static_groups=sweep.groups,

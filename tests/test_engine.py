@@ -51,26 +51,6 @@ def test_one_trace_per_static_group_and_none_per_chunk(tmp_path):
     assert np.all(np.isfinite(out.metrics["loss"]))
 
 
-def test_a_diverging_point_is_marked_and_the_others_are_untouched(tmp_path):
-    healthy = sweep(spec_of(tmp_path, ["optim.lr=[0.01, 0.05]"]))
-    mixed = sweep(spec_of(tmp_path, ["optim.lr=[0.01, 0.05, 1.0e+6]"]))
-    assert mixed.first_bad_step.tolist()[:2] == [-1, -1]
-    bad_step = int(mixed.first_bad_step[2])
-    assert 0 <= bad_step < 6
-    assert np.all(np.isnan(mixed.metrics["loss"][2, bad_step + 1:]))
-    assert mixed.first_bad_layer[2] >= 0
-    for name in ("loss", "grad_norm", "act_rms"):
-        np.testing.assert_array_equal(mixed.metrics[name][:2], healthy.metrics[name])
-
-
-def test_same_config_and_seed_give_identical_numbers_and_seeds_differ(tmp_path):
-    spec = spec_of(tmp_path, ["seeds=2"])
-    a, b = sweep(spec), sweep(spec)
-    for name in a.metrics:
-        np.testing.assert_array_equal(a.metrics[name], b.metrics[name])
-    assert not np.array_equal(a.metrics["loss"][0], a.metrics["loss"][1])
-
-
 class Interrupt(Exception):
     pass
 
