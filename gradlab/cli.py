@@ -82,7 +82,7 @@ def _memory(args) -> int | None:
     if args.max_memory is None:
         return None
     if not args.max_memory > 0 or args.max_memory == float("inf"):
-        raise _UsageError(f"gradlab: --max-memory must be a positive number of GiB, got {args.max_memory}")
+        raise _UsageError(f"gradlab: error: --max-memory must be a positive number of GiB, got {args.max_memory}")
     return int(args.max_memory * 2**30)
 
 
@@ -93,15 +93,15 @@ def _distributed(args) -> None:
         return
     missing = [k for k, v in given.items() if v is None]
     if missing:
-        raise _UsageError(f"gradlab: several hosts need --coordinator, --num-processes and --process-id together; "
+        raise _UsageError(f"gradlab: error: several hosts need --coordinator, --num-processes and --process-id together; "
                           f"missing {', '.join(missing)}")
     host, _, port = args.coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise _UsageError(f"gradlab: --coordinator must be HOST:PORT (e.g. 10.0.0.1:8476), got {args.coordinator!r}")
+        raise _UsageError(f"gradlab: error: --coordinator must be HOST:PORT (e.g. 10.0.0.1:8476), got {args.coordinator!r}")
     if args.num_processes < 1:
-        raise _UsageError(f"gradlab: --num-processes must be >= 1, got {args.num_processes}")
+        raise _UsageError(f"gradlab: error: --num-processes must be >= 1, got {args.num_processes}")
     if not 0 <= args.process_id < args.num_processes:
-        raise _UsageError(f"gradlab: --process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+        raise _UsageError(f"gradlab: error: --process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
     import jax
 
     try:
@@ -112,7 +112,7 @@ def _distributed(args) -> None:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, initialization_timeout=120)
     except Exception as e:  # jaxlib raises its own runtime errors; the first line says what went wrong
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise _UsageError(f"gradlab: could not join the coordinator at {args.coordinator}: {first}") from None
+        raise _UsageError(f"gradlab: error: could not join the coordinator at {args.coordinator}: {first}") from None
 
 
 def _overrides_first(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -170,11 +170,11 @@ def _host_devices(n: int | None) -> None:
     import os
 
     if n is not None and n < 1:
-        raise _UsageError(f"gradlab: --devices must be >= 1, got {n}")
+        raise _UsageError(f"gradlab: error: --devices must be >= 1, got {n}")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags:
         if n is not None:
-            raise _UsageError("gradlab: --devices conflicts with xla_force_host_platform_device_count in XLA_FLAGS")
+            raise _UsageError("gradlab: error: --devices conflicts with xla_force_host_platform_device_count in XLA_FLAGS")
         return
     if "jax" in sys.modules:
         return  # too late to change; the API caller chose

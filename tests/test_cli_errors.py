@@ -58,6 +58,18 @@ def assert_one_line_error(result, *needles):
         (["show", "nope"], ["unknown experiment 'nope'"]),
         (["plot", "/nonexistent/run"], ["no results here"]),
         (["frobnicate"], ["invalid choice"]),
+        (["run", "gradient_flow", "--max-memory", "-1"], ["--max-memory must be a positive number of GiB"]),
+        (["run", "gradient_flow", "--num-processes", "2"], ["--coordinator, --num-processes and --process-id together",
+                                                            "missing --coordinator, --process-id"]),
+        (["run", "gradient_flow", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+         ["--coordinator must be HOST:PORT"]),
+        (["run", "gradient_flow", "--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "2"],
+         ["--process-id must be in 0..1"]),
+        (["run", "gradient_flow", "--coordinator", "127.0.0.1:9", "--num-processes", "0", "--process-id", "0"],
+         ["--num-processes must be >= 1"]),
+        (["reproduce", "--only", "gradient_flow", "nope"], ["unknown experiment 'nope'"]),
+        (["reproduce", "--scale", "huge"], ["--scale 'huge'", "allowed: quick, paper"]),
+        (["show", "gradient_flow", "optim.momentum=1.5"], ["optim.momentum"]),
     ],
 )
 def test_config_and_usage_errors(args, needles):
@@ -86,8 +98,15 @@ def test_a_small_run_prints_checks_results_and_figure(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "results:" in result.stdout and "figure:" in result.stdout
     assert (tmp_path / "figures" / "gradient_flow.png").stat().st_size > 10_000
-    again = gradlab("run", "gradient_flow", *TINY, "--quiet", "--out", str(tmp_path))
+    again = gradlab("run", "gradient_flow", "--quiet", "--out", str(tmp_path), *TINY)  # options first: the same run
     assert "reused stored results" in again.stdout
+
+
+def test_devices_conflicting_with_xla_flags():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-m", "gradlab", "run", "gradient_flow", "--devices", "4"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert_one_line_error(result, "--devices conflicts with xla_force_host_platform_device_count")
 
 
 def test_config_file_missing_directory_and_anchor_bomb(tmp_path):
