@@ -154,8 +154,27 @@ def clipping(cfg: OptimConfig, threshold) -> optax.GradientTransformation:
     if cfg.clip == "value":
         return optax.clip(threshold)
     if cfg.clip == "agc":
-        return optax.adaptive_grad_clip(threshold)
+        return layerwise_agc(threshold)
     return optax.identity()
+
+
+def layerwise_agc(threshold) -> optax.GradientTransformation:
+    """Adaptive gradient clipping (Brock et al. 2021) per unit of each layer, stacked layers too.
+
+    optax.adaptive_grad_clip infers a unit from a leaf's rank; our hidden layers are stacked on a
+    leading depth axis, (depth, fan_in, fan_out), which it would read as one unit spanning all
+    layers. Under "hidden" the unit is therefore taken over axis 1 alone: one output unit of one
+    layer for a weight, one layer's vector for a bias or norm scale. Other leaves keep optax's
+    convention (a weight's output unit, a bias's whole vector).
+    """
+    def labels(params):
+        if isinstance(params, dict) and "hidden" in params:
+            return {k: jax.tree.map(lambda _: "stacked" if k == "hidden" else "plain", v) for k, v in params.items()}
+        return jax.tree.map(lambda _: "plain", params)
+
+    return optax.multi_transform(
+        {"stacked": optax.adaptive_grad_clip(threshold, axis=1), "plain": optax.adaptive_grad_clip(threshold)}, labels
+    )
 
 
 def build(cfg: OptimConfig, hp: dict, total_steps: int, prefix: str = "optim.") -> optax.GradientTransformation:

@@ -17,3 +17,13 @@ def compilation_cache(tmp_path_factory):
     """Programs compiled by one test are reused by the next (and by each xdist worker)."""
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp().parent / "jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory):
+    """The test module's EXPERIMENT run once at its TINY overrides, figures drawn: (Outcome, out folder)."""
+    from gradlab import api
+
+    name = request.module.EXPERIMENT
+    out = tmp_path_factory.mktemp(name)
+    return api.execute(name, request.module.TINY, out=out, progress=False, draw=True), out

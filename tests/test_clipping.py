@@ -47,10 +47,7 @@ def test_value_clipping_bounds_each_entry_and_leaves_small_ones():
     np.testing.assert_array_equal(u, -np.array([[-0.1, 0.05], [0.1, -0.01]], np.float32))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clip")
-    return api.execute("clipping", TINY, out=out, progress=False, draw=True), out
+EXPERIMENT = "clipping"  # the conftest fixture `tiny` runs it at TINY
 
 
 def test_tiny_run_checks_pass_and_figures_are_drawn(tiny):
@@ -134,3 +131,37 @@ def test_bad_threshold_is_a_config_error():
         api.resolve("clipping", ["value_threshold=0"])
     with pytest.raises(ConfigError, match="optim.clip"):
         api.resolve("clipping", ["optim.clip=norm"])
+
+
+def _agc_reference(g, w, a, unit_axes, eps=1e-3):
+    """AGC written out in numpy: scale each unit's gradient to at most a * max(|w_unit|, eps)."""
+    g_norm = np.sqrt((g.astype(np.float64) ** 2).sum(axis=unit_axes, keepdims=True))
+    w_norm = np.maximum(np.sqrt((w.astype(np.float64) ** 2).sum(axis=unit_axes, keepdims=True)), eps)
+    bound = a * w_norm
+    return np.where(g_norm > bound, g * bound / np.maximum(g_norm, 1e-6), g)
+
+
+def test_agc_clips_each_unit_of_each_stacked_layer_on_its_own():
+    from gradlab.transforms import layerwise_agc
+
+    rng = np.random.default_rng(0)
+    depth, width, n_in = 3, 5, 4
+    params = {"input": {"w": rng.normal(size=(n_in, width)), "b": rng.normal(size=width)},
+              "hidden": {"w": rng.normal(size=(depth, width, width)), "b": rng.normal(size=(depth, width))}}
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape) * rng.choice([1e-3, 1.0], size=p.shape[-1:]), params)
+    params, grads = jax.tree.map(lambda x: np.asarray(x, np.float32), (params, grads))
+    a = 0.05
+    tx = layerwise_agc(a)
+    out, _ = tx.update(grads, tx.init(params), params)
+    expect = {"input": {"w": _agc_reference(grads["input"]["w"], params["input"]["w"], a, (0,)),
+                        "b": _agc_reference(grads["input"]["b"], params["input"]["b"], a, (0,))},
+              "hidden": {"w": _agc_reference(grads["hidden"]["w"], params["hidden"]["w"], a, (1,)),
+                         "b": _agc_reference(grads["hidden"]["b"], params["hidden"]["b"], a, (1,))}}
+    jax.tree.map(lambda o, e: np.testing.assert_allclose(np.asarray(o), e, rtol=1e-5, atol=1e-8), out, expect)
+    # Units with tiny gradients pass untouched, large ones are clipped: a unit is one layer's column.
+    hidden = np.asarray(out["hidden"]["w"])
+    small = grads["hidden"]["w"][..., np.abs(grads["hidden"]["w"]).max(axis=(0, 1)) < 0.01]
+    assert small.size and np.array_equal(hidden[..., np.abs(grads["hidden"]["w"]).max(axis=(0, 1)) < 0.01], small)
+    norms = np.sqrt((hidden.astype(np.float64) ** 2).sum(axis=1))
+    w_norms = np.sqrt((params["hidden"]["w"].astype(np.float64) ** 2).sum(axis=1))
+    assert np.all(norms <= a * w_norms * (1 + 1e-5))

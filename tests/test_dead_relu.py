@@ -63,10 +63,7 @@ def test_poisson_upper_quantile():
     assert 1 - cdf(k) < 1e-3 <= 1 - cdf(k - 1)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dead")
-    return api.execute("dead_relu", TINY, out=out, progress=False, draw=True), out
+EXPERIMENT = "dead_relu"  # the conftest fixture `tiny` runs it at TINY
 
 
 def test_tiny_run_checks_pass_and_the_figure_is_drawn(tiny):

@@ -3,7 +3,6 @@
 import numpy as np
 
 from gradlab import api
-from gradlab.experiments import gradient_flow
 
 SMALL = ["model.width=64", "model.depth=12", "seeds=2", "data.examples=64",
          "model.activation=[sigmoid, relu]", "model.norm=[none, layernorm]"]

@@ -16,10 +16,7 @@ TINY = NET + ["steps=40", "chunk_steps=40", "seeds=1", "optim.lr={logspace: [-3,
               "clip=[false, true]", "optim.name=sgd", "model.norm=none"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lr_sweep")
-    return api.execute("lr_sweep", TINY, out=out, progress=False, draw=True), out
+EXPERIMENT = "lr_sweep"  # the conftest fixture `tiny` runs it at TINY
 
 
 def test_sharpness_at_init_is_the_top_eigenvalue_of_the_dense_hessian(tiny):

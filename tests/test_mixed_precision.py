@@ -100,10 +100,7 @@ def test_config_errors_name_the_key_and_what_is_allowed(override, allowed):
 # ----------------------------------------------------------------------------- a tiny run
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mp")
-    return api.execute("mixed_precision", TINY, out=out, progress=False, draw=True), out
+EXPERIMENT = "mixed_precision"  # the conftest fixture `tiny` runs it at TINY
 
 
 def lane(ds, dtype, mode, name):

@@ -18,10 +18,7 @@ TINY = ["model.width=32", "model.depth=3", "data.examples=16", "data.input_dim=8
 BATCH, WIDTH = 16, 32
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("remat")
-    return api.execute("remat", TINY, out=out, progress=False, draw=True), out
+EXPERIMENT = "remat"  # the conftest fixture `tiny` runs it at TINY
 
 
 def test_checks_pass_and_the_figure_is_drawn(tiny):

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from gradlab import api, transforms
+from gradlab import transforms
 from gradlab.config import OptimConfig
 from gradlab.experiments import rnn_bptt
 
@@ -16,10 +16,7 @@ TINY = ["cell=[simple, lstm]", "seq_len=[6, 16]", "hidden=16", "batch=16", "feat
         "chunk_steps=3", "seeds=2", "optim.lr=0.01", "optim.clip_threshold=[0.25, 1.0e+30]"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rnn")
-    return api.execute("rnn_bptt", TINY, out=out, progress=False, draw=True), out
+EXPERIMENT = "rnn_bptt"  # the conftest fixture `tiny` runs it at TINY
 
 
 def test_checks_pass_and_both_figures_are_drawn(tiny):

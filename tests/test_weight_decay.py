@@ -4,9 +4,8 @@ relations between grid points that hold whatever the formulas' code says."""
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
-from gradlab import api, transforms
+from gradlab import transforms
 from gradlab.config import OptimConfig
 from gradlab.experiments import weight_decay
 
@@ -15,10 +14,7 @@ TINY = ["model.width=16", "model.depth=1", "data.examples=32", "data.batch_size=
         "optim.weight_decay=[0, 0.0001, 0.1, 1.0]"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wd")
-    return api.execute("weight_decay", TINY, out=out, progress=False, draw=True), out
+EXPERIMENT = "weight_decay"  # the conftest fixture `tiny` runs it at TINY
 
 
 def test_checks_pass_and_the_figure_is_drawn(tiny):

@@ -311,7 +311,7 @@ def figures(ds) -> dict:
     ax = axes[1, 2]
     table = scaling_table(ds)
     bs = np.array([base] + [r[0] for r in table])
-    for j, (label, marker) in enumerate([(f"linear + warmup", "o"), ("linear", "s"), ("fixed lr", "^")]):
+    for j, (label, marker) in enumerate([("linear + warmup", "o"), ("linear", "s"), ("fixed lr", "^")]):
         ratio = np.array([1.0] + [r[1 + j] for r in table])
         shown = np.where(np.isfinite(ratio), ratio, np.nan)
         ax.plot(bs, shown, marker=marker, ms=4, lw=1, label=label, color=plotting.COLORS[j])

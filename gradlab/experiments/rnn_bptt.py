@@ -271,7 +271,7 @@ def checks(ds) -> list[Check]:
         measured = slopes(ds, "simple", 0)
         theory = simple_theory(ds, 0)
         longest = -1
-        m, mf, bound = measured[longest], theory["mean_field"][longest], theory["bound"][longest]
+        m, bound = measured[longest], theory["bound"][longest]
         tol = np.stack([slope_tolerance(theory["jensen_gap"][j], cfg["batch"], int(T) - FIT_SKIP)
                         for j, T in enumerate(lengths)])
         out.append(Check(f"vanilla RNN at init, T = {lengths[longest]}: log-slope per step (max over seeds)",
