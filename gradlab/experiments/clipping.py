@@ -75,13 +75,13 @@ def trial(cfg) -> Trial:
     def step(hp, state):
         hp = with_threshold(cfg, hp)
         new_state, metrics = base.step(hp, state)
-        # The same batch and gradient as base.step (XLA shares the work); optax's clipping rules are
-        # stateless, so applying the rule alone shows what it did to this step's gradient.
+        # The same batch and gradient as base.step (XLA shares the work); the clipping rules keep no
+        # state across steps, so applying the rule alone shows what it did to this step's gradient.
         batch = data.batch(state.data, cfg.data, state.step, state.key)
         hyper = models.MLPHyper.from_hp(hp)
         grads = jax.grad(lambda p: data.loss(cfg.data, models.apply(p, batch.x, spec, hyper)[0], batch.y))(state.params)
-        clipped, _ = transforms.clipping(cfg.optim, hp["optim.clip_threshold"]).update(
-            grads, optax.EmptyState(), state.params)
+        rule = transforms.clipping(cfg.optim, hp["optim.clip_threshold"])
+        clipped, _ = rule.update(grads, rule.init(state.params), state.params)
         updates, _ = transforms.build(cfg.optim, hp, cfg.steps).update(grads, state.opt_state, state.params)
         changed = sum(jnp.sum(c != g) for c, g in zip(jax.tree.leaves(clipped), jax.tree.leaves(grads)))
         size = sum(g.size for g in jax.tree.leaves(grads))
