@@ -269,11 +269,14 @@ def main() -> None:
         for name in ("torch_loop", "torch_batched"):
             if name in results:
                 other = np.asarray(results[name]["losses"])
+                # float32 rounding grows along a trajectory, fast at large lr (AdamW's sign-like first
+                # steps), so the curves are compared where they should agree: early, and at small lr.
+                rel = np.abs(other - ref) / np.abs(ref)
                 low = slice(0, w["lrs"] // 2)
-                early = np.max(np.abs(other[:, :10] - ref[:, :10]) / np.abs(ref[:, :10]))
-                low_lr = np.max(np.abs(other[low] - ref[low]) / np.abs(ref[low]))
-                print(f"loss curves, {name} vs gradlab: max relative difference {early:.1e} over the first 10 steps,"
-                      f" {low_lr:.1e} over the low-lr half")
+                print(f"loss curves, {name} vs gradlab, max relative difference: {rel[low, :10].max():.1e} over the "
+                      f"first 10 steps of the low-lr half, {rel[0].max():.1e} over the whole curve at lr "
+                      f"{learning_rates(w)[0]:.0e}, {np.median(rel[low].max(axis=1)):.1e} median over the low-lr half; "
+                      f"final losses agree to {np.median(rel[:, -1]):.1e} (median over all lrs)")
 
 
 if __name__ == "__main__":
