@@ -214,6 +214,16 @@ CONTENDERS = {"gradlab": run_gradlab, "torch_loop": run_torch_loop, "torch_batch
               "peak": run_peak}
 
 
+def child_env(name: str) -> dict:
+    """gradlab runs as `gradlab run` would: one XLA host device per core unless XLA_FLAGS says otherwise."""
+    env = os.environ.copy()
+    if name == "gradlab" and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+        from gradlab.cli import default_host_devices
+
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={default_host_devices()}".strip()
+    return env
+
+
 def child(name: str, kind: str, shared: Path, out: Path) -> None:
     result = CONTENDERS[name](workload(kind), shared)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -246,7 +256,7 @@ def main() -> None:
             result_file = Path(tmp) / f"{name}.json"
             flags = ["--gpu"] if args.gpu else ["--quick"] if args.quick else []
             proc = subprocess.run([sys.executable, __file__, *flags, "--child", name, "--shared", str(shared),
-                                   "--result", str(result_file)], env=os.environ.copy())
+                                   "--result", str(result_file)], env=child_env(name))
             if proc.returncode != 0:
                 print(f"{name}: failed (exit {proc.returncode})")
                 continue
