@@ -17,7 +17,7 @@ CLAIM_WIDTH = 60  # `gradlab list` prints the claims in full
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        raise _UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+        raise _UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
 
 
 class _UsageError(Exception):
