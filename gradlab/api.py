@@ -107,15 +107,11 @@ def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_f
         cost = compiled.chunk.cost_analysis() or {}
         cost = cost[0] if isinstance(cost, list) else cost
         flops = float(cost.get("flops", 0.0)) * chunks * compiled.batches
-        width = -(-group.points // compiled.sharding.mesh.size)
+        width = -(-group.points // len(devices))
         lines.append(f"  {label[:40]:<40} {group.points:>6} {width:>10} {flops / 1e9:>10.2f} "
                      f"{engine.group_bytes(compiled) / 2**20:>11.1f} MiB {compiled.compile_seconds:>9.1f}")
-        planned = engine.lanes_per_device(compiled.points, compiled.sharding.mesh.size, devices[0].platform)
-        if compiled.lanes < planned:
+        if compiled.batches > 1:
             lines.append(f"    {engine.split_note(compiled)}")
-        elif compiled.batches > 1:
-            lines.append(f"    runs as {compiled.batches} batches of {compiled.batch} points "
-                         f"({compiled.lanes} lanes per device, see engine.lanes_per_device)")
     return "\n".join(lines)
 
 

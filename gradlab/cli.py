@@ -10,7 +10,7 @@ import sys
 import time
 
 EXIT_USAGE = 2
-MAX_DEFAULT_HOST_DEVICES = 8
+DEFAULT_HOST_DEVICES = 1
 EXIT_INTERRUPTED = 130
 CLAIM_WIDTH = 60  # `gradlab list` prints the claims in full
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="compile only: print sweep size, compiles, FLOPs and memory per device, then exit")
     r.add_argument("--devices", type=int, metavar="N",
-                   help="CPU only: split the host into N devices to shard the sweep over (default: one per core, at most 8)")
+                   help=f"CPU only: split the host into N devices to shard the sweep over (default {DEFAULT_HOST_DEVICES})")
     _scale_options(r)
 
     rp = sub.add_parser("reproduce", help="run every experiment (stored results reused), redraw every figure, "
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--check", action="store_true", help="exit 1 if any check fails")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.add_argument("--devices", type=int, metavar="N",
-                    help="CPU only: split the host into N devices (default: one per core, at most 8)")
+                    help=f"CPU only: split the host into N devices (default {DEFAULT_HOST_DEVICES})")
     _scale_options(rp)
 
     sub.add_parser("list", help="the experiments and their claims")
@@ -166,20 +166,14 @@ def _use_compilation_cache() -> None:
 
 
 def default_host_devices() -> int:
-    """One XLA device per core this process may use (at most 8).
+    """One XLA host device unless --devices says otherwise.
 
-    XLA:CPU runs one program's small matrix products on about one core; with one device per core
-    the sweep's shards run side by side. Workload W (benchmarks/sweep_throughput.py) on 2 cores:
-    77 s on 1 device, 52 s on 2, 53 s on 4. The engine spreads a group over no more devices than
-    give each 8 points, so small sweeps lose nothing.
+    More devices run a sweep's shards side by side (workload W, benchmarks/sweep_throughput.py,
+    on 2 cores: 77 s on 1 device, 52 s on 2, 53 s on 4), but with jaxlib 0.10.2 a program run on
+    two host devices at once can hang on a 2-core machine (seen with C4 rnn_bptt's flax cells),
+    so the speed-up is opt-in.
     """
-    import os
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_HOST_DEVICES))
+    return DEFAULT_HOST_DEVICES
 
 
 def _host_devices(n: int | None) -> None:

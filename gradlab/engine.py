@@ -113,33 +113,20 @@ def _point_chunk(trial: Trial, chunk: int, total: int, constant: dict):
 
 
 LANE_MULTIPLE = 8  # one AVX2 vector of float32: see lanes_per_device
-CPU_LANE_BLOCK = 16  # the most lanes one CPU program holds: see lanes_per_device
 
 
-def lanes_per_device(points: int, devices: int, platform: str = "cpu") -> int:
+def lanes_per_device(points: int, devices: int) -> int:
     """How many lanes (vmapped points) each device's program holds: a multiple of 8.
 
-    XLA:CPU vectorises the vmapped (lane) axis 8 floats at a time and rounds a program's sums in an
-    order that depends on its lane count: 1, 2, 3 or 4 lanes each give other last bits than 8, and
-    from 32 lanes on XLA tiles the reductions differently again (measured: 8, 16 and 24 lanes agree
-    bit for bit, 32 to 64 differ in the norms, 128 in the loss). So a CPU program holds 8 or 16
-    lanes, and a point's numbers do not depend on how many devices, processes or other points
-    share the sweep: a wider group runs as several batches of 16 lanes per device. Padding costs at
-    most 7 idle lanes per device; padded lanes repeat the last point and are dropped. Other
-    platforms (not bit for bit anyway) take every point at once.
+    XLA:CPU vectorises the vmapped (lane) axis 8 floats at a time, and rounds a program's sums in
+    an order that depends on its lane count modulo that width (1, 2, 3 or 4 lanes each give other
+    last bits). With a multiple of 8 lanes per device a point's numbers do not depend on how many
+    devices, processes or other points share its program: 1 and 4 devices agree bit for bit
+    (measured on AVX2), and so does a sweep split into batches. Padding costs at most 7 idle lanes
+    per device; padded lanes repeat the last point and are dropped from the results.
     """
     lanes = -(-max(points, 1) // devices)
-    lanes = -(-lanes // LANE_MULTIPLE) * LANE_MULTIPLE
-    return min(lanes, CPU_LANE_BLOCK) if platform == "cpu" else lanes
-
-
-def devices_for(points: int, devices: list) -> list:
-    """The devices a group of `points` is spread over: no more than give each device 8 real lanes.
-
-    A device that would hold only padding costs time and gives nothing; 10 points on 4 devices run
-    on 2 (8 lanes each), so a default of one device per core does not slow small sweeps.
-    """
-    return list(devices)[: max(1, min(len(devices), -(-points // LANE_MULTIPLE)))]
+    return -(-lanes // LANE_MULTIPLE) * LANE_MULTIPLE
 
 
 def _pad(hp: dict, total: int) -> dict:
@@ -215,7 +202,7 @@ def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices, 
     sharding = NamedSharding(mesh, PartitionSpec("sweep"))
     varying, constant = split_hp(hp_host)
     varying = {k: np.asarray(v, jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)) for k, v in varying.items()}
-    lanes = lanes or lanes_per_device(len(hp_host["seed"]), len(devices), devices[0].platform)
+    lanes = lanes or lanes_per_device(len(hp_host["seed"]), len(devices))
     hp = {k: jax.ShapeDtypeStruct((lanes * len(devices),), v.dtype, sharding=sharding) for k, v in varying.items()}
     start = time.perf_counter()
     point_init = jax.vmap(_point_init(trial, constant))
@@ -276,8 +263,7 @@ def fit_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices, memo
     the numbers do not change), fewer when not. SweepTooLarge when one lane does not fit.
     `memory` defaults to what the devices have free.
     """
-    devices = devices_for(len(hp_host["seed"]), devices)
-    group = compile_group(trial, hp_host, steps, chunk, devices)  # lanes_per_device lanes
+    group = compile_group(trial, hp_host, steps, chunk, devices)
     have = memory if memory is not None else available_bytes(devices)
     if have is None:
         return group
@@ -433,7 +419,7 @@ def run_sweep(
     static_shape = tuple(len(a.values) for a in plan.static_axes)
     traced_shape = tuple(len(a.values) for a in plan.traced_axes)
     bar = tqdm(total=steps * len(plan.groups), disable=not progress, unit="step", leave=False)
-    per_group, compile_seconds, notes, used = [], 0.0, [], 1
+    per_group, compile_seconds, notes = [], 0.0, []
     start = time.perf_counter()
     for g, group in enumerate(plan.groups):
         bar.set_description(f"group {g + 1}/{len(plan.groups)}")
@@ -445,14 +431,12 @@ def run_sweep(
                 raise KeyboardInterrupt
 
         compiled = fit_group(trial, group.hp, steps, chunk, devices, memory)
-        if compiled.lanes < lanes_per_device(compiled.points, compiled.sharding.mesh.size, devices[0].platform):
+        if compiled.batches > 1:
             notes.append(f"group {g + 1}: {split_note(compiled)}")
             if on_note is not None:
                 on_note(notes[-1])
-        if compiled.batches > 1:
             bar.total += steps * (compiled.batches - 1)
             bar.refresh()
-        used = max(used, compiled.sharding.mesh.size)
         metrics, bad, seconds = run_group(trial, group.hp, steps, chunk, devices, ckpt, tick, compiled)
         compile_seconds += seconds
         per_group.append((group.index, trial, metrics, bad))
@@ -485,7 +469,7 @@ def run_sweep(
         compile_seconds=compile_seconds,
         run_seconds=time.perf_counter() - start - compile_seconds,
         device_kind=getattr(device, "device_kind", device.platform),
-        device_count=used,
+        device_count=len(devices),
         groups=len(plan.groups),
         processes=jax.process_count(),
         notes=notes,
