@@ -159,7 +159,6 @@ def run_torch_batched(w: dict, shared: Path) -> dict:
         grads = torch.autograd.grad(per_config.sum(), params)
         norm = torch.sqrt(sum(torch.sum(g * g, dim=(1, 2)) for g in grads)).view(n, 1, 1)
         scale = torch.clamp(1.0 / norm, max=1.0)
-        out = []
         with torch.no_grad():
             for p, g, mi, vi, wd in zip(params, grads, m, v, decays):
                 g = g * scale
