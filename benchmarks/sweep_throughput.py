@@ -217,9 +217,9 @@ def child_env(name: str) -> dict:
     """gradlab runs as `gradlab run` would: one XLA host device per core unless XLA_FLAGS says otherwise."""
     env = os.environ.copy()
     if name == "gradlab" and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
-        from gradlab.cli import default_host_devices
+        from gradlab.cli import DEFAULT_HOST_DEVICES
 
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={default_host_devices()}".strip()
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEFAULT_HOST_DEVICES}".strip()
     return env
 
 

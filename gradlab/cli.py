@@ -10,6 +10,9 @@ import sys
 import time
 
 EXIT_USAGE = 2
+# One XLA host device unless --devices says otherwise. More run a sweep's shards side by side
+# (workload W on 2 cores: 77 s on 1 device, 52 s on 2), but with jaxlib 0.10.2 a program on two
+# host devices at once was seen to hang in C4 rnn_bptt on a 2-core machine, so that is opt-in.
 DEFAULT_HOST_DEVICES = 1
 EXIT_INTERRUPTED = 130
 CLAIM_WIDTH = 60  # `gradlab list` prints the claims in full
@@ -165,17 +168,6 @@ def _use_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def default_host_devices() -> int:
-    """One XLA host device unless --devices says otherwise.
-
-    More devices run a sweep's shards side by side (workload W, benchmarks/sweep_throughput.py,
-    on 2 cores: 77 s on 1 device, 52 s on 2, 53 s on 4), but with jaxlib 0.10.2 a program run on
-    two host devices at once can hang on a 2-core machine (seen with C4 rnn_bptt's flax cells),
-    so the speed-up is opt-in.
-    """
-    return DEFAULT_HOST_DEVICES
-
-
 def _host_devices(n: int | None) -> None:
     """Split the CPU into n XLA devices (set before jax is imported; no effect on GPU/TPU runs)."""
     import os
@@ -189,7 +181,7 @@ def _host_devices(n: int | None) -> None:
         return
     if "jax" in sys.modules:
         return  # too late to change; the API caller chose
-    count = n if n is not None else default_host_devices()
+    count = n if n is not None else DEFAULT_HOST_DEVICES
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 

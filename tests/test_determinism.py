@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-import xarray as xr
+
+from cli_sweeps import assert_identical, finish, results_of
 
 from gradlab import config, engine, trials
 from gradlab.config import ExperimentConfig
@@ -98,22 +99,6 @@ def gradlab(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.Popen([sys.executable, "-m", "gradlab", "run", "gradient_flow", *SWEEP, *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc):
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    return out
-
-
-def results_of(out):
-    (path,) = list((out / "runs").glob("gradient_flow-*/results.nc"))
-    return xr.load_dataset(path, engine="h5netcdf")
-
-
-def assert_identical(a, b):
-    for name in a.data_vars:
-        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 
 
 def free_port():

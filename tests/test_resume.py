@@ -11,7 +11,8 @@ import sys
 import time
 
 import numpy as np
-import xarray as xr
+
+from cli_sweeps import assert_identical, finish, results_of
 
 SWEEP = ["model.width=16", "model.depth=3", "data.examples=32", "data.input_dim=8", "model.activation=tanh",
          "model.norm=none", "model.residual=false", "optim.name=momentum", "optim.lr=[0.01, 0.03, 0.1]",
@@ -59,21 +60,6 @@ def gradlab(*args):
 def with_fault(fault, at, *args):
     return subprocess.run([sys.executable, "-c", LAUNCH, fault, str(at), "run", "gradient_flow", *SWEEP, *args],
                           env=env(), capture_output=True, text=True, timeout=600)
-
-
-def finish(proc):
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-
-
-def results_of(out):
-    (path,) = list((out / "runs").glob("gradient_flow-*/results.nc"))
-    return xr.load_dataset(path, engine="h5netcdf")
-
-
-def assert_identical(a, b):
-    for name in a.data_vars:
-        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 
 
 def one_line(stderr):

@@ -1,0 +1,21 @@
+"""Helpers for tests that run `gradlab run gradient_flow` in subprocesses and compare results."""
+
+import numpy as np
+import xarray as xr
+
+
+def finish(proc):
+    """Wait for a gradlab subprocess; it must exit 0. Returns its stdout."""
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return out
+
+
+def results_of(out):
+    (path,) = list((out / "runs").glob("gradient_flow-*/results.nc"))
+    return xr.load_dataset(path, engine="h5netcdf")
+
+
+def assert_identical(a, b):
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
