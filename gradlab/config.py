@@ -78,7 +78,9 @@ class ModelConfig:
     bias_std: float = param(0.0, low=0.0)
     leaky_slope: float = param(0.01, low=0.0)
     dtype: str = param("float32", choices=DTYPES, doc="compute dtype; params stay float32")
-    unroll: int = param(1, low=1, doc="lax.scan unroll of the hidden layers")
+    unroll: int = param(
+        0, low=0, doc="hidden layers per lax.scan iteration; >= depth: no scan, straight-line blocks; "
+        "0: straight-line up to 16 hidden layers, a scan of one layer deeper")
     final_norm: bool = param(False, doc="normalise the last hidden state before the readout (Pre-LN transformers)")
     remat: bool = param(False, doc="jax.checkpoint each hidden block: recompute activations in the backward pass")
 

@@ -6,8 +6,8 @@ A Trial is a pair of pure functions, like an optax GradientTransformation:
 where `hp` maps each traced config path ("optim.lr", "seed", ...) to a scalar. The engine
 vmaps both over the sweep points of a static group, scans `step` over chunks of steps under
 one jit, shards the points over the devices, checkpoints after every chunk, and isolates
-divergence: a point whose state or loss goes non-finite keeps its last finite state, records
-its first bad step, and reports NaN metrics from then on; the other points are untouched.
+divergence: a point whose state or loss goes non-finite records its first bad step and
+reports NaN metrics from then on; the other points are untouched.
 """
 
 from __future__ import annotations
@@ -59,8 +59,15 @@ class SweepResult:
 
 
 def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    """Whether every float in `tree` is finite, read as one sum per leaf.
+
+    A NaN or an infinity anywhere makes the sum non-finite. A plain sum is one pass over memory;
+    `all(isfinite(x))` makes XLA:CPU write a boolean copy of every leaf first, which cost 10% of
+    workload W's step. Only a leaf whose finite entries sum beyond float32's 3.4e38 reads as
+    non-finite too, and such a state has diverged by any measure.
+    """
+    sums = [jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.isfinite(sum(sums)) if sums else jnp.bool_(True)
 
 
 def _silence(metrics: dict, healthy) -> dict:
@@ -92,19 +99,26 @@ def _point_init(trial: Trial, constant: dict):
 
 
 def _point_chunk(trial: Trial, chunk: int, total: int, constant: dict):
+    """`chunk` steps of one point from step t0: the new carry and the metrics, shape (chunk, ...).
+
+    A point whose state or loss goes non-finite records that step as its first bad one and
+    reports NaN metrics from then on. Its state is not rolled back: nothing reads a diverged
+    point's state, and choosing between the new and the old state of every point on every step
+    rewrote the whole state once more (12% of workload W's step). Steps past `total` (in a last
+    chunk that `total` does not fill) run, and their metrics are dropped with the padding.
+    """
+
     def run(hp, carry, t0):
         hp = {**constant, **hp}
+
         def body(carry, i):
             state, bad = carry
             t = t0 + i
-            new_state, metrics = trial.step(hp, state)
+            state, metrics = trial.step(hp, state)
             metrics = jax.tree.map(jnp.asarray, metrics)  # a metric of constants may be a Python number
-            ok = _all_finite(new_state) & _all_finite(metrics.get("loss", jnp.float32(0)))
+            ok = _all_finite(state) & _all_finite(metrics.get("loss", jnp.float32(0)))
             healthy = bad < 0
-            active = t < total
-            take = active & healthy & ok
-            state = jax.tree.map(lambda n, o: jnp.where(take, n, o), new_state, state)
-            bad = jnp.where(active & healthy & ~ok, t, bad)
+            bad = jnp.where((t < total) & healthy & ~ok, t, bad)
             return (state, bad), _silence(metrics, healthy)
 
         return jax.lax.scan(body, carry, jnp.arange(chunk, dtype=jnp.int32))
