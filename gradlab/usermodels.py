@@ -444,7 +444,7 @@ def sweep(
     Each point trains with optax.inject_hyperparams(optimizer)(learning_rate=lr) (lr is a traced
     value), full steps of `loss` on `data`, through gradlab.engine: vmapped over the points, a
     scan over chunks of steps, and divergence isolated (a point whose loss or state goes
-    non-finite keeps its last finite state and reports NaN from the step after).
+    non-finite records that step and reports NaN from then on).
 
     Args:
       model, loss, has_aux: as in probe (loss None: mean squared output).
