@@ -11,13 +11,15 @@ __version__ = "0.1.0"
 
 
 def _xla_cpu_defaults() -> None:
-    """Batched matmuls on XLA:CPU through Eigen rather than YNNPACK, unless XLA_FLAGS says otherwise.
+    """XLA:CPU without YNNPACK fusions, unless XLA_FLAGS says otherwise.
 
-    jaxlib 0.10 hands dots with a batch dimension (every vmapped layer of a sweep) to YNNPACK,
-    which ran them at 50 GFLOP/s where Eigen reaches 120 on the same 2-core CPU: workload W took
-    1.5x longer. Reductions stay with YNNPACK, which is faster there. XLA reads XLA_FLAGS once, when
-    jax starts its backend, so this must run before the first computation; older jaxlibs do not
-    know the flag and are left alone.
+    jaxlib 0.10 hands dots with a batch dimension (every vmapped layer of a sweep) and reductions
+    to YNNPACK. Its batched dots ran at 50 GFLOP/s where Eigen reaches 120 on the same 2-core CPU
+    (workload W took 1.5x longer), and its reductions rounded differently once a program held 32
+    or more sweep points, so a point's norms depended on how many points shared its device.
+    Without it, 2 to 128 lanes give the same bits. XLA reads XLA_FLAGS once, when jax starts its
+    backend, so this runs on import, before any computation; older jaxlibs do not know the flag
+    and are left alone.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "ynn_fusion_type" in flags:
@@ -29,7 +31,7 @@ def _xla_cpu_defaults() -> None:
     except (ImportError, ValueError):  # not installed the usual way: leave XLA as it is
         return
     if release >= (0, 10, 2):
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_experimental_ynn_fusion_type=reduce".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_experimental_ynn_fusion_type=".strip()
 
 
 _xla_cpu_defaults()

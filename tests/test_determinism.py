@@ -91,7 +91,7 @@ def test_a_sweep_split_into_batches_to_fit_memory_is_bit_identical(tmp_path):
 
 # Through the CLI in subprocesses: the host device count is fixed before jax starts.
 SWEEP = ["model.width=16", "model.depth=3", "data.examples=32", "data.input_dim=8", "model.activation=tanh",
-         "model.norm=none", "model.residual=false", "optim.name=momentum", "optim.lr={logspace: [-3, -1, 10]}",
+         "model.norm=none", "model.residual=false", "optim.name=momentum", "optim.lr={logspace: [-3, -1, 32]}",
          "seeds=1", "steps=24", "chunk_steps=8", "--quiet", "--no-figure"]
 
 
@@ -108,7 +108,11 @@ def free_port():
 
 
 def test_one_four_host_devices_and_two_processes_agree(tmp_path):
-    """1 device, 4 host devices, and 2 processes x 2 devices joined by jax.distributed on 127.0.0.1."""
+    """1 device, 4 host devices, and 2 processes x 2 devices joined by jax.distributed on 127.0.0.1.
+
+    32 points: 32 lanes on one device against 8 on each of four, where YNNPACK's reductions (off
+    since gradlab/__init__.py) rounded the norms differently.
+    """
     finish(gradlab("--devices", "1", "--out", str(tmp_path / "one")))
     finish(gradlab("--devices", "4", "--out", str(tmp_path / "four")))
     port = free_port()
