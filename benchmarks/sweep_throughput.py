@@ -214,7 +214,7 @@ CONTENDERS = {"gradlab": run_gradlab, "torch_loop": run_torch_loop, "torch_batch
 
 
 def child_env(name: str) -> dict:
-    """gradlab runs as `gradlab run` would: one XLA host device per core unless XLA_FLAGS says otherwise."""
+    """gradlab runs as `gradlab run` would: its default host device count unless XLA_FLAGS sets one."""
     env = os.environ.copy()
     if name == "gradlab" and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
         from gradlab.cli import DEFAULT_HOST_DEVICES

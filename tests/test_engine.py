@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -75,3 +76,14 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
     for name in reference.metrics:
         np.testing.assert_array_equal(resumed.metrics[name], reference.metrics[name])
     assert not list(ckpt.glob(".*.tmp"))
+
+
+def test_all_finite_sees_one_bad_entry_in_any_leaf():
+    tree = {"w": jnp.ones((70, 70)), "b": jnp.zeros(3), "n": jnp.int32(7)}
+    assert bool(engine._all_finite(tree))
+    for leaf, index, bad in (("w", (69, 3), jnp.nan), ("w", (0, 0), jnp.inf), ("b", 2, -jnp.inf)):
+        broken = dict(tree)
+        broken[leaf] = tree[leaf].at[index].set(bad)
+        assert not bool(engine._all_finite(broken)), (leaf, bad)
+    # +inf in one leaf and -inf in another must not cancel
+    assert not bool(engine._all_finite({"a": jnp.array([jnp.inf]), "b": jnp.array([-jnp.inf])}))

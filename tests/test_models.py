@@ -75,3 +75,32 @@ def test_residual_block_formula():
     h1 = h0 + np.tanh(z @ np.asarray(p["hidden"]["w"][0]) + np.asarray(p["hidden"]["b"][0]))
     ref = h1 @ np.asarray(p["output"]["w"]) + np.asarray(p["output"]["b"])
     np.testing.assert_allclose(np.asarray(models.apply(params, x, spec, h)[0]), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation, norm, position, residual", VARIANTS)
+@pytest.mark.parametrize("traced", [False, True], ids=["constant", "traced"])
+def test_straight_line_blocks_equal_the_scan(activation, norm, position, residual, traced):
+    """model.unroll >= depth runs the blocks as straight-line code: same outputs, taps and gradients
+    as the scan, with depth and residual as constants of the program or traced (depth masked to 3 of 4)."""
+    scan = models.MLPSpec(3, 2, depth=4, width=6, activation=activation, norm=norm, norm_position=position,
+                          dtype="float64", unroll=1)
+    line = models.MLPSpec(**{**scan.__dict__, "unroll": 4})
+    assert line.unrolled and not scan.unrolled
+    with jax.enable_x64(True):
+        h = hyper(3, residual)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), models.init(jax.random.PRNGKey(0), scan, h))
+        x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
+        probes = jax.tree.map(lambda a: a.astype(jnp.float64), models.zero_probes(scan, 5))
+
+        def run(spec):
+            def loss(params, probes, h):
+                out, taps = models.apply(params, x, spec, h, probes)
+                return jnp.sum(jnp.sin(out)) + 0.1 * jnp.sum(taps["act_rms"]), (out, taps)
+
+            grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+            if traced:
+                return jax.jit(grad)(params, probes, h)
+            return grad(params, probes, h)
+
+        for a, b in zip(jax.tree.leaves(run(scan)), jax.tree.leaves(run(line))):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
