@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gradlab import results
+from gradlab import sums as sums_
 from gradlab.config import Plan, RunSpec
 from gradlab.errors import ResultsError, SweepTooLarge  # noqa: F401 (SweepTooLarge is re-exported)
 
@@ -61,12 +62,12 @@ class SweepResult:
 def _all_finite(tree) -> jax.Array:
     """Whether every float in `tree` is finite, read as one sum per leaf.
 
-    A NaN or an infinity anywhere makes the sum non-finite. A plain sum is one pass over memory;
-    `all(isfinite(x))` makes XLA:CPU write a boolean copy of every leaf first, which cost 10% of
-    workload W's step. Only a leaf whose finite entries sum beyond float32's 3.4e38 reads as
+    A NaN or an infinity anywhere makes the sum non-finite. A sum is one pass over memory (a dot
+    with ones: gradlab/sums.py); `all(isfinite(x))` makes XLA:CPU write a boolean copy of every
+    leaf first, which cost 10% of workload W's step. Only a leaf whose finite entries sum beyond float32's 3.4e38 reads as
     non-finite too, and such a state has diverged by any measure.
     """
-    sums = [jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    sums = [sums_.total(x) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.isfinite(sum(sums)) if sums else jnp.bool_(True)
 
 

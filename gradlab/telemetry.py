@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradlab import models
+from gradlab import models, sums
 from gradlab.norms import at_least_f32
 
 
@@ -41,5 +41,5 @@ def mlp_layer_stats(params, grads, updates, mask) -> dict:
 
 
 def global_norm(tree) -> jax.Array:
-    """The global L2 norm of a pytree (what clip_by_global_norm compares with its threshold)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(at_least_f32(x))) for x in jax.tree.leaves(tree)))
+    """The global L2 norm of a pytree: what transforms.clip_by_global_norm compares with its threshold."""
+    return sums.global_norm(tree)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradlab import sums
 from gradlab.config import OptimConfig
 
 
@@ -148,9 +149,25 @@ def optimizer(cfg: OptimConfig, hp: dict, total_updates: int, prefix: str = "opt
     return optax.chain(optax.add_decayed_weights(h["weight_decay"], _matrices), opt)
 
 
+def clip_by_global_norm(max_norm) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm with the norm taken as dot products (gradlab/sums.py).
+
+    The same rule: updates pass unchanged while their global norm is below max_norm, and are
+    scaled by max_norm / norm otherwise (Pascanu et al. 2013). Only the norm's last bits differ.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        norm = sums.global_norm(updates)
+        keep = norm < max_norm
+        return jax.tree.map(lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def clipping(cfg: OptimConfig, threshold) -> optax.GradientTransformation:
     if cfg.clip == "global_norm":
-        return optax.clip_by_global_norm(threshold)
+        return clip_by_global_norm(threshold)
     if cfg.clip == "value":
         return optax.clip(threshold)
     if cfg.clip == "agc":

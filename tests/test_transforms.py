@@ -143,3 +143,32 @@ def test_schedule_values_equal_their_closed_forms(schedule, warmup):
     lr = transforms.learning_rate(cfg, 0.5, 100)
     for t in (0, 5, 10, 37, 60, 99, 100):
         assert float(lr(t)) == pytest.approx(0.5 * closed_form(cfg, t, 100), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("size", [7, 4096, 50_000])
+def test_dot_sums_match_numpy_in_float64(size):
+    """Below 4096 entries a plain reduction, from there a dot; float32 accumulation either way."""
+    from gradlab import sums
+
+    x = np.random.default_rng(size).standard_normal((size, 1)).astype(np.float32)
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(float(sums.total(x)), exact.sum(), atol=1e-6 * size)
+    np.testing.assert_allclose(float(sums.sum_of_squares(x)), (exact ** 2).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums.global_norm({"a": x, "b": x[:3]})),
+                               np.sqrt((exact ** 2).sum() + (exact[:3] ** 2).sum()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1e3])
+def test_clip_by_global_norm_is_optaxs_rule(threshold):
+    """Clips (threshold 0.5) or passes (1e3) exactly where optax.clip_by_global_norm does, to float32 rounding."""
+    rng = np.random.default_rng(3)
+    grads = {"big": jnp.asarray(rng.standard_normal((3, 100, 50)), jnp.float32),
+             "small": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+    ours, _ = transforms.clip_by_global_norm(threshold).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(threshold).update(grads, optax.EmptyState())
+    norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
+    assert (norm > threshold) == (threshold == 0.5)
+    for name in grads:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-8)
+    clipped = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in ours.values()))
+    np.testing.assert_allclose(clipped, min(norm, threshold), rtol=1e-5)

@@ -3,7 +3,7 @@
 A deep ReLU MLP trained by plain SGD at learning rates past the edge of stability, under the four
 clipping rules of optim.clip (one compile each; lr and seeds vmapped):
   none         g
-  global_norm  g min(1, tau / |g|)                    optax.clip_by_global_norm(tau), tau = optim.clip_threshold
+  global_norm  g min(1, tau / |g|)                    transforms.clip_by_global_norm(tau), tau = optim.clip_threshold
   value        clip(g_i, -v, v) element by element    optax.clip(v), v = value_threshold
   agc          per unit, g_u min(1, a max(|w_u|, 1e-3) / |g_u|)   optax.adaptive_grad_clip(a), a = agc_threshold
 With SGD the update is -lr clip(g), so under global-norm clipping its norm is lr min(|g|, tau) exactly;
