@@ -153,13 +153,21 @@ def check_table(checks) -> str:
 
 
 def _use_compilation_cache() -> None:
-    """Reruns skip XLA compilation: a per-user persistent cache (GRADLAB_CACHE_DIR moves it)."""
+    """Reruns skip XLA compilation: a per-user persistent cache (GRADLAB_CACHE_DIR moves it).
+
+    One folder per jax version and XLA_FLAGS: an executable stored under other flags (another
+    host device count, YNNPACK on) was loaded by a later run and hung `rnn_bptt` inside XLA,
+    where the same command with an empty cache ran in 72 s.
+    """
+    import hashlib
     import os
     from pathlib import Path
 
     import jax
 
-    folder = os.environ.get("GRADLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradlab" / "jax"
+    base = os.environ.get("GRADLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradlab" / "jax"
+    flags = " ".join(sorted(os.environ.get("XLA_FLAGS", "").split()))
+    folder = Path(base) / f"jax-{jax.__version__}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError:
