@@ -169,7 +169,7 @@ def _use_compilation_cache() -> None:
     flags = " ".join(sorted(os.environ.get("XLA_FLAGS", "").split()))
     folder = Path(base) / f"jax-{jax.__version__}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return  # no cache is slower, not wrong
     jax.config.update("jax_compilation_cache_dir", str(folder))

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gradlab import results
-from gradlab import sums as sums_
+from gradlab import results, sums
 from gradlab.config import Plan, RunSpec
 from gradlab.errors import ResultsError, SweepTooLarge  # noqa: F401 (SweepTooLarge is re-exported)
 
@@ -64,11 +63,11 @@ def _all_finite(tree) -> jax.Array:
 
     A NaN or an infinity anywhere makes the sum non-finite. A sum is one pass over memory (a dot
     with ones: gradlab/sums.py); `all(isfinite(x))` makes XLA:CPU write a boolean copy of every
-    leaf first, which cost 10% of workload W's step. Only a leaf whose finite entries sum beyond float32's 3.4e38 reads as
-    non-finite too, and such a state has diverged by any measure.
+    leaf first, which cost 10% of workload W's step. Only a leaf whose finite entries sum beyond
+    float32's 3.4e38 reads as non-finite too, and such a state has diverged by any measure.
     """
-    sums = [sums_.total(x) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.isfinite(sum(sums)) if sums else jnp.bool_(True)
+    totals = [sums.total(x) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.isfinite(sum(totals)) if totals else jnp.bool_(True)
 
 
 def _silence(metrics: dict, healthy) -> dict:

@@ -107,6 +107,17 @@ def _concrete(value) -> bool:
     return isinstance(value, (bool, int, float, np.number, np.bool_))
 
 
+def _unstack(tree, n: int) -> list:
+    """n trees, the i-th holding slice i of every leaf's leading axis.
+
+    By jnp.split, not a[i]: the gradient of a split is one concatenate, that of indexing a padded
+    add per slice.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [jnp.split(leaf, n) for leaf in leaves]
+    return [treedef.unflatten([jnp.squeeze(part[i], 0) for part in parts]) for i in range(n)]
+
+
 def activation_fn(name: str, leaky_slope=0.01):
     table = {
         "tanh": jnp.tanh,
@@ -204,12 +215,8 @@ def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None =
     if spec.remat:  # recompute each block's activations in the backward pass instead of storing them
         block = jax.checkpoint(block)
     if spec.unrolled:
-        # split, not a[i]: its gradient is one concatenate, where indexing's is a padded add per layer
-        stacked = jax.tree.map(lambda a: [jnp.squeeze(x, 0) for x in jnp.split(a, spec.depth)],
-                               (p["hidden"], probes["hidden"]))
         taps = []
-        for i in range(spec.depth):
-            lp, probe = jax.tree.map(lambda parts: parts[i], stacked, is_leaf=lambda x: isinstance(x, list))
+        for i, (lp, probe) in enumerate(_unstack((p["hidden"], probes["hidden"]), spec.depth)):
             h, tap = block(h, (i, lp, probe))
             taps.append(tap)
         taps_hidden = jax.tree.map(lambda *t: jnp.stack(t), *taps)

@@ -40,6 +40,5 @@ def mlp_layer_stats(params, grads, updates, mask) -> dict:
     return {k: jnp.where(mask, v, jnp.nan) for k, v in stats.items()}
 
 
-def global_norm(tree) -> jax.Array:
-    """The global L2 norm of a pytree: what transforms.clip_by_global_norm compares with its threshold."""
-    return sums.global_norm(tree)
+# The global L2 norm of a pytree: what transforms.clip_by_global_norm compares with its threshold.
+global_norm = sums.global_norm

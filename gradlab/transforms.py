@@ -162,7 +162,7 @@ def clip_by_global_norm(max_norm) -> optax.GradientTransformation:
         keep = norm < max_norm
         return jax.tree.map(lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def clipping(cfg: OptimConfig, threshold) -> optax.GradientTransformation:
