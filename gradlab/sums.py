@@ -10,6 +10,8 @@ float64 input), in another order than `jnp.sum`: the last bits differ.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -20,14 +22,39 @@ DOT_FROM = 4096  # entries; below this a plain reduction is as fast
 
 def total(x) -> jax.Array:
     """The sum of x's entries, in at least float32."""
-    x = jnp.ravel(at_least_f32(jnp.asarray(x)))
-    return jnp.dot(x, jnp.ones_like(x)) if x.size >= DOT_FROM else jnp.sum(x)
+    x = at_least_f32(jnp.asarray(x))
+    if x.size < DOT_FROM:
+        return jnp.sum(x)  # over x's own axes: flattened, XLA:CPU splits a reduction into two passes
+    x = jnp.ravel(x)
+    return jnp.dot(x, jnp.ones_like(x))
 
 
 def sum_of_squares(x) -> jax.Array:
     """The sum of x's squared entries, in at least float32."""
-    x = jnp.ravel(at_least_f32(jnp.asarray(x)))
-    return jnp.dot(x, x) if x.size >= DOT_FROM else jnp.sum(jnp.square(x))
+    x = at_least_f32(jnp.asarray(x))
+    if x.size < DOT_FROM:
+        return jnp.sum(jnp.square(x))
+    x = jnp.ravel(x)
+    return jnp.dot(x, x)
+
+
+def row_totals(x) -> jax.Array:
+    """The sum of each x[i]'s entries (over every axis but the first), in at least float32.
+
+    From 4096 entries a row, a matrix-vector product with ones: one product for a whole stack of
+    layers, and under vmap one for every lane too, where a dot per row runs at a tenth of the
+    speed. Smaller rows are reduced over their own axes, not flattened (see total).
+    """
+    x = at_least_f32(jnp.asarray(x))
+    if math.prod(x.shape[1:]) < DOT_FROM:
+        return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+    x = x.reshape(x.shape[0], -1)
+    return x @ jnp.ones(x.shape[1], x.dtype)
+
+
+def row_sums_of_squares(x) -> jax.Array:
+    """The sum of each x[i]'s squared entries, in at least float32 (see row_totals)."""
+    return row_totals(jnp.square(at_least_f32(jnp.asarray(x))))
 
 
 def global_norm(tree) -> jax.Array:

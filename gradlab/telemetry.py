@@ -20,6 +20,16 @@ def nonfinite_fraction(a) -> jax.Array:
     return jnp.mean((~jnp.isfinite(a)).astype(jnp.float32))
 
 
+def frobenius_rows(stack) -> jax.Array:
+    """frobenius of each matrix of a stack, as one matrix-vector product (sums.row_*)."""
+    return jnp.sqrt(sums.row_sums_of_squares(stack))
+
+
+def nonfinite_fraction_rows(stack) -> jax.Array:
+    """nonfinite_fraction of each matrix of a stack."""
+    return sums.row_totals((~jnp.isfinite(stack)).astype(jnp.float32)) / (stack.size // stack.shape[0])
+
+
 def safe_ratio(num, den):
     """num / den, 0 where den is 0 (a zero-initialised layer has no relative update)."""
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
@@ -27,15 +37,15 @@ def safe_ratio(num, den):
 
 def mlp_layer_stats(params, grads, updates, mask) -> dict:
     """Weight-matrix statistics per layer of an MLP (see models.py for the layer axis)."""
-    grad_norm = models.per_layer(grads, frobenius)
-    param_norm = models.per_layer(params, frobenius)
-    update_norm = models.per_layer(updates, frobenius)
+    grad_norm = models.per_layer_rows(grads, frobenius_rows)
+    param_norm = models.per_layer_rows(params, frobenius_rows)
+    update_norm = models.per_layer_rows(updates, frobenius_rows)
     stats = {
         "grad_norm": grad_norm,
         "param_norm": param_norm,
         "update_norm": update_norm,
         "update_ratio": safe_ratio(update_norm, param_norm),
-        "grad_nonfinite": models.per_layer(grads, nonfinite_fraction),
+        "grad_nonfinite": models.per_layer_rows(grads, nonfinite_fraction_rows),
     }
     return {k: jnp.where(mask, v, jnp.nan) for k, v in stats.items()}
 

@@ -158,6 +158,31 @@ def test_dot_sums_match_numpy_in_float64(size):
                                np.sqrt((exact ** 2).sum() + (exact[:3] ** 2).sum()), rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 5), (4, 64, 128)])
+def test_row_sums_and_stack_telemetry_match_numpy(shape):
+    """Per-matrix sums of a stack (plain reduction below 4096 entries a row, a matrix-vector
+    product from there), and the per-layer norm and non-finite fraction built on them, against
+    float64 numpy; one row holds a NaN and an inf, which its norm and fraction must show and the
+    other rows must not."""
+    from gradlab import sums, telemetry
+
+    x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+    exact = x.astype(np.float64).reshape(shape[0], -1)
+    entries = exact.shape[1]
+    # float32 accumulation of `entries` terms of size ~1: error well under 1e-6 * entries
+    np.testing.assert_allclose(np.asarray(sums.row_totals(x)), exact.sum(1), atol=1e-6 * entries)
+    np.testing.assert_allclose(np.asarray(sums.row_sums_of_squares(x)), (exact ** 2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.vmap(sums.row_sums_of_squares)(x[None].repeat(2, 0))),
+                               np.tile((exact ** 2).sum(1), (2, 1)), rtol=1e-5)
+    x[1, 0, 0], x[1, -1, -1] = np.nan, np.inf
+    norms = np.asarray(telemetry.frobenius_rows(x))
+    fractions = np.asarray(telemetry.nonfinite_fraction_rows(x))
+    assert np.isnan(norms[1]) and fractions[1] == 2 / entries
+    keep = [0, 2]
+    np.testing.assert_allclose(norms[keep], np.sqrt((exact[keep] ** 2).sum(1)), rtol=1e-5)
+    assert np.all(fractions[keep] == 0)
+
+
 @pytest.mark.parametrize("threshold", [0.5, 1e3])
 def test_clip_by_global_norm_is_optaxs_rule(threshold):
     """Clips (threshold 0.5) or passes (1e3) exactly where optax.clip_by_global_norm does, to float32 rounding."""
