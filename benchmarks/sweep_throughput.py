@@ -266,7 +266,7 @@ def summarize(runs: list[dict]) -> dict:
     kept = alone or runs
     times = sorted(r["seconds"] for r in kept)
     return dict(best=times[0], median=float(np.median(times)), kept=len(kept), runs=len(runs),
-                others=max(r["others"] for r in runs), compile=min(r["compile"] for r in runs),
+                compile=min(r["compile"] for r in runs),
                 peak_rss_mib=max(r["peak_rss_mib"] for r in runs), losses=runs[-1]["losses"])
 
 
@@ -294,6 +294,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shared = Path(tmp) / "shared.npz"
         order = ["gradlab", "peak", "torch_loop", "torch_batched"]  # gradlab writes the shared start
+        flags = ["--gpu"] if args.gpu else ["--quick"] if args.quick else []
         # Rounds rather than back-to-back repeats, so that a slow spell of a shared machine
         # falls on every contender alike.
         for round_ in range(args.repeats):
@@ -301,7 +302,6 @@ def main() -> None:
                 if name in args.skip:
                     continue
                 result_file = Path(tmp) / f"{name}.json"
-                flags = ["--gpu"] if args.gpu else ["--quick"] if args.quick else []
                 proc = subprocess.run([sys.executable, __file__, *flags, "--child", name, "--shared", str(shared),
                                        "--result", str(result_file)], env=child_env(name))
                 if proc.returncode != 0:

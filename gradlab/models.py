@@ -262,6 +262,6 @@ def layer_mask(spec: MLPSpec, hyper: MLPHyper) -> jax.Array:
 def probe_rms(probe_grads: dict) -> jax.Array:
     """RMS of dL/dh per layer from the gradient w.r.t. `zero_probes`: shape (layers,)."""
     def rms(stack):
-        return jnp.sqrt(sums.row_sums_of_squares(stack) / (stack.size // stack.shape[0]))
+        return jnp.sqrt(sums.row_means(jnp.square(at_least_f32(stack))))
 
     return jnp.concatenate([rms(probe_grads["input"][None]), rms(probe_grads["hidden"]), rms(probe_grads["output"][None])])

@@ -46,10 +46,15 @@ def row_totals(x) -> jax.Array:
     speed. Smaller rows are reduced over their own axes, not flattened (see total).
     """
     x = at_least_f32(jnp.asarray(x))
-    if math.prod(x.shape[1:]) < DOT_FROM:
+    entries = math.prod(x.shape[1:])
+    if entries < DOT_FROM:
         return jnp.sum(x, axis=tuple(range(1, x.ndim)))
-    x = x.reshape(x.shape[0], -1)
-    return x @ jnp.ones(x.shape[1], x.dtype)
+    return x.reshape(x.shape[0], entries) @ jnp.ones(entries, x.dtype)
+
+
+def row_means(x) -> jax.Array:
+    """The mean of each x[i]'s entries, in at least float32 (see row_totals)."""
+    return row_totals(x) / math.prod(jnp.shape(x)[1:])
 
 
 def row_sums_of_squares(x) -> jax.Array:

@@ -27,7 +27,7 @@ def frobenius_rows(stack) -> jax.Array:
 
 def nonfinite_fraction_rows(stack) -> jax.Array:
     """nonfinite_fraction of each matrix of a stack."""
-    return sums.row_totals((~jnp.isfinite(stack)).astype(jnp.float32)) / (stack.size // stack.shape[0])
+    return sums.row_means((~jnp.isfinite(stack)).astype(jnp.float32))
 
 
 def safe_ratio(num, den):
