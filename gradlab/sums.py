@@ -30,12 +30,13 @@ def total(x) -> jax.Array:
 
 
 def sum_of_squares(x) -> jax.Array:
-    """The sum of x's squared entries, in at least float32."""
-    x = at_least_f32(jnp.asarray(x))
-    if x.size < DOT_FROM:
-        return jnp.sum(jnp.square(x))
-    x = jnp.ravel(x)
-    return jnp.dot(x, x)
+    """The sum of x's squared entries, in at least float32.
+
+    The square, then a product with ones (total), not jnp.dot(x, x): under vmap that dot has
+    a batch dimension and nothing else, and XLA:CPU rewrites it as a multiply and a
+    reduce-window (10.2 ms against 6.2 ms for the (15, 128, 128) hidden stack of 32 lanes).
+    """
+    return total(jnp.square(at_least_f32(jnp.asarray(x))))
 
 
 def row_totals(x) -> jax.Array:

@@ -154,6 +154,8 @@ def test_dot_sums_match_numpy_in_float64(size):
     exact = x.astype(np.float64)
     np.testing.assert_allclose(float(sums.total(x)), exact.sum(), atol=1e-6 * size)
     np.testing.assert_allclose(float(sums.sum_of_squares(x)), (exact ** 2).sum(), rtol=1e-5)
+    lanes = jax.vmap(sums.sum_of_squares)(np.stack([x, -2 * x]))  # how a sweep computes it: one per lane
+    np.testing.assert_allclose(np.asarray(lanes), [(exact ** 2).sum(), 4 * (exact ** 2).sum()], rtol=1e-5)
     np.testing.assert_allclose(float(sums.global_norm({"a": x, "b": x[:3]})),
                                np.sqrt((exact ** 2).sum() + (exact[:3] ** 2).sum()), rtol=1e-5)
 
