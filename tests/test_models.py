@@ -90,17 +90,25 @@ def test_straight_line_blocks_equal_the_scan(activation, norm, position, residua
         h = hyper(3, residual)
         params = jax.tree.map(lambda a: a.astype(jnp.float64), models.init(jax.random.PRNGKey(0), scan, h))
         x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
-        probes = jax.tree.map(lambda a: a.astype(jnp.float64), models.zero_probes(scan, 5))
+        stacked = jax.tree.map(lambda a: a.astype(jnp.float64), models.zero_probes(scan, 5))
 
-        def run(spec):
+        def run(spec, probes):
             def loss(params, probes, h):
                 out, taps = models.apply(params, x, spec, h, probes)
                 return jnp.sum(jnp.sin(out)) + 0.1 * jnp.sum(taps["act_rms"]), (out, taps)
 
             grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-            if traced:
-                return jax.jit(grad)(params, probes, h)
-            return grad(params, probes, h)
+            (value, aux), (grads, probe_grads) = (jax.jit(grad) if traced else grad)(params, probes, h)
+            # the probes' own form: one stack for the scan, a tuple of layers for straight-line blocks
+            assert isinstance(probe_grads["hidden"], tuple) == isinstance(probes["hidden"], tuple)
+            delta_rms = models.probe_rms(probe_grads)
+            return value, aux, grads, {**probe_grads, "hidden": models.hidden_stack(probe_grads)}, delta_rms
 
-        for a, b in zip(jax.tree.leaves(run(scan)), jax.tree.leaves(run(line))):
-            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        per_layer = jax.tree.map(lambda a: a.astype(jnp.float64), models.zero_probes(line, 5))
+        assert isinstance(per_layer["hidden"], tuple) and len(per_layer["hidden"]) == 4
+        reference = run(scan, stacked)
+        hidden_rms = np.sqrt(np.mean(np.square(np.asarray(reference[-2]["hidden"])), axis=(1, 2)))
+        np.testing.assert_allclose(np.asarray(reference[-1])[1:-1], hidden_rms, rtol=1e-12)
+        for probes in (stacked, per_layer):
+            for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(run(line, probes))):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
