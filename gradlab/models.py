@@ -2,7 +2,8 @@
 
 Layout (L = depth + 2 weight layers; telemetry's `layer` axis follows it):
   layer 0            input projection  h = act(x W + b)
-  layers 1..depth    hidden blocks, stacked on a leading depth axis and run under lax.scan
+  layers 1..depth    hidden blocks, stacked on a leading depth axis; run as straight-line code
+                     up to 16 of them and under lax.scan beyond (model.unroll, auto_unroll)
   layer depth + 1    linear readout
 
 A hidden block is, with r = 1 for residual nets and 0 otherwise,
