@@ -63,6 +63,16 @@ def orthonormalize(a):
     return jax.lax.fori_loop(0, cols, column, jnp.zeros_like(a))
 
 
+def orthogonal(key, shape, dtype=jnp.float32):
+    """A jax.nn.initializers-style orthogonal initializer (Haar, scale 1) by `orthonormalize`.
+
+    For flax modules under a vmapped sweep: flax's default orthogonal init calls LAPACK's QR,
+    and two of those running at once (an LSTM's four recurrent kernels) hung jaxlib 0.10.2 on a
+    2-core machine.
+    """
+    return orthonormalize(jax.random.normal(key, shape, dtype))
+
+
 def weight_from_normal(z, scheme, init_std, init_gain):
     """A [fan_in, fan_out] weight under a (traced) scheme index, from a standard normal draw z.
 

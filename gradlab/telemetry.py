@@ -30,6 +30,26 @@ def nonfinite_fraction_rows(stack) -> jax.Array:
     return sums.row_means((~jnp.isfinite(stack)).astype(jnp.float32))
 
 
+def spectral_norm(w, squarings: int = 12) -> jax.Array:
+    """||w||_2, the largest singular value, without LAPACK (see inits.orthonormalize).
+
+    Squares g = w^T w `squarings` times, rescaling, so that g^(2^squarings) is dominated by the top
+    eigenvector of w^T w (to (s_2 / s_1)^(2^(squarings + 1))), takes its largest column as that
+    vector, and returns the square root of its Rayleigh quotient. Equal top singular values (an
+    orthogonal w) are exact: any vector of that eigenspace gives the same quotient.
+    """
+    w = at_least_f32(w)
+    g = w.T @ w
+
+    def rescale(p):
+        return p / jnp.maximum(jnp.max(jnp.abs(p)), jnp.finfo(p.dtype).tiny)
+
+    p = jax.lax.fori_loop(0, squarings, lambda _, p: rescale(p @ p), rescale(g))
+    v = jnp.take(p, jnp.argmax(jnp.sum(jnp.square(p), axis=0)), axis=1)
+    vv = v @ v  # 0 only for w = 0
+    return jnp.sqrt(safe_ratio(v @ g @ v, vv))
+
+
 def safe_ratio(num, den):
     """num / den, 0 where den is 0 (a zero-initialised layer has no relative update)."""
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)

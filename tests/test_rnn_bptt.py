@@ -98,7 +98,7 @@ def test_reading_at_length_equals_running_the_short_sequence():
 
 
 def test_init_scales_the_recurrent_kernel_and_adds_the_forget_bias():
-    """flax's recurrent kernels are orthogonal: ||gain Q||_2 = gain (float32 SVD: ~N eps)."""
+    """The recurrent kernels are orthogonal (inits.orthogonal): ||gain Q||_2 = gain (float32 SVD: ~N eps)."""
     xs = jnp.zeros((2, 4, 3))
     simple = rnn_bptt.init_params(rnn_bptt.SequenceClassifier("simple", 16), jax.random.PRNGKey(0), xs, 4, 0.7, 1.0)
     singular = np.linalg.svd(np.asarray(simple["cell"]["h"]["kernel"]), compute_uv=False)
@@ -106,6 +106,26 @@ def test_init_scales_the_recurrent_kernel_and_adds_the_forget_bias():
     lstm = rnn_bptt.init_params(rnn_bptt.SequenceClassifier("lstm", 16), jax.random.PRNGKey(0), xs, 4, 1.0, 1.5)
     np.testing.assert_array_equal(np.asarray(lstm["cell"]["hf"]["bias"]), 1.5)  # flax's bias init is zero
     np.testing.assert_array_equal(np.asarray(lstm["cell"]["hi"]["bias"]), 0.0)
+    for name in rnn_bptt.recurrent_kernels(lstm["cell"]):
+        singular = np.linalg.svd(np.asarray(lstm["cell"][name]["kernel"]), compute_uv=False)
+        np.testing.assert_allclose(singular, 1.0, rtol=1e-5)
+
+
+def test_the_compiled_sweep_calls_no_lapack():
+    """flax's default orthogonal init is a LAPACK QR; four at once (an LSTM's recurrent kernels, batched
+    over a sweep) hung jaxlib 0.10.2 on 2 cores, and ||W||_2 by jnp.linalg.norm is a LAPACK SVD. The
+    compiled init and chunk programs of both cells hold no custom call (LAPACK's way in) at all."""
+    from gradlab import config, engine
+
+    spec = config.load(EXPERIMENT, rnn_bptt.Config, TINY)
+    groups = config.plan(spec).groups
+    assert sorted(g.config.cell for g in groups) == ["lstm", "simple"]
+    for group in groups:
+        compiled = engine.compile_group(rnn_bptt.trial(group.config), group.hp, 3, 3, jax.local_devices()[:1])
+        for program in (compiled.init, compiled.chunk):
+            text = program.as_text()
+            found = [line for line in text.splitlines() if "custom-call(" in line or "custom_call_target" in line]
+            assert not found, (group.config.cell, found[:3])
 
 
 def test_a_huge_clip_threshold_is_no_clipping():

@@ -20,7 +20,9 @@ orthogonal U gives ||dl/dx_t|| = gain^k ||dl/dh_{T-1}|| exactly (tests/test_rnn_
 
 One compile per cell: the sequence length (a mask: the program runs the longest and reads h at
 T - 1), learning rate, clipping threshold and seed are vmapped, and flax's init runs under vmap
-with each point's key. `optim.clip: global_norm` with a threshold of 1e30 or more is no clipping:
+with each point's key. The recurrent kernels are drawn orthogonal by inits.orthogonal and ||W||_2
+is taken by telemetry.spectral_norm, both pure jnp: jaxlib 0.10.2's LAPACK QR, behind flax's own
+orthogonal init, hung when two ran at once on a 2-core machine. `optim.clip: global_norm` with a threshold of 1e30 or more is no clipping:
 optax.clip_by_global_norm returns the gradient untouched when its norm is below the threshold.
 """
 
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import plotting, results, telemetry, transforms
+from gradlab import inits, plotting, results, telemetry, transforms
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -73,7 +75,8 @@ class SequenceClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, xs_BxTxF, length):
-        cell = CELLS[self.cell](self.hidden, param_dtype=self.param_dtype, name="cell")
+        cell = CELLS[self.cell](self.hidden, param_dtype=self.param_dtype, recurrent_kernel_init=inits.orthogonal,
+                                name="cell")
         outs = nn.RNN(cell, name="rnn")(xs_BxTxF)
         last = jax.lax.dynamic_index_in_dim(outs, length - 1, axis=1, keepdims=False)
         return nn.Dense(1, param_dtype=self.param_dtype, name="readout")(last)[:, 0], outs
@@ -168,7 +171,7 @@ def trial(cfg) -> Trial:
             metrics["dtanh_sq"] = by_lag(jnp.mean(jnp.square(dtanh), axis=(0, 2)), length)
             metrics["dtanh_4th"] = by_lag(jnp.mean(jnp.square(jnp.square(dtanh)), axis=(0, 2)), length)
             metrics["log_max_dtanh"] = by_lag(jnp.mean(jnp.log(jnp.max(dtanh, axis=2)), axis=0), length)
-            metrics["recurrent_norm"] = jnp.linalg.norm(state.params["cell"]["h"]["kernel"], ord=2)
+            metrics["recurrent_norm"] = telemetry.spectral_norm(state.params["cell"]["h"]["kernel"])
         return State(params, opt_state, state.key, state.step + 1), metrics
 
     lag = ("lag",)
