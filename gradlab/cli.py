@@ -10,9 +10,11 @@ import sys
 import time
 
 EXIT_USAGE = 2
-# One XLA host device unless --devices says otherwise. More run a sweep's shards side by side
-# (workload W on 2 cores: 77 s on 1 device, 52 s on 2), but with jaxlib 0.10.2 a program on two
-# host devices at once was seen to hang in C4 rnn_bptt on a 2-core machine, so that is opt-in.
+# One XLA host device unless --devices says otherwise: one already keeps every core busy, and
+# workload W ran no faster on 2 devices of a 2-core machine (README). The hangs once seen in C4
+# rnn_bptt with 2 devices were most likely the one caught later with 1 device, in a debugger:
+# jaxlib 0.10.2's batched LAPACK QR (flax's orthogonal init) deadlocking its own thread pool.
+# rnn_bptt now calls no LAPACK.
 DEFAULT_HOST_DEVICES = 1
 EXIT_INTERRUPTED = 130
 CLAIM_WIDTH = 60  # `gradlab list` prints the claims in full
@@ -155,9 +157,8 @@ def check_table(checks) -> str:
 def _use_compilation_cache() -> None:
     """Reruns skip XLA compilation: a per-user persistent cache (GRADLAB_CACHE_DIR moves it).
 
-    One folder per jax version and XLA_FLAGS: an executable stored under other flags (another
-    host device count, YNNPACK on) was loaded by a later run and hung `rnn_bptt` inside XLA,
-    where the same command with an empty cache ran in 72 s.
+    One folder per jax version and XLA_FLAGS: an executable compiled under other flags (another
+    host device count, YNNPACK on) is never loaded by a run under these.
     """
     import hashlib
     import os
