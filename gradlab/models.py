@@ -164,8 +164,8 @@ def zero_probes(spec: MLPSpec, batch: int, dtype=jnp.float32) -> dict:
 
     "hidden" is one (depth, batch, width) array for a scan, and a tuple of depth (batch, width)
     arrays for straight-line blocks: there the gradient of a stacked probe would be a concatenate
-    of every layer's dL/dh, 6% of workload W's step with telemetry. `apply` and `probe_rms` take
-    either form; `hidden_stack` gives the stacked one.
+    of every layer's dL/dh, about 4% of workload W's step with telemetry. `apply` and `probe_rms`
+    take either form; `hidden_stack` gives the stacked one.
     """
     if spec.unrolled:
         hidden = tuple(jnp.zeros((batch, spec.width), dtype) for _ in range(spec.depth))
