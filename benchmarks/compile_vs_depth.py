@@ -11,6 +11,8 @@ beyond (models.auto_unroll).
 
   python benchmarks/compile_vs_depth.py            # depths 8 16 32 64, unroll 1 2 4 full
   python benchmarks/compile_vs_depth.py --steps 50 --lrs 8    # faster, noisier
+  python benchmarks/compile_vs_depth.py --depths 15 --unrolls 0 --steps 25 --telemetry layers
+                                                              # W's step with per-layer telemetry
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from gradlab.experiments import gradient_flow
 from gradlab.trials import supervised_mlp
 
 
-def measure(depth: int, unroll: int, lrs: int, steps: int, repeats: int) -> tuple[float, float]:
+def measure(depth: int, unroll: int, lrs: int, steps: int, repeats: int, telemetry: str = "loss") -> tuple[float, float]:
     overrides = [
         f"model.depth={depth}", f"model.unroll={unroll}", "model.width=128", "model.activation=tanh",
         "model.norm=none", "model.residual=false", "data.examples=256", "data.input_dim=128",
         "optim.name=adamw", "optim.weight_decay=1e-4", "optim.clip=global_norm", "optim.clip_threshold=1.0",
         f"optim.lr={{logspace: [-4, -1, {lrs}]}}", "seeds=1", f"steps={steps}", f"chunk_steps={steps}",
-        "telemetry=loss",
+        f"telemetry={telemetry}",
     ]
     spec = config.load("gradient_flow", gradient_flow.Config, overrides)
     (group,) = config.plan(spec).groups
@@ -60,15 +62,17 @@ def main() -> None:
     parser.add_argument("--lrs", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--telemetry", choices=["loss", "layers"], default="loss",
+                        help="what each step records (layers: gradlab's per-layer statistics, the experiments' default)")
     args = parser.parse_args()
     print(f"device: {jax.local_devices()[0].device_kind} x {len(jax.local_devices())}; "
-          f"{args.lrs} lrs x {args.steps} steps, width 128, median of {args.repeats} runs")
+          f"{args.lrs} lrs x {args.steps} steps, width 128, telemetry={args.telemetry}, median of {args.repeats} runs")
     print(f"{'depth':>6}{'unroll':>8}{'compile s':>11}{'run s':>9}")
     table = {}
     for depth in args.depths:
         for unroll in args.unrolls:
             u = unroll or depth
-            table[depth, unroll] = measure(depth, u, args.lrs, args.steps, args.repeats)
+            table[depth, unroll] = measure(depth, u, args.lrs, args.steps, args.repeats, args.telemetry)
             print(f"{depth:>6}{('full' if unroll == 0 else unroll):>8}{table[depth, unroll][0]:>11.2f}"
                   f"{table[depth, unroll][1]:>9.2f}", flush=True)
     lo, hi = min(args.depths), max(args.depths)
