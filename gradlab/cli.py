@@ -324,9 +324,26 @@ def _plot(args) -> int:
     return 0
 
 
+def _one_line_warnings() -> None:
+    """gradlab's own warnings print as one line, like its errors; others keep Python's format."""
+    import warnings
+
+    from gradlab.errors import LapackOnCpuWarning
+
+    default = warnings.formatwarning
+
+    def format(message, category, *rest, **kw):
+        if issubclass(category, LapackOnCpuWarning):
+            return f"gradlab: warning: {message}\n"
+        return default(message, category, *rest, **kw)
+
+    warnings.formatwarning = format
+
+
 def main(argv: list[str] | None = None) -> int:
     from gradlab.errors import GradlabError
 
+    _one_line_warnings()
     try:
         parser = _parser()
         args = parser.parse_args(_overrides_first(list(sys.argv[1:] if argv is None else argv), parser))

@@ -13,7 +13,9 @@ reports NaN metrics from then on; the other points are untouched.
 from __future__ import annotations
 
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -25,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gradlab import results, sums
 from gradlab.config import Plan, RunSpec
-from gradlab.errors import ResultsError, SweepTooLarge  # noqa: F401 (SweepTooLarge is re-exported)
+from gradlab.errors import LapackOnCpuWarning, ResultsError, SweepTooLarge  # noqa: F401 (SweepTooLarge is re-exported)
 
 
 class Trial(NamedTuple):
@@ -230,7 +232,19 @@ def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices, 
         donate_argnums=(1,),
     )
     compiled = chunk_fn.lower(hp, carry_shape, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    if devices[0].platform == "cpu":
+        _warn_of_lapack(init, compiled)
     return CompiledGroup(init, compiled, carry_shape, sharding, varying, lanes, time.perf_counter() - start)
+
+
+def _warn_of_lapack(*programs) -> None:
+    """LapackOnCpuWarning, naming the kernels, if a compiled CPU program calls LAPACK."""
+    kernels = sorted({k for p in programs for k in re.findall(r'custom_call_target="(lapack_\w+)"', p.as_text())})
+    if kernels:
+        warnings.warn(LapackOnCpuWarning(
+            f"the sweep calls LAPACK on the CPU ({', '.join(kernels)}), whose batched kernels can hang two at a "
+            "time in jaxlib 0.10; for orthogonal weights (flax's default recurrent init) pass "
+            "gradlab.inits.orthogonal as the initializer"), stacklevel=3)
 
 
 def program_bytes(compiled) -> int:

@@ -19,3 +19,12 @@ class ResultsError(GradlabError):
 
 class SweepTooLarge(GradlabError):
     """A sweep's compiled program needs more memory than a device has."""
+
+
+class LapackOnCpuWarning(UserWarning):
+    """A sweep compiled for the CPU calls LAPACK (QR, SVD, eigh, ...), which can hang there.
+
+    jaxlib 0.10's batched LAPACK kernels split their batch over XLA:CPU's thread pool and wait for
+    the parts; two running at once on a small pool (an LSTM's four recurrent kernels from flax's
+    orthogonal init, vmapped over seeds) can each hold a thread the other needs, and never return.
+    """

@@ -87,3 +87,31 @@ def test_all_finite_sees_one_bad_entry_in_any_leaf():
         assert not bool(engine._all_finite(broken)), (leaf, bad)
     # +inf in one leaf and -inf in another must not cancel
     assert not bool(engine._all_finite({"a": jnp.array([jnp.inf]), "b": jnp.array([-jnp.inf])}))
+
+
+def test_a_cpu_sweep_that_calls_lapack_is_warned_of_and_one_that_does_not_is_not():
+    """jaxlib 0.10's batched LAPACK kernels can deadlock two at a time on XLA:CPU's pool (an LSTM's
+    recurrent kernels from flax's orthogonal init hung rnn_bptt). A compiled sweep whose init holds a
+    QR gets a LapackOnCpuWarning naming the kernel; gradlab's own orthogonal init gets none."""
+    import warnings
+
+    from gradlab import inits
+    from gradlab.errors import LapackOnCpuWarning
+
+    def trial_with(orthogonal):
+        def init(hp, key):
+            return {"w": orthogonal(key, (6, 6)), "t": jnp.int32(0)}
+
+        def step(hp, state):
+            w = state["w"] * (1 - hp["lr"])
+            return {"w": w, "t": state["t"] + 1}, {"loss": jnp.sum(w * w)}
+
+        return engine.Trial(init, step)
+
+    hp = {"lr": np.array([0.1, 0.2, 0.3, 0.4], np.float32), "seed": np.arange(4)}
+    qr = lambda key, shape: jnp.linalg.qr(jax.random.normal(key, shape))[0]  # noqa: E731
+    with pytest.warns(LapackOnCpuWarning, match="lapack_sgeqrf"):
+        engine.compile_group(trial_with(qr), hp, 2, 2, jax.local_devices()[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LapackOnCpuWarning)
+        engine.compile_group(trial_with(inits.orthogonal), hp, 2, 2, jax.local_devices()[:1])
