@@ -43,6 +43,7 @@ _EXPORTS = {
     "Trial": "gradlab.engine", "run_sweep": "gradlab.engine",
     "GradlabError": "gradlab.errors", "ConfigError": "gradlab.errors",
     "ExperimentError": "gradlab.errors", "ResultsError": "gradlab.errors",
+    "LapackOnCpuWarning": "gradlab.errors",
     "Check": "gradlab.experiments",
     "probe": "gradlab.usermodels", "sweep": "gradlab.usermodels",
 }
