@@ -332,12 +332,12 @@ def _one_line_warnings() -> None:
 
     default = warnings.formatwarning
 
-    def format(message, category, *rest, **kw):
+    def one_line(message, category, *rest, **kw):
         if issubclass(category, LapackOnCpuWarning):
             return f"gradlab: warning: {message}\n"
         return default(message, category, *rest, **kw)
 
-    warnings.formatwarning = format
+    warnings.formatwarning = one_line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,9 +66,7 @@ def orthonormalize(a):
 def orthogonal(key, shape, dtype=jnp.float32):
     """A jax.nn.initializers-style orthogonal initializer (Haar, scale 1) by `orthonormalize`.
 
-    For flax modules under a vmapped sweep: flax's default orthogonal init calls LAPACK's QR,
-    and two of those running at once (an LSTM's four recurrent kernels) hung jaxlib 0.10.2 on a
-    2-core machine.
+    For flax modules in a CPU sweep, in place of flax's QR-based default (errors.LapackOnCpuWarning).
     """
     return orthonormalize(jax.random.normal(key, shape, dtype))
 

@@ -178,10 +178,15 @@ def zero_probes(spec: MLPSpec, batch: int, dtype=jnp.float32) -> dict:
     }
 
 
+def _layered(hidden) -> bool:
+    """Hidden probes (or their gradients) as one array per layer, not one stack."""
+    return isinstance(hidden, (tuple, list))
+
+
 def hidden_stack(probes: dict) -> jax.Array:
     """The hidden layers' probes (or their gradients) as one (depth, batch, width) array."""
     hidden = probes["hidden"]
-    return jnp.stack(hidden) if isinstance(hidden, (tuple, list)) else hidden
+    return jnp.stack(hidden) if _layered(hidden) else hidden
 
 
 def _layer_taps(h, pre) -> dict:
@@ -240,7 +245,7 @@ def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None =
     if spec.unrolled:
         taps = []
         per_layer_probes = probes["hidden"]
-        if not isinstance(per_layer_probes, (tuple, list)):
+        if not _layered(per_layer_probes):
             per_layer_probes = _unstack(per_layer_probes, spec.depth)
         for i, (lp, probe) in enumerate(zip(_unstack(p["hidden"], spec.depth), per_layer_probes)):
             h, tap = block(h, (i, lp, probe))
@@ -286,5 +291,5 @@ def probe_rms(probe_grads: dict) -> jax.Array:
         return jnp.sqrt(sums.row_means(jnp.square(at_least_f32(stack))))
 
     hidden = probe_grads["hidden"]
-    layers = [rms(g[None]) for g in hidden] if isinstance(hidden, (tuple, list)) else [rms(hidden)]
+    layers = [rms(g[None]) for g in hidden] if _layered(hidden) else [rms(hidden)]
     return jnp.concatenate([rms(probe_grads["input"][None]), *layers, rms(probe_grads["output"][None])])

@@ -20,9 +20,9 @@ orthogonal U gives ||dl/dx_t|| = gain^k ||dl/dh_{T-1}|| exactly (tests/test_rnn_
 
 One compile per cell: the sequence length (a mask: the program runs the longest and reads h at
 T - 1), learning rate, clipping threshold and seed are vmapped, and flax's init runs under vmap
-with each point's key. The recurrent kernels are drawn orthogonal by inits.orthogonal and ||W||_2
-is taken by telemetry.spectral_norm, both pure jnp: jaxlib 0.10.2's LAPACK QR, behind flax's own
-orthogonal init, hung when two ran at once on a 2-core machine. `optim.clip: global_norm` with a threshold of 1e30 or more is no clipping:
+with each point's key. The recurrent kernels are drawn by inits.orthogonal and ||W||_2 is taken
+by telemetry.spectral_norm, both free of LAPACK (errors.LapackOnCpuWarning says why).
+`optim.clip: global_norm` with a threshold of 1e30 or more is no clipping:
 optax.clip_by_global_norm returns the gradient untouched when its norm is below the threshold.
 """
 
