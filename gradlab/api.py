@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import xarray as xr
 
@@ -24,6 +24,7 @@ class Outcome:
     checks: list[Check]
     figures: list[Path]
     cached: bool
+    measured: Any = None  # the experiment's measure(ds): every number its checks and figures read
 
 
 def resolve(experiment: str, overrides=(), scale: str | None = None, config_file=None) -> config.RunSpec:
@@ -73,14 +74,16 @@ def execute(
             results.write_text(run / "config.yaml", spec.to_yaml())
         sweep = engine.run_sweep(module.trial, spec, config.plan(spec), checkpoint_dir=ckpt, progress=progress and writer,
                                  devices=devices, stop=stop, memory=memory, on_note=on_note if writer else None)
-        ds = results.build_dataset(sweep, spec.to_dict(), spec.hash)
+        reference = module.reference(spec.config) if hasattr(module, "reference") else None
+        ds = results.build_dataset(sweep, spec.to_dict(), spec.hash, reference=reference)
         if writer:
             results.save(ds, results_path)
             results.clear_checkpoints(run)
+    measured, found = experiments.evaluate(module, ds)
     figures = []
     if draw and writer:
-        figures = save_figures(experiment, ds, Path(out) / "figures")
-    return Outcome(ds, run, module.checks(ds), figures, cached)
+        figures = save_figures(experiment, ds, Path(out) / "figures", measured)
+    return Outcome(ds, run, found, figures, cached, measured)
 
 
 def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_file=None, devices=None,
@@ -130,9 +133,12 @@ def load(run_dir) -> xr.Dataset:
     return results.load(run_dir)
 
 
-def figures(ds: xr.Dataset) -> dict:
+def figures(ds: xr.Dataset, measured=None) -> dict:
     """Every figure of a result set, by suffix ("" is the main one)."""
-    return experiments.get(ds.attrs["experiment"]).figures(ds)
+    module = experiments.get(ds.attrs["experiment"])
+    if measured is None:
+        measured, _ = experiments.evaluate(module, ds)
+    return experiments.draw(module, ds, measured)
 
 
 def plot(ds: xr.Dataset):
@@ -140,17 +146,23 @@ def plot(ds: xr.Dataset):
     return figures(ds)[""]
 
 
-def save_figures(experiment: str, ds: xr.Dataset, folder: Path) -> list[Path]:
+def save_figures(experiment: str, ds: xr.Dataset, folder: Path, measured=None) -> list[Path]:
     folder = results.ensure_dir(Path(folder))
     paths = []
-    for suffix, fig in figures(ds).items():
+    for suffix, fig in figures(ds, measured).items():
         stem = folder / (f"{experiment}_{suffix}" if suffix else experiment)
         paths += plotting.save(fig, stem)
     return paths
 
 
+def measure(ds: xr.Dataset):
+    """The experiment's measured numbers (its `Measured`) from a result set."""
+    return experiments.evaluate(experiments.get(ds.attrs["experiment"]), ds)[0]
+
+
 def checks(ds: xr.Dataset) -> list[Check]:
-    return experiments.get(ds.attrs["experiment"]).checks(ds)
+    """The experiment's checks on a result set."""
+    return experiments.evaluate(experiments.get(ds.attrs["experiment"]), ds)[1]
 
 
 @dataclass

@@ -23,7 +23,7 @@ import xarray as xr
 
 from gradlab.errors import ResultsError
 
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2  # 2: experiments' reference numbers stored as ref.<name> variables
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 RESULTS_FILE = "results.nc"
@@ -146,8 +146,13 @@ def _git_commit() -> str:
         return ""
 
 
-def build_dataset(sweep, spec_dict: dict, config_hash: str, extra_attrs: dict | None = None) -> xr.Dataset:
-    """An xarray Dataset with dims (*sweep axes, step, ...), provenance in its attrs."""
+def build_dataset(sweep, spec_dict: dict, config_hash: str, extra_attrs: dict | None = None,
+                  reference: dict | None = None) -> xr.Dataset:
+    """An xarray Dataset with dims (*sweep axes, step, ...), provenance in its attrs.
+
+    `reference` holds numbers computed once for the whole run (an experiment's `reference(cfg)`),
+    stored as variables "ref.<name>" with dims "ref.<name>.<i>" of their own.
+    """
     axis_names = [name for name, _ in sweep.axes]
     coords = {name: np.asarray(values) for name, values in sweep.axes}
     data_vars = {}
@@ -162,6 +167,9 @@ def build_dataset(sweep, spec_dict: dict, config_hash: str, extra_attrs: dict | 
     data_vars["first_bad_step"] = (axis_names, sweep.first_bad_step)
     data_vars["first_bad_layer"] = (axis_names, sweep.first_bad_layer)
     data_vars["diverged"] = (axis_names, sweep.first_bad_step >= 0)
+    for name, value in (reference or {}).items():
+        value = np.asarray(value)
+        data_vars[f"ref.{name}"] = ([f"ref.{name}.{i}" for i in range(value.ndim)], value)
     ds = xr.Dataset(data_vars, coords=coords)
     ds.attrs.update(
         experiment=spec_dict["experiment"],

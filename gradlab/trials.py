@@ -1,8 +1,22 @@
-"""Ready-made Trials: supervised training of an MLP on a synthetic task, with telemetry."""
+"""Ready-made Trials: supervised training of an MLP on a synthetic task, with telemetry.
+
+`supervised_mlp(cfg)` is the train-state recipe every MLP experiment shares. Experiments change
+it through hooks rather than retyping it:
+
+  hp_map(hp, step) -> hp        rewrite the traced hyperparameters (e.g. pick an init scheme's
+                                numbers, a step-dependent learning rate); init sees step 0
+  optimizer(hp) -> tx           the optax transformation (default: transforms.build(cfg.optim))
+  loss_and_grad(params, batch, hyper, probes) -> ((loss, taps), (grads, probe_grads))
+                                the gradient (default: jax.value_and_grad of the config's loss;
+                                e.g. a mean of per-example gradients)
+  metrics(view) -> dict         extra metrics from this step's StepView (its batch, gradient,
+                                updates): nothing is computed twice
+  data_fn(key) -> Data          the training set (default: data.make(cfg.data))
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +34,36 @@ class TrainState(NamedTuple):
     key: jax.Array
 
 
+class StepView(NamedTuple):
+    """What a step computed, for a `metrics` hook: everything is before the update but
+    `new_params` and `updates`."""
+
+    hp: dict  # after hp_map
+    hyper: models.MLPHyper
+    state: TrainState  # before the update
+    batch: data.Data
+    loss: jax.Array
+    grads: dict  # of the loss, before any clipping
+    updates: dict  # what the optimizer returned
+    new_params: dict
+    taps: dict  # per-layer activation statistics (empty with telemetry=loss and no probes)
+
+
 def mlp_spec(cfg) -> models.MLPSpec:
-    out_dim = cfg.data.output_dim
-    return models.MLPSpec.from_config(cfg.model, cfg.data.input_dim, out_dim)
+    return models.MLPSpec.from_config(cfg.model, cfg.data.input_dim, cfg.data.output_dim)
 
 
-def supervised_mlp(cfg) -> Trial:
+def supervised_mlp(
+    cfg,
+    *,
+    hp_map: Callable[[dict, jax.Array], dict] | None = None,
+    optimizer: Callable[[dict], optax.GradientTransformation] | None = None,
+    loss_and_grad: Callable | None = None,
+    metrics: Callable[[StepView], dict] | None = None,
+    data_fn: Callable[[jax.Array], data.Data] | None = None,
+) -> Trial:
     """Train the config's MLP with its optax chain; every step records, before the update
-    (with `telemetry: loss`, the loss alone):
+    (with `telemetry: loss`, the loss alone), plus whatever the `metrics` hook adds:
 
     loss, grad_global_norm (before clipping), lr, and per layer: grad_norm, param_norm,
     update_norm, update_ratio, grad_nonfinite, act_rms, act_std, preact_rms, dead_frac and
@@ -36,41 +72,58 @@ def supervised_mlp(cfg) -> Trial:
     spec = mlp_spec(cfg)
     total = cfg.steps
     layers = cfg.telemetry == "layers"
+    hp_map = hp_map or (lambda hp, step: hp)
+    optimizer = optimizer or (lambda hp: transforms.build(cfg.optim, hp, total))
+    data_fn = data_fn or (lambda key: data.make(cfg.data))
 
-    def init(hp, key):
-        hyper = models.MLPHyper.from_hp(hp)
-        k_params, k_batches = jax.random.split(key)
-        params = models.init(k_params, spec, hyper)
-        opt_state = transforms.build(cfg.optim, hp, total).init(params)
-        return TrainState(params, opt_state, data.make(cfg.data), jnp.int32(0), k_batches)
-
-    def step(hp, state):
-        hyper = models.MLPHyper.from_hp(hp)
-        tx = transforms.build(cfg.optim, hp, total)
-        batch = data.batch(state.data, cfg.data, state.step, state.key)
-        probes = models.zero_probes(spec, batch.x.shape[0], jnp.dtype(spec.dtype)) if layers else None
-
+    def default_loss_and_grad(params, batch, hyper, probes):
         def loss_fn(params, probes):
             out, taps = models.apply(params, batch.x, spec, hyper, probes)
             return data.loss(cfg.data, out, batch.y), taps
 
-        (loss, taps), (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            state.params, probes
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
+
+    loss_and_grad = loss_and_grad or default_loss_and_grad
+
+    def init(hp, key):
+        hp = hp_map(hp, jnp.int32(0))
+        k_params, k_batches = jax.random.split(key)
+        params = models.init(k_params, spec, models.MLPHyper.from_hp(hp))
+        opt_state = optimizer(hp).init(params)
+        return TrainState(params, opt_state, data_fn(k_batches), jnp.int32(0), k_batches)
+
+    def step(hp, state):
+        hp = hp_map(hp, state.step)
+        hyper = models.MLPHyper.from_hp(hp)
+        batch = data.batch(state.data, cfg.data, state.step, state.key)
+        probes = models.zero_probes(spec, batch.x.shape[0], jnp.dtype(spec.dtype)) if layers else None
+        (loss, taps), (grads, probe_grads) = loss_and_grad(state.params, batch, hyper, probes)
+        updates, opt_state = optimizer(hp).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(params, opt_state, state.data, state.step + 1, state.key)
-        if not layers:
-            return new_state, {"loss": loss}
-        mask = models.layer_mask(spec, hyper)
-        metrics = {
-            "loss": loss,
-            "grad_global_norm": telemetry.global_norm(grads),
-            "lr": transforms.learning_rate(cfg.optim, hp["optim.lr"], total)(state.step),
-            **telemetry.mlp_layer_stats(state.params, grads, updates, mask),
-            **{name: jnp.where(mask, value, jnp.nan) for name, value in taps.items()},
-            "delta_rms": jnp.where(mask, models.probe_rms(probe_grads), jnp.nan),
-        }
-        return new_state, metrics
+        out = {"loss": loss}
+        if layers:
+            mask = models.layer_mask(spec, hyper)
+            out.update({
+                "grad_global_norm": telemetry.global_norm(grads),
+                "lr": transforms.learning_rate(cfg.optim, hp["optim.lr"], total)(state.step),
+                **telemetry.mlp_layer_stats(state.params, grads, updates, mask),
+                **{name: jnp.where(mask, value, jnp.nan) for name, value in taps.items()},
+                "delta_rms": jnp.where(mask, models.probe_rms(probe_grads), jnp.nan),
+            })
+        if metrics is not None:
+            view = StepView(hp, hyper, state, batch, loss, grads, updates, params, taps or {})
+            out.update(metrics(view))
+        return new_state, out
 
     return Trial(init, step)
+
+
+def task_reference(cfg) -> dict:
+    """The loss of the best constant prediction on the config's task (an experiment's `reference`)."""
+    import numpy as np
+
+    from gradlab import analysis
+
+    task = data.make(cfg.data)
+    return {"constant_loss": analysis.constant_loss(np.asarray(task.y), cfg.data.task, cfg.data.output_dim)}

@@ -1,11 +1,22 @@
 """The experiment catalog: one module per experiment, found by name.
 
-An experiment module defines
-  NAME, CLAIM          its name (= its config file's) and the one-line claim it measures
-  Config               its config dataclass (a subclass of config.ExperimentConfig)
-  trial(cfg) -> Trial  what one sweep point does, for the config of one static group
-  figures(ds) -> {suffix: Figure}   drawn from stored results only ("" is the main figure)
-  checks(ds) -> [Check]             the numbers that prove the claim
+An experiment module holds its science and nothing else; the framework carries the rest:
+
+  NAME, CLAIM              its name (= its config file's) and the one sentence it measures
+  Config                   its config dataclass (config.ExperimentConfig or a subclass whose
+                           `validate()` checks its own fields; config.load calls it, so a bad
+                           value is refused before anything is written)
+  AXES                     the sweep axes measure and figures index by; the framework adds
+                           each one that was not swept as a length-1 dim at its value
+  trial(cfg) -> Trial      what one sweep point does, for the config of one static group
+  reference(cfg) -> dict   optional: numbers computed once at run time (jax allowed), stored in
+                           the results as variables "ref.<name>" (e.g. the constant-predictor loss)
+  measure(ds) -> Measured  numpy only: every number the claim rests on, computed once
+  checks(m) -> [Check]     Check.at_most(name, m.x, bound, why), ...: each bound stated once
+  figures(ds, m) -> dict   {suffix: matplotlib Figure} from stored results and m ("" is the main
+                           figure); numpy and matplotlib only
+
+`evaluate(module, ds)` and `draw(module, ds, measured)` are how everything else calls them.
 """
 
 from __future__ import annotations
@@ -13,20 +24,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
+from gradlab import results
+from gradlab.checks import Check
 from gradlab.errors import ExperimentError
 
-
-@dataclass(frozen=True)
-class Check:
-    """One quantitative check: what was measured against what theory allows."""
-
-    name: str
-    measured: float
-    expected: str
-    passed: bool
+__all__ = ["Check", "draw", "evaluate", "get", "names"]
 
 
 def names() -> list[str]:
@@ -40,3 +45,19 @@ def get(name: str) -> ModuleType:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ExperimentError(f"unknown experiment {name!r}{hint}; known: {', '.join(known)}")
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def evaluate(module: ModuleType, ds) -> tuple[Any, list[Check]]:
+    """The experiment's measured numbers and its checks, from its stored results."""
+    ds = results.with_axes(ds, list(module.AXES))
+    if not hasattr(module, "measure"):  # TRANSITION: modules not yet in the contract's shape
+        return None, list(module.checks(ds))
+    measured = module.measure(ds)
+    return measured, list(module.checks(measured))
+
+
+def draw(module: ModuleType, ds, measured) -> dict:
+    """The experiment's figures, {suffix: Figure}, from its stored results and measured numbers."""
+    if not hasattr(module, "measure"):  # TRANSITION
+        return module.figures(ds)
+    return module.figures(results.with_axes(ds, list(module.AXES)), measured)

@@ -8,9 +8,11 @@ the per-layer gradient norms of a residual + LayerNorm net stay within a small f
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from gradlab import plotting, results, trials
+from gradlab import plotting, trials
 from gradlab.config import ExperimentConfig
 from gradlab.experiments import Check
 
@@ -53,29 +55,38 @@ def residual_layernorm_spread(ds) -> float:
     return float(np.max(spreads))
 
 
+class Measured(NamedTuple):
+    sigmoid_ratio: float | None  # median over seeds of |g_1| / |g_10|, plain sigmoid; None if not run
+    even_spread: float | None  # worst max/min of hidden |g_l| over activations, residual + LayerNorm
+    depth: int
+    seeds: int
+
+
 def _has(ds, **sel) -> bool:
     return all(value in ds[name].values for name, value in sel.items())
 
 
-def checks(ds) -> list[Check]:
-    """The catalog's checks, for the variants this run includes."""
-    if "grad_norm" not in ds:  # telemetry=loss: nothing per layer to check
-        return []
-    ds = results.with_axes(ds, AXES)
-    out = []
+def measure(ds) -> Measured | None:
+    if "grad_norm" not in ds:  # telemetry=loss: nothing per layer to measure
+        return None
     enough_depth = ds.sizes["layer"] - 2 >= 1 + SIGMOID_SPAN
-    if enough_depth and _has(ds, **{"model.activation": "sigmoid", "model.residual": False, "model.norm": "none"}):
-        ratio = sigmoid_ratio(ds)
-        out.append(Check("plain sigmoid |g_1|/|g_10|", ratio, f"<= 10 x 0.25^9 = {10 * SIGMOID_BOUND:.2g}",
-                         ratio <= 10 * SIGMOID_BOUND))
-    if _has(ds, **{"model.residual": True, "model.norm": "layernorm"}):
-        spread = residual_layernorm_spread(ds)
-        out.append(Check("residual+layernorm max/min |g_l|", spread, f"<= {EVEN_BOUND:g}", spread <= EVEN_BOUND))
+    plain_sigmoid = {"model.activation": "sigmoid", "model.residual": False, "model.norm": "none"}
+    ratio = sigmoid_ratio(ds) if enough_depth and _has(ds, **plain_sigmoid) else None
+    even = _has(ds, **{"model.residual": True, "model.norm": "layernorm"})
+    return Measured(ratio, residual_layernorm_spread(ds) if even else None, ds.sizes["layer"] - 2, ds.sizes["seed"])
+
+
+def checks(m: Measured | None) -> list[Check]:
+    """The catalog's checks, for the variants this run includes."""
+    out = []
+    if m is not None and m.sigmoid_ratio is not None:
+        out.append(Check.at_most("plain sigmoid |g_1|/|g_10|", m.sigmoid_ratio, 10 * SIGMOID_BOUND, "10 x 0.25^9"))
+    if m is not None and m.even_spread is not None:
+        out.append(Check.at_most("residual+layernorm max/min |g_l|", m.even_spread, EVEN_BOUND))
     return out
 
 
-def figures(ds) -> dict:
-    ds = results.with_axes(ds, AXES)
+def figures(ds, m: Measured | None) -> dict:
     activations = list(ds["model.activation"].values)
     fig, axes = plotting.figure(2, len(activations), width=3.5, height=2.8, sharex=True)
     layers = ds["layer"].values
@@ -92,15 +103,13 @@ def figures(ds) -> dict:
                 ax.set_title(activation)
             else:
                 ax.set_xlabel("layer l (0 = input projection)")
-    found = {c.name: c.measured for c in checks(ds)}
-    if "plain sigmoid |g_1|/|g_10|" in found:
+    if m.sigmoid_ratio is not None:
         plotting.note(axes[0, activations.index("sigmoid")],
-                      f"plain: $g_1/g_{{10}}$ = {found['plain sigmoid |g_1|/|g_10|']:.2g}\n"
+                      f"plain: $g_1/g_{{10}}$ = {m.sigmoid_ratio:.2g}\n"
                       f"bound $0.25^9$ = {SIGMOID_BOUND:.2g}", loc="lower right")
-    if "residual+layernorm max/min |g_l|" in found:
-        plotting.note(axes[0, 0], f"res+LN max/min = {found['residual+layernorm max/min |g_l|']:.2g}",
-                      loc="lower right")
+    if m.even_spread is not None:
+        plotting.note(axes[0, 0], f"res+LN max/min = {m.even_spread:.2g}", loc="lower right")
     plotting.legend_outside(fig, axes[0, 0])
-    fig.suptitle(f"Gradient flow at initialization: depth {ds.sizes['layer'] - 2}, "
-                 f"{ds.sizes['seed']} seeds (band: min..max)", fontsize=10)
+    fig.suptitle(f"Gradient flow at initialization: depth {m.depth}, "
+                 f"{m.seeds} seeds (band: min..max)", fontsize=10)
     return {"": fig}

@@ -1,0 +1,89 @@
+"""The numbers experiments read off their results, one copy each. numpy only; never imports jax.
+
+Slopes with their standard errors, the spread of a fitted slope through a random walk, the loss of
+the best constant prediction, and final / tail losses with divergence counted as +inf.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def slope(x, y) -> float:
+    """Least-squares slope of y against x (1-D)."""
+    return float(np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)[0])
+
+
+def slopes(x, y_RxN) -> np.ndarray:
+    """Least-squares slope of each row of y against x: shape (rows,)."""
+    return np.polyfit(np.asarray(x, float), np.asarray(y_RxN, float).T, 1)[0]
+
+
+def slope_with_error(x, y) -> tuple[float, float]:
+    """Least-squares slope of y against x and its standard error from the residuals
+    (sqrt(residual variance / sum (x - mean x)^2), n - 2 degrees of freedom; 0 for 2 points)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    b, a = np.polyfit(x, y, 1)
+    if len(x) <= 2:
+        return float(b), 0.0
+    residual = y - (a + b * x)
+    variance = np.sum(residual**2) / (len(x) - 2)
+    return float(b), float(np.sqrt(variance / np.sum((x - x.mean()) ** 2)))
+
+
+def seed_slope(x, y_SxN) -> tuple[float, float]:
+    """Slope of the mean over seeds (rows) of y against x, and its standard error from the spread of
+    the per-seed slopes (std / sqrt(seeds); 0 for one seed)."""
+    y = np.asarray(y_SxN, float)
+    per_seed = slopes(x, y)
+    error = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
+    return slope(x, y.mean(axis=0)), error
+
+
+def ols_weights(n: int) -> np.ndarray:
+    """a with slope = sum(a * y) for the least-squares line through (0, y_0) .. (n - 1, y_{n-1})."""
+    x = np.arange(n) - (n - 1) / 2.0
+    return x / np.sum(x**2)
+
+
+def random_walk_slope_std(n: int) -> float:
+    """Std of the least-squares slope through n points of a random walk with unit-variance steps.
+
+    With y_j = sum_{i <= j} e_i the slope is sum_i e_i A_i, A_i = sum_{j >= i} a_j (a the OLS
+    weights), so its variance is sum_{i >= 1} A_i^2.
+    """
+    tail = np.cumsum(ols_weights(n)[::-1])[::-1][1:]
+    return float(np.sqrt(np.sum(tail**2)))
+
+
+def constant_loss(y, task: str, classes: int | None = None) -> float:
+    """The loss of the best constant prediction: the mean over outputs of Var(y) for regression
+    (mean squared error), the entropy of the label frequencies for classification (cross-entropy)."""
+    y = np.asarray(y)
+    if task == "classification":
+        counts = np.bincount(y.astype(int).ravel(), minlength=classes or 0)
+        p = counts[counts > 0] / counts.sum()
+        return float(-np.sum(p * np.log(p)))
+    y = y.astype(float).reshape(len(y), -1)
+    return float(np.mean(np.var(y, axis=0)))
+
+
+def inf_if_bad(x) -> np.ndarray:
+    """x as floats with every non-finite entry (a diverged run) set to +inf, so it ranks last."""
+    x = np.asarray(x, float)
+    return np.where(np.isfinite(x), x, np.inf)
+
+
+def tail_mean(x, tail: int, axis: int = -1) -> np.ndarray:
+    """Mean over the last `tail` entries along `axis` (a step axis); non-finite means become +inf."""
+    x = np.asarray(x, float)
+    last = np.take(x, np.arange(x.shape[axis] - min(tail, x.shape[axis]), x.shape[axis]), axis=axis)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return inf_if_bad(np.mean(last, axis=axis))
+
+
+def final(x, diverged=None, tail: int = 1, axis: int = -1) -> np.ndarray:
+    """The final value (mean of the last `tail` steps) along a step axis, +inf where the run
+    diverged or the value is not finite. `diverged` broadcasts against the result."""
+    out = tail_mean(x, tail, axis)
+    return out if diverged is None else np.where(np.asarray(diverged, bool), np.inf, out)
