@@ -6,7 +6,15 @@ class GradlabError(Exception):
 
 
 class ConfigError(GradlabError):
-    """A config file, key or value is wrong: the message names the file, the key and what is allowed."""
+    """A config file, key or value is wrong: the message names the file, the key and what is allowed.
+
+    `key` is the dotted config key at fault, where the raiser knows it (an experiment's
+    validate() does; config.load then names the file and whether the key came from the CLI).
+    """
+
+    def __init__(self, message: str = "", key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class ExperimentError(GradlabError):

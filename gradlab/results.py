@@ -217,6 +217,11 @@ def config_of(ds: xr.Dataset) -> dict:
     return json.loads(ds.attrs["config"])
 
 
+def run_config(ds: xr.Dataset) -> dict:
+    """The resolved config of the run that made ds, as nested dicts (what config.yaml holds)."""
+    return config_of(ds)["config"]
+
+
 def with_axes(ds: xr.Dataset, names: list[str]) -> xr.Dataset:
     """ds with every named sweep axis as a dim: one not swept becomes a length-1 dim at its value.
 
