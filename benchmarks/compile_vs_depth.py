@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from gradlab import config, engine
+from gradlab import config, engine, runtime
 from gradlab.experiments import gradient_flow
 from gradlab.trials import supervised_mlp
 
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--telemetry", choices=["loss", "layers"], default="loss",
                         help="what each step records (layers: gradlab's per-layer statistics, the experiments' default)")
     args = parser.parse_args()
+    runtime.setup(cache=False)  # XLA as `gradlab run` sets it up; no cache, since compiles are timed
     print(f"device: {jax.local_devices()[0].device_kind} x {len(jax.local_devices())}; "
           f"{args.lrs} lrs x {args.steps} steps, width 128, telemetry={args.telemetry}, median of {args.repeats} runs")
     print(f"{'depth':>6}{'unroll':>8}{'compile s':>11}{'run s':>9}")

@@ -245,16 +245,18 @@ CONTENDERS = {"gradlab": run_gradlab, "torch_loop": run_torch_loop, "torch_batch
 
 
 def child_env(name: str) -> dict:
-    """gradlab runs as `gradlab run` would: its default host device count unless XLA_FLAGS sets one."""
+    """gradlab's compiles are timed, so its process keeps no compilation cache."""
     env = os.environ.copy()
-    if name == "gradlab" and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
-        from gradlab.cli import DEFAULT_HOST_DEVICES
-
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEFAULT_HOST_DEVICES}".strip()
+    if name == "gradlab":
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # gradlab.runtime leaves a disabled cache alone
     return env
 
 
 def child(name: str, kind: str, shared: Path, out: Path) -> None:
+    if name in ("gradlab", "peak"):  # jax as `gradlab run` sets it up: XLA flags, host devices
+        from gradlab import runtime
+
+        runtime.setup(cache=False)
     result = CONTENDERS[name](workload(kind), shared)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps(result))

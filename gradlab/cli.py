@@ -9,13 +9,9 @@ import argparse
 import sys
 import time
 
+from gradlab import runtime
+
 EXIT_USAGE = 2
-# One XLA host device unless --devices says otherwise: one already keeps every core busy, and
-# workload W ran no faster on 2 devices of a 2-core machine (README). The hangs once seen in C4
-# rnn_bptt with 2 devices were most likely the one caught later with 1 device, in a debugger:
-# jaxlib 0.10.2's batched LAPACK QR (flax's orthogonal init) deadlocking its own thread pool.
-# rnn_bptt now calls no LAPACK.
-DEFAULT_HOST_DEVICES = 1
 EXIT_INTERRUPTED = 130
 CLAIM_WIDTH = 60  # `gradlab list` prints the claims in full
 
@@ -46,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="compile only: print sweep size, compiles, FLOPs and memory per device, then exit")
     r.add_argument("--devices", type=int, metavar="N",
-                   help=f"CPU only: split the host into N devices to shard the sweep over (default {DEFAULT_HOST_DEVICES})")
+                   help="CPU only: split the host into N devices to shard the sweep over "
+                        f"(default {runtime.DEFAULT_HOST_DEVICES})")
     _scale_options(r)
 
     rp = sub.add_parser("reproduce", help="run every experiment (stored results reused), redraw every figure, "
@@ -57,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--check", action="store_true", help="exit 1 if any check fails")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.add_argument("--devices", type=int, metavar="N",
-                    help=f"CPU only: split the host into N devices (default {DEFAULT_HOST_DEVICES})")
+                    help=f"CPU only: split the host into N devices (default {runtime.DEFAULT_HOST_DEVICES})")
     _scale_options(rp)
 
     sub.add_parser("list", help="the experiments and their claims")
@@ -93,31 +90,7 @@ def _memory(args) -> int | None:
 
 def _distributed(args) -> None:
     """Join a jax.distributed cluster when --coordinator is given (before jax touches a device)."""
-    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes, "--process-id": args.process_id}
-    if all(v is None for v in given.values()):
-        return
-    missing = [k for k, v in given.items() if v is None]
-    if missing:
-        raise _UsageError(f"gradlab: error: several hosts need --coordinator, --num-processes and --process-id together; "
-                          f"missing {', '.join(missing)}")
-    host, _, port = args.coordinator.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise _UsageError(f"gradlab: error: --coordinator must be HOST:PORT (e.g. 10.0.0.1:8476), got {args.coordinator!r}")
-    if args.num_processes < 1:
-        raise _UsageError(f"gradlab: error: --num-processes must be >= 1, got {args.num_processes}")
-    if not 0 <= args.process_id < args.num_processes:
-        raise _UsageError(f"gradlab: error: --process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
-    import jax
-
-    try:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk through gloo
-    except (AttributeError, ValueError):
-        pass
-    try:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, initialization_timeout=120)
-    except Exception as e:  # jaxlib raises its own runtime errors; the first line says what went wrong
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise _UsageError(f"gradlab: error: could not join the coordinator at {args.coordinator}: {first}") from None
+    runtime.distributed(args.coordinator, args.num_processes, args.process_id)
 
 
 def _overrides_first(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -154,46 +127,6 @@ def check_table(checks) -> str:
     return _table(rows, ["check", "measured", "expected", "result"])
 
 
-def _use_compilation_cache() -> None:
-    """Reruns skip XLA compilation: a per-user persistent cache (GRADLAB_CACHE_DIR moves it).
-
-    One folder per jax version and XLA_FLAGS: an executable compiled under other flags (another
-    host device count, YNNPACK on) is never loaded by a run under these.
-    """
-    import hashlib
-    import os
-    from pathlib import Path
-
-    import jax
-
-    base = os.environ.get("GRADLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradlab" / "jax"
-    flags = " ".join(sorted(os.environ.get("XLA_FLAGS", "").split()))
-    folder = Path(base) / f"jax-{jax.__version__}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # no cache is slower, not wrong
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _host_devices(n: int | None) -> None:
-    """Split the CPU into n XLA devices (set before jax is imported; no effect on GPU/TPU runs)."""
-    import os
-
-    if n is not None and n < 1:
-        raise _UsageError(f"gradlab: error: --devices must be >= 1, got {n}")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags:
-        if n is not None:
-            raise _UsageError("gradlab: error: --devices conflicts with xla_force_host_platform_device_count in XLA_FLAGS")
-        return
-    if "jax" in sys.modules:
-        return  # too late to change; the API caller chose
-    count = n if n is not None else DEFAULT_HOST_DEVICES
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
 def _dry_run(args, memory: int | None) -> int:
     from gradlab import api
 
@@ -219,15 +152,13 @@ def _stop_on_ctrl_c():
 
 def _run(args) -> int:
     memory = _memory(args)
-    _host_devices(args.devices)
+    runtime.setup(args.devices, cache=not args.dry_run)  # a dry run measures compiles: no cache
     _distributed(args)
     if args.dry_run:
         return _dry_run(args, memory)
     import jax
 
     from gradlab import api
-
-    _use_compilation_cache()
 
     start = time.perf_counter()
     outcome = api.execute(
@@ -272,11 +203,10 @@ def reproduce_table(rows) -> str:
 
 def _reproduce(args) -> int:
     memory = _memory(args)
-    _host_devices(args.devices)
+    runtime.setup(args.devices)
     _distributed(args)
     from gradlab import api
 
-    _use_compilation_cache()
     start = time.perf_counter()
 
     def started(i, n, name):

@@ -29,6 +29,10 @@ class SweepTooLarge(GradlabError):
     """A sweep's compiled program needs more memory than a device has."""
 
 
+class SetupError(GradlabError):
+    """The runtime cannot be set up as asked: a device count, a conflicting XLA flag, a cluster."""
+
+
 class LapackOnCpuWarning(UserWarning):
     """A sweep compiled for the CPU calls LAPACK (QR, SVD, eigh, ...), which can hang there.
 

@@ -1,9 +1,16 @@
-"""Strict numerics for every test: silent broadcasts raise."""
+"""Strict numerics for every test: silent broadcasts raise; XLA set up as for a CLI run."""
 
 import jax
 import pytest
 
+from gradlab import runtime
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure():
+    """XLA:CPU as the CLI runs it (YNNPACK off), before any test module computes at import."""
+    runtime.xla_cpu_defaults()
 
 
 @pytest.fixture
@@ -15,8 +22,7 @@ def tiny_overrides():
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Programs compiled by one test are reused by the next (and by each xdist worker)."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp().parent / "jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    runtime.compilation_cache(tmp_path_factory.getbasetemp().parent / "jax-cache")
 
 
 @pytest.fixture(scope="module")
