@@ -87,3 +87,22 @@ def final(x, diverged=None, tail: int = 1, axis: int = -1) -> np.ndarray:
     diverged or the value is not finite. `diverged` broadcasts against the result."""
     out = tail_mean(x, tail, axis)
     return out if diverged is None else np.where(np.asarray(diverged, bool), np.inf, out)
+
+
+def reference(ds, name: str) -> np.ndarray:
+    """The run-time reference `ref.<name>` of a result set (an experiment's `reference(cfg)`), without
+    the length-1 sweep axes `results.with_axes` adds to every variable."""
+    var = ds[f"ref.{name}"]
+    return np.asarray(var.isel({dim: 0 for dim in var.dims if not dim.startswith(f"ref.{name}.")}).values)
+
+
+def exponential_average(x, start: float, momentum: float) -> np.ndarray:
+    """The running average after each step of x (steps on axis 0), a float64 loop:
+    s_k = momentum s_{k-1} + (1 - momentum) x_k, s_{-1} = start (BatchNorm's running statistics)."""
+    x = np.asarray(x, float)
+    out = np.empty(x.shape, float)
+    s = np.full(x.shape[1:], start, float)
+    for k, value in enumerate(x):
+        s = momentum * s + (1.0 - momentum) * value
+        out[k] = s
+    return out

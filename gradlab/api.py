@@ -55,6 +55,9 @@ def execute(
     """
     import jax
 
+    from gradlab import runtime
+
+    runtime.setup()  # XLA flags and host devices unless jax's backend has started; compilation cache
     module = experiments.get(experiment)
     spec = config.load(experiment, module.Config, list(overrides), scale, config_file)
     run = results.run_dir(out, experiment, spec.hash)
@@ -72,7 +75,7 @@ def execute(
             results.ensure_dir(ckpt)
             results.remove_stale_temporaries(run)
             results.write_text(run / "config.yaml", spec.to_yaml())
-        sweep = engine.run_sweep(module.trial, spec, config.plan(spec), checkpoint_dir=ckpt, progress=progress and writer,
+        sweep = engine.run_sweep(module.trial, config.plan(spec), checkpoint_dir=ckpt, progress=progress and writer,
                                  devices=devices, stop=stop, memory=memory, on_note=on_note if writer else None)
         reference = module.reference(spec.config) if hasattr(module, "reference") else None
         ds = results.build_dataset(sweep, spec.to_dict(), spec.hash, reference=reference)
@@ -199,6 +202,9 @@ def reproduce(
     interrupted reproduce resumes where it stopped, since finished experiments are stored and the
     running one checkpoints after every chunk.
     """
+    from gradlab import runtime
+
+    runtime.setup()
     names = list(dict.fromkeys(only)) if only else experiments.names()
     for name in names:
         resolve(name, (), scale)  # an unknown name or preset fails before anything runs

@@ -25,13 +25,61 @@ class _UsageError(Exception):
     pass
 
 
+SWEEP_EXAMPLES = """\
+examples:
+  gradlab run gradient_flow                              the experiment's default (quick) scale
+  gradlab run gradient_flow --scale paper                a preset of its config
+  gradlab run gradient_flow model.depth=32 seeds=8       key=value overrides (values read as YAML)
+  gradlab run gradient_flow 'model.activation=[tanh, relu]'        a list: a sweep axis
+  gradlab run lr_sweep 'optim.lr={logspace: [-4, -1, 16]}'         16 rates 1e-4..1e-1, one compile
+  gradlab run lr_sweep 'optim.lr={linspace: [0.01, 0.1, 10]}'      10 evenly spaced
+  gradlab run mine.yaml optim.lr=3e-4                    a config file of your own (see configs/)
+  gradlab show gradient_flow > mine.yaml                 a file that runs again unchanged
+  gradlab show gradient_flow --doc                       every key: type, default, allowed, meaning
+
+Values that only change numbers (rates, gains, init scheme, depth under a mask, seeds) are vmapped
+in one compiled program; values that change shapes or code (width, activation, norm, optimizer)
+compile once each."""
+
+
+def _environment_help() -> str:
+    width = max(len(name) for name, _ in runtime.ENVIRONMENT)
+    lines = [f"  {name:<{width}}  {meaning}" for name, meaning in runtime.ENVIRONMENT]
+    return "environment variables:\n" + "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    from gradlab import __version__
+
+    return f"gradlab {__version__} (jax {of('jax')}, jaxlib {of('jaxlib')}, optax {of('optax')}, flax {of('flax')})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gradlab", description="Experiments on training dynamics, in JAX and Optax.")
+    from gradlab import experiments
+
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="gradlab", description="Experiments on training dynamics, in JAX and Optax.",
+                epilog=f"{SWEEP_EXAMPLES}\n\n{_environment_help()}", formatter_class=raw)
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    r = sub.add_parser("run", help="run an experiment: results, figure, checks")
-    r.add_argument("experiment")
-    r.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.depth=32 seeds=8")
+    catalog = "experiments: " + ", ".join(experiments.names())
+    r = sub.add_parser("run", help="run an experiment: results, figure, checks", formatter_class=raw,
+                       description="Run an experiment or a config file, store its results, draw its figures and "
+                                   f"print its checks.\n\n{catalog}",
+                       epilog=f"{SWEEP_EXAMPLES}\n\n{_environment_help()}")
+    r.add_argument("experiment", metavar="EXPERIMENT|FILE",
+                   help="an experiment's name (`gradlab list`) or a config file naming one (`experiment: NAME`)")
+    r.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.depth=32 seeds=8; a list or {logspace: [lo, hi, n]} sweeps")
     r.add_argument("--scale", help="a preset of the config (quick, paper)")
     r.add_argument("--config", dest="config_file", help="a config file instead of the experiment's own")
     r.add_argument("--out", default=".", help="folder for runs/ and figures/ (default: .)")
@@ -59,11 +107,22 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="the experiments and their claims")
 
-    s = sub.add_parser("show", help="print the resolved config")
-    s.add_argument("experiment")
+    c = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                       description="Print a completion script: experiments, config files and config keys.\n"
+                                   "  bash: gradlab completion bash > ~/.local/share/bash-completion/completions/gradlab\n"
+                                   "  zsh:  gradlab completion zsh > ~/.zfunc/_gradlab   (with ~/.zfunc on fpath)",
+                       formatter_class=raw)
+    c.add_argument("shell", choices=("bash", "zsh"))
+
+    s = sub.add_parser("show", help="print the resolved config, as a file `gradlab run` takes",
+                       description=f"Print the resolved config as a config file that runs again unchanged.\n\n{catalog}",
+                       formatter_class=raw)
+    s.add_argument("experiment", metavar="EXPERIMENT|FILE")
     s.add_argument("overrides", nargs="*", metavar="key=value")
-    s.add_argument("--scale")
-    s.add_argument("--config", dest="config_file")
+    s.add_argument("--scale", help="a preset of the config (quick, paper, tiny)")
+    s.add_argument("--config", dest="config_file", help=argparse.SUPPRESS)
+    s.add_argument("--doc", action="store_true",
+                   help="every key instead: its type, default, allowed values or bounds and meaning")
 
     pl = sub.add_parser("plot", help="redraw the figures of a stored run")
     pl.add_argument("run_dir")
@@ -226,6 +285,15 @@ def _reproduce(args) -> int:
     return 1 if (args.check and failed) else 0
 
 
+def _completion(args) -> int:
+    from gradlab import completion, config, experiments
+
+    names = experiments.names()
+    keys = [key for name in names for key in config.field_info(experiments.get(name).Config)]
+    print(completion.script(_parser(), args.shell, names, keys))
+    return 0
+
+
 def _list(args) -> int:
     from gradlab import experiments
 
@@ -277,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = _parser()
         args = parser.parse_args(_overrides_first(list(sys.argv[1:] if argv is None else argv), parser))
-        commands = {"run": _run, "reproduce": _reproduce, "list": _list, "show": _show, "plot": _plot}
+        commands = {"run": _run, "reproduce": _reproduce, "list": _list, "show": _show, "plot": _plot,
+                    "completion": _completion}
         return commands[args.command](args)
     except (GradlabError, _UsageError) as e:
         print(f"gradlab: error: {e}" if isinstance(e, GradlabError) else f"{e}", file=sys.stderr)

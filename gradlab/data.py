@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gradlab.config import DataConfig
 from gradlab.norms import at_least_f32
+
+if TYPE_CHECKING:
+    from gradlab.config import DataConfig
+
+TASKS = ("regression", "classification")  # the tasks make() builds
 
 
 class Data(NamedTuple):

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gradlab import results, sums
-from gradlab.config import Plan, RunSpec
+from gradlab.config import Plan
 from gradlab.errors import LapackOnCpuWarning, ResultsError, SweepTooLarge  # noqa: F401 (SweepTooLarge is re-exported)
 
 
@@ -398,10 +398,16 @@ def run_group(
     return merged, np.concatenate(bad), group.compile_seconds
 
 
+# The dims that index a model's parts, in order of preference: an MLP's layers, or the parameter
+# leaves of a user's model (gradlab.usermodels). first_bad_layer indexes the first one present.
+LAYER_DIMS = ("layer", "param")
+
+
 def first_bad_layers(metrics: dict, dims: dict, bad_step: np.ndarray) -> np.ndarray:
     """The first layer with a non-finite statistic at each point's first bad step (-1: none)."""
     out = np.full(bad_step.shape, -1, np.int32)
-    layered = [m for name, m in metrics.items() if dims[name] == ("layer",)]
+    layer_dim = next((d for d in LAYER_DIMS if (d,) in dims.values()), None)
+    layered = [m for name, m in metrics.items() if dims[name] == (layer_dim,)]
     for idx in np.ndindex(bad_step.shape):
         if bad_step[idx] < 0:
             continue
@@ -416,7 +422,6 @@ def first_bad_layers(metrics: dict, dims: dict, bad_step: np.ndarray) -> np.ndar
 
 def run_sweep(
     trial_fn: Callable[[Any], Trial],
-    spec: RunSpec,
     plan: Plan,
     *,
     checkpoint_dir: Path | None = None,
@@ -430,7 +435,7 @@ def run_sweep(
 
     Args:
       trial_fn: config of a static group -> Trial.
-      spec, plan: the resolved config and its sweep plan (config.load, config.plan).
+      plan: the sweep plan (config.plan): its groups, axes, steps and chunk_steps.
       checkpoint_dir: where each group checkpoints after every chunk; a rerun resumes there.
       progress: show a progress bar over all steps of all groups.
       devices: the devices to shard the points over (default: every device of every process).
@@ -443,8 +448,7 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     devices = list(devices) if devices is not None else jax.devices()
-    cfg = spec.config
-    steps, chunk = cfg.steps, min(cfg.chunk_steps, cfg.steps)
+    steps, chunk = plan.steps, min(plan.chunk_steps, plan.steps)
     static_shape = tuple(len(a.values) for a in plan.static_axes)
     traced_shape = tuple(len(a.values) for a in plan.traced_axes)
     bar = tqdm(total=steps * len(plan.groups), disable=not progress, unit="step", leave=False)

@@ -11,8 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlab.config import INIT_SCHEMES
-
 FAN_IN, FAN_OUT, FAN_AVG, FAN_NONE = 0, 1, 2, 3
 NORMAL, UNIFORM, ORTHOGONAL = 0, 1, 2
 
@@ -28,7 +26,7 @@ SCHEMES = {
     "he_uniform": (2.0, FAN_IN, UNIFORM),
     "orthogonal": (1.0, FAN_IN, ORTHOGONAL),
 }
-assert tuple(SCHEMES) == INIT_SCHEMES, "inits.SCHEMES and config.INIT_SCHEMES disagree"
+INIT_SCHEMES = tuple(SCHEMES)  # the choices of model.init; a scheme's index is its traced value
 _TABLE = np.asarray([SCHEMES[n] for n in INIT_SCHEMES], np.float32)
 
 

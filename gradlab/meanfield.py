@@ -204,3 +204,14 @@ def critical_line(q, act="tanh") -> tuple[np.ndarray, np.ndarray]:
     a = activation(act)
     sigma_w2 = 1.0 / expect(lambda u: a.dphi(u) ** 2, q)
     return sigma_w2, np.asarray(q, float) - sigma_w2 * expect(lambda u: a.phi(u) ** 2, q)
+
+
+def critical_sigma_w2(sigma_b2=0.0, act="tanh", lo: float = 0.5, hi: float = 4.0, iters: int = 40) -> np.ndarray:
+    """The sigma_w^2 in [lo, hi] where chi_1 at the fixed point q* crosses 1, at each sigma_b^2, by bisection."""
+    sigma_b2 = np.asarray(sigma_b2, float)
+    lo, hi = np.full(sigma_b2.shape, lo), np.full(sigma_b2.shape, hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        chaotic = chi_1(mid, q_star(mid, sigma_b2, act), act) > 1.0
+        lo, hi = np.where(chaotic, lo, mid), np.where(chaotic, mid, hi)
+    return 0.5 * (lo + hi)

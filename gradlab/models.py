@@ -29,6 +29,8 @@ from gradlab.norms import apply_norm, at_least_f32
 
 
 STRAIGHT_LINE_DEPTH = 16
+ACTIVATIONS = ("tanh", "relu", "leaky_relu", "gelu", "sigmoid", "linear")  # activation_fn's names
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes of apply; params stay float32
 
 
 def auto_unroll(depth: int) -> int:

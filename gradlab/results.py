@@ -228,13 +228,16 @@ def with_axes(ds: xr.Dataset, names: list[str]) -> xr.Dataset:
     Figures and checks index by axis name whether or not the user swept it.
     """
     spec = config_of(ds)
+    reference = [name for name in ds.data_vars if str(name).startswith("ref.")]
+    kept = ds[reference]
+    ds = ds.drop_vars(reference)
     for name in names:
         if name not in ds.dims:
             value = spec["config"]
             for part in name.split("."):
                 value = value[part]
             ds = ds.expand_dims({name: [value]})
-    return ds
+    return ds.merge(kept)  # reference numbers keep their own dims
 
 
 def clear_checkpoints(run: Path) -> None:

@@ -7,14 +7,23 @@ program serves a whole sweep.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from gradlab import sums
-from gradlab.config import OptimConfig
+
+if TYPE_CHECKING:
+    from gradlab.config import OptimConfig
+
+SCHEDULES = (
+    "constant", "cosine", "warmup_cosine", "exponential", "inverse_time", "step", "onecycle",
+    "sgdr", "linear",
+)
+CLIPPING = ("none", "global_norm", "value", "agc")
 
 
 def _matrices(params):
@@ -71,7 +80,7 @@ def schedule_shape(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
              for span in spans]
         )
     else:  # config validation lists the allowed names; this is a programming error
-        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
     if warmup == 0:
         return base
     return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), base], [warmup])
@@ -114,38 +123,87 @@ def adamw_decoupled(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4
     )
 
 
+# The optimizers by name: (cfg, h, lr, shape) -> the optimizer alone, where h holds the swept
+# numbers (lr, momentum, b1, b2, eps, weight_decay), lr is step -> learning rate and shape the
+# schedule's shape (peak 1). Each coupled one gets L2 added to the gradient first (Adam+L2 in
+# Loshchilov & Hutter 2019); the others apply their own decoupled decay. Config's optim.name
+# choices are this table's names.
+_inject = optax.inject_hyperparams
+
+
+def _sgd(cfg, h, lr, shape):
+    del cfg, h, shape
+    return _inject(optax.sgd)(learning_rate=lr)
+
+
+def _momentum(cfg, h, lr, shape):
+    del shape
+    return _inject(optax.sgd, static_args=("nesterov",))(
+        learning_rate=lr, momentum=h["momentum"], nesterov=cfg.name == "nesterov")
+
+
+def _rmsprop(cfg, h, lr, shape):
+    del cfg, shape
+    # eps outside the square root, as PyTorch and Adam do (optax's default puts it inside).
+    return _inject(optax.rmsprop, static_args=("eps_in_sqrt",))(
+        learning_rate=lr, decay=h["b2"], eps=h["eps"], eps_in_sqrt=False)
+
+
+def _adam(cfg, h, lr, shape):
+    del cfg, shape
+    return _inject(optax.adam)(learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"])
+
+
+def _adagrad(cfg, h, lr, shape):
+    """optax.adagrad: accumulators start at 0.1 (its default), eps inside the square root."""
+    del cfg, shape
+    return _inject(optax.adagrad)(learning_rate=lr, eps=h["eps"])
+
+
+def _adamw(cfg, h, lr, shape):
+    del cfg, shape
+    return _inject(optax.adamw, static_args=("mask",))(
+        learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"], mask=_matrices)
+
+
+def _adamw_decoupled(cfg, h, lr, shape):
+    del cfg
+    return _inject(adamw_decoupled, static_args=("mask",))(
+        learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"],
+        weight_decay=lambda count: h["weight_decay"] * shape(count), mask=_matrices)
+
+
+def _lion(cfg, h, lr, shape):
+    """optax.lion (Chen et al. 2023), its decay decoupled and scaled by the learning rate as adamw's."""
+    del cfg, shape
+    return _inject(optax.lion, static_args=("mask",))(
+        learning_rate=lr, b1=h["b1"], b2=h["b2"], weight_decay=h["weight_decay"], mask=_matrices)
+
+
+_OPTIMIZERS = {  # name: (builder, whether L2 is added to the gradient first)
+    "sgd": (_sgd, True),
+    "momentum": (_momentum, True),
+    "nesterov": (_momentum, True),
+    "rmsprop": (_rmsprop, True),
+    "adam": (_adam, True),
+    "adamw": (_adamw, False),
+    "adamw_decoupled": (_adamw_decoupled, False),
+    "adagrad": (_adagrad, True),
+    "lion": (_lion, False),
+}
+OPTIMIZERS = tuple(_OPTIMIZERS)  # the choices of optim.name
+
+
 def optimizer(cfg: OptimConfig, hp: dict, total_updates: int, prefix: str = "optim.") -> optax.GradientTransformation:
     """The optimizer alone (no clipping, no accumulation), its swept numbers taken from `hp`."""
+    if cfg.name not in _OPTIMIZERS:  # config validation lists the allowed names; a programming error
+        raise ValueError(f"unknown optimizer {cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    make, coupled = _OPTIMIZERS[cfg.name]
     h = {name: hp[prefix + name] for name in ("lr", "momentum", "b1", "b2", "eps", "weight_decay")}
     shape = schedule_shape(cfg, total_updates)
-    lr = lambda count: h["lr"] * shape(count)  # noqa: E731
-    inject = optax.inject_hyperparams
-    if cfg.name == "adamw_decoupled":
-        return inject(adamw_decoupled, static_args=("mask",))(
-            learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"],
-            weight_decay=lambda count: h["weight_decay"] * shape(count), mask=_matrices,
-        )
-    if cfg.name == "adamw":
-        return inject(optax.adamw, static_args=("mask",))(
-            learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"],
-            mask=_matrices,
-        )
-    if cfg.name == "sgd":
-        opt = inject(optax.sgd)(learning_rate=lr)
-    elif cfg.name in ("momentum", "nesterov"):
-        opt = inject(optax.sgd, static_args=("nesterov",))(
-            learning_rate=lr, momentum=h["momentum"], nesterov=cfg.name == "nesterov"
-        )
-    elif cfg.name == "rmsprop":
-        # eps outside the square root, as PyTorch and Adam do (optax's default puts it inside).
-        opt = inject(optax.rmsprop, static_args=("eps_in_sqrt",))(
-            learning_rate=lr, decay=h["b2"], eps=h["eps"], eps_in_sqrt=False
-        )
-    elif cfg.name == "adam":
-        opt = inject(optax.adam)(learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"])
-    else:
-        raise ValueError(f"unknown optimizer {cfg.name!r}")
-    # Coupled L2 (added to the gradient before the optimizer), as Adam+L2 in Loshchilov & Hutter 2019.
+    opt = make(cfg, h, lambda count: h["lr"] * shape(count), shape)
+    if not coupled:
+        return opt
     return optax.chain(optax.add_decayed_weights(h["weight_decay"], _matrices), opt)
 
 

@@ -12,6 +12,8 @@ it through hooks rather than retyping it:
   metrics(view) -> dict         extra metrics from this step's StepView (its batch, gradient,
                                 updates): nothing is computed twice
   data_fn(key) -> Data          the training set (default: data.make(cfg.data))
+
+`chosen_by_index(hp[...], txs)` is an `optimizer` for a swept choice among several optax chains.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class StepView(NamedTuple):
     grads: dict  # of the loss, before any clipping
     updates: dict  # what the optimizer returned
     new_params: dict
-    taps: dict  # per-layer activation statistics (empty with telemetry=loss and no probes)
+    taps: dict  # loss_and_grad's aux: per-layer activation statistics (empty with telemetry=loss and no probes)
+    probe_grads: dict | None = None  # dL/dh per layer, the gradient w.r.t. the probes (None without probes)
 
 
 def mlp_spec(cfg) -> models.MLPSpec:
@@ -112,11 +115,29 @@ def supervised_mlp(
                 "delta_rms": jnp.where(mask, models.probe_rms(probe_grads), jnp.nan),
             })
         if metrics is not None:
-            view = StepView(hp, hyper, state, batch, loss, grads, updates, params, taps or {})
+            view = StepView(hp, hyper, state, batch, loss, grads, updates, params, taps or {}, probe_grads)
             out.update(metrics(view))
         return new_state, out
 
     return Trial(init, step)
+
+
+def chosen_by_index(index, choices) -> optax.GradientTransformation:
+    """The transformation choices[index] for a traced index (a swept optimizer family in one program).
+
+    Every choice keeps its own state and computes its update each step; the index picks whose update
+    is returned, exactly (a select, no arithmetic).
+    """
+
+    def init(params):
+        return tuple(tx.init(params) for tx in choices)
+
+    def update(updates, state, params=None):
+        stepped = [tx.update(updates, s, params) for tx, s in zip(choices, state, strict=True)]
+        picked = jax.tree.map(lambda *u: jax.lax.select_n(index, *u), *[u for u, _ in stepped])
+        return picked, tuple(s for _, s in stepped)
+
+    return optax.GradientTransformation(init, update)
 
 
 def task_reference(cfg) -> dict:

@@ -4,7 +4,8 @@
                                                 per-activation RMS/std at these params
     sweep(model, loss, data, lr=[...], seeds=[...], steps=...)
                                                 train every (lr, seed) point in one compiled
-                                                program (gradlab.engine), divergence marked
+                                                program: the plan -> engine -> results path of
+                                                `gradlab run`, divergence marked
 
 What counts as the model's parameters and activations:
   linen  params are the variables of `model.init` ({"params": ...}; other collections such as
@@ -26,205 +27,39 @@ output, mean(out ** 2), a label-free probe of how the output scale reacts to the
 from __future__ import annotations
 
 import inspect
-import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, NamedTuple
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import xarray as xr
-from flax import linen as nn
-from flax import nnx
 
-from gradlab import engine, telemetry
+from gradlab import adapters, config, engine, results, telemetry, transforms
+from gradlab.adapters import leaf_labels, mean_squared_output  # noqa: F401 (public here too)
+from gradlab.config import MAX_SEEDS, OptimConfig, param
 from gradlab.errors import ConfigError
 
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": optax.sgd,
-    "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
-    "nesterov": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9, nesterov=True),
-    "adam": optax.adam,
-    "adamw": optax.adamw,
-    "rmsprop": optax.rmsprop,
-    "adagrad": optax.adagrad,
-    "lion": optax.lion,
-}
+FACTORY = "factory"  # SweepConfig.name when `optimizer` is an optax factory, not a name
 
 
-def mean_squared_output(out, batch) -> jax.Array:
-    """The default loss: the mean of out ** 2 over every element of the output (all its leaves)."""
-    del batch
-    leaves = [telemetry.at_least_f32(jnp.asarray(o)) for o in jax.tree.leaves(out)]
-    total = sum(jnp.sum(jnp.square(o)) for o in leaves)
-    return total / sum(o.size for o in leaves)
+@dataclass(frozen=True)
+class SweepConfig(OptimConfig):
+    """What sweep trains under: OptimConfig's keys at the top level (so dims read lr, seed, ...)
+    and the run's length. Resolved, planned and run like an experiment's config."""
 
+    name: str = param("adam", choices=transforms.OPTIMIZERS + (FACTORY,),
+                      doc=f"an optimizer of gradlab.transforms; {FACTORY!r}: an optax factory (attrs['optimizer'])")
+    seed: int = param(0, low=0, high=MAX_SEEDS, sweep="traced")
+    steps: int = param(100, low=1)
+    chunk_steps: int = param(100, low=1, doc="steps per compiled chunk; a checkpoint after each")
 
-# ---------------------------------------------------------------------------------------------
-# Model adapters: one shape for all three kinds of model.
-
-
-class _Model(NamedTuple):
-    kind: str  # "linen" | "nnx" | "function"
-    split: Callable[[Any], tuple[Any, Any]]  # user params (or None) -> (trainable, fixed)
-    forward: Callable[[Any, Any, Any, bool], tuple[Any, dict]]  # (params, fixed, x, capture) -> (out, acts)
-    default_init: Callable[[jax.Array, Any], tuple[Any, Any]] | None  # (key, x) -> (trainable, fixed)
-
-
-def _part(key) -> str | None:
-    """One pytree path entry as a label part; None for the wrappers a label leaves out."""
-    if isinstance(key, jax.tree_util.DictKey):
-        name = str(key.key)
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-        name = key.name
-    elif isinstance(key, jax.tree_util.SequenceKey):
-        name = str(key.idx)
-    else:
-        name = str(getattr(key, "key", key))
-    return None if name in ("value", "__call__") else name
-
-
-def leaf_labels(tree) -> list[str]:
-    """'Dense_0/kernel'-style labels of a pytree's leaves, in jax.tree.leaves order."""
-    labels = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = [p for p in map(_part, path) if p is not None]
-        labels.append("/".join(parts) or "params")
-    return labels
-
-
-def _activation_dict(tree) -> dict[str, jax.Array]:
-    """Captured values (nested dicts of tuples, one entry per call) -> {label: array}.
-
-    A tuple index is kept only where a name holds more than one value (a module called twice).
-    """
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    named = []
-    for path, leaf in flat:
-        index = None
-        if path and isinstance(path[-1], jax.tree_util.SequenceKey):
-            index, path = path[-1].idx, path[:-1]
-        parts = [p for p in map(_part, path) if p is not None]
-        named.append(("/".join(parts) or "output", index, leaf))
-    counts: dict[str, int] = {}
-    for name, _, _ in named:
-        counts[name] = counts.get(name, 0) + 1
-    return {
-        (name if counts[name] == 1 or index is None else f"{name}[{index}]"): leaf
-        for name, index, leaf in named
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-    }
-
-
-def _linen(model: nn.Module) -> _Model:
-    def split(variables):
-        if variables is None:
-            raise ConfigError("params: a linen model needs its variables, e.g. params=model.init(key, x)")
-        if not isinstance(variables, Mapping):
-            raise ConfigError(f"params: expected the dict of model.init(key, x), got {type(variables).__name__}")
-        if "params" not in variables:
-            return variables, {}
-        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
-
-    def forward(params, fixed, x, capture):
-        variables = {"params": params, **fixed}
-        if not capture:
-            return model.apply(variables, x), {}
-        out, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
-        return out, _activation_dict(state["intermediates"])
-
-    def default_init(key, x):
-        return split(model.init(key, x))
-
-    return _Model("linen", split, forward, default_init)
-
-
-def _nnx(model: nnx.Module) -> _Model:
-    graphdef, own_params, rest = nnx.split(model, nnx.Param, ...)
-
-    def split(params):
-        if params is None:
-            return own_params, None
-        if isinstance(params, nnx.Module):
-            return nnx.state(params, nnx.Param), None
-        return params, None
-
-    def forward(params, fixed, x, capture):
-        del fixed  # the module's non-Param state is held at its own values
-        module = nnx.merge(graphdef, params, rest)
-        if not capture:  # still under capture: flax deprecates sow() outside it; XLA drops the values
-            return nnx.capture(module, nnx.Intermediate)(x)[0], {}
-        out, captured = nnx.capture(module, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
-        return out, _activation_dict(captured)
-
-    return _Model("nnx", split, forward, None)
-
-
-def _function(apply: Callable, has_aux: bool) -> _Model:
-    def split(params):
-        if params is None:
-            raise ConfigError("params: a plain apply function needs its params (or, for sweep, init=key -> params)")
-        return params, None
-
-    def forward(params, fixed, x, capture):
-        del fixed
-        result = apply(params, x)
-        out, aux = result if has_aux else (result, {})
-        if not capture:
-            return out, {}
-        if not isinstance(aux, Mapping):
-            raise ConfigError(f"has_aux=True: apply must return (out, {{name: activation}}), got {type(aux).__name__}")
-        return out, {**_activation_dict(dict(aux)), "output": out}
-
-    return _Model("function", split, forward, None)
-
-
-def _adapt(model, has_aux: bool = False) -> _Model:
-    if isinstance(model, type) and issubclass(model, (nn.Module, nnx.Module)):
-        raise ConfigError(f"model: got the class {model.__name__}; pass an instance, e.g. {model.__name__}(...)")
-    if isinstance(model, nn.Module):
-        return _linen(model)
-    if isinstance(model, nnx.Module):
-        return _nnx(model)
-    if callable(model):
-        return _function(model, has_aux)
-    raise ConfigError(
-        f"model: expected a flax linen Module, an nnx Module or a function apply(params, x), got {type(model).__name__}"
-    )
-
-
-def _inputs(batch):
-    """The model input of a batch: the array itself, batch[0], or batch['x'] / batch['inputs']."""
-    if isinstance(batch, (jax.Array, np.ndarray)):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("x", "inputs"):
-            if key in batch:
-                return batch[key]
-        raise ConfigError(f"batch: a dict batch needs the input under 'x' or 'inputs', got keys {sorted(batch)}")
-    raise ConfigError(f"batch: expected an array, a tuple (x, y, ...) or a dict with 'x', got {type(batch).__name__}")
-
-
-def _loss_of(loss) -> Callable:
-    if loss is None:
-        return mean_squared_output
-    if not callable(loss):
-        raise ConfigError(f"loss: expected a function loss(out, batch) -> scalar, got {type(loss).__name__}")
-
-    def checked(out, batch):
-        value = loss(out, batch)
-        if jnp.shape(value) != ():
-            raise ConfigError(f"loss: must return a scalar, got shape {jnp.shape(value)}")
-        return telemetry.at_least_f32(jnp.asarray(value))
-
-    return checked
-
-
-def _name(fn) -> str:
-    return getattr(fn, "__name__", type(fn).__name__)
+    def validate(self) -> None:
+        """Nothing beyond each field's own checks."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +68,10 @@ def _name(fn) -> str:
 
 def _frobenius_per_leaf(tree) -> jax.Array:
     return jnp.stack([telemetry.frobenius(leaf) for leaf in jax.tree.leaves(tree)])
+
+
+def _loss_name(loss) -> str:
+    return adapters.name_of(loss) if loss is not None else "mean_squared_output"
 
 
 def probe(model, params, batch, loss: Callable | None = None, *, has_aux: bool = False) -> xr.Dataset:
@@ -253,14 +92,14 @@ def probe(model, params, batch, loss: Callable | None = None, *, has_aux: bool =
       "Conv_0", "output"): act_rms = sqrt(mean(a^2)) and act_std (population std) over all of an
       activation's entries, act_nonfinite; and scalars loss and grad_global_norm.
     """
-    adapter = _adapt(model, has_aux)
-    loss_fn = _loss_of(loss)
+    adapter = adapters.adapt(model, has_aux)
+    loss_fn = adapters.loss_of(loss)
     trainable, fixed = adapter.split(params)
-    _inputs(batch)  # a malformed batch fails here with a ConfigError, not inside the trace
+    adapters.inputs(batch)  # a malformed batch fails here with a ConfigError, not inside the trace
 
     def measure(trainable, fixed, batch):
         def objective(p):
-            out, acts = adapter.forward(p, fixed, _inputs(batch), True)
+            out, acts = adapter.forward(p, fixed, adapters.inputs(batch), True)
             return loss_fn(out, batch), acts
 
         (value, acts), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
@@ -294,8 +133,8 @@ def probe(model, params, batch, loss: Callable | None = None, *, has_aux: bool =
             "loss": ((), np.asarray(stats["loss"])),
             "grad_global_norm": ((), np.asarray(stats["grad_global_norm"])),
         },
-        coords={"param": leaf_labels(trainable), "activation": activations},
-        attrs={"model_kind": adapter.kind, "loss": _name(loss) if loss is not None else "mean_squared_output"},
+        coords={"param": adapters.leaf_labels(trainable), "activation": activations},
+        attrs={"model_kind": adapter.kind, "loss": _loss_name(loss)},
     )
 
 
@@ -311,12 +150,13 @@ class SweepState(NamedTuple):
     data_key: jax.Array
 
 
-def _optimizer_factory(optimizer) -> Callable[..., optax.GradientTransformation]:
-    allowed = ", ".join(OPTIMIZERS)
+def _optimizer_factory(optimizer) -> Callable[..., optax.GradientTransformation] | None:
+    """None for a name of gradlab.transforms' optimizers; the factory itself, checked, otherwise."""
+    allowed = ", ".join(transforms.OPTIMIZERS)
     if isinstance(optimizer, str):
-        if optimizer not in OPTIMIZERS:
+        if optimizer not in transforms.OPTIMIZERS:
             raise ConfigError(f"optimizer: unknown {optimizer!r}; allowed: {allowed}, or an optax factory such as optax.adam")
-        return OPTIMIZERS[optimizer]
+        return None
     if isinstance(optimizer, optax.GradientTransformation):
         raise ConfigError(
             "optimizer: got a built optax transformation; pass its factory so the learning rate can be swept, "
@@ -330,7 +170,7 @@ def _optimizer_factory(optimizer) -> Callable[..., optax.GradientTransformation]
         names = {"learning_rate": None}
     if "learning_rate" not in names:
         raise ConfigError(
-            f"optimizer: the factory {_name(optimizer)} takes no learning_rate argument; "
+            f"optimizer: the factory {adapters.name_of(optimizer)} takes no learning_rate argument; "
             "pass e.g. lambda learning_rate: optax.sgd(learning_rate, momentum=0.9)"
         )
     return optimizer
@@ -348,18 +188,21 @@ def _lrs(lr) -> np.ndarray:
     bad = values[~(np.isfinite(values) & (values > 0))]
     if bad.size:
         raise ConfigError(f"lr: every learning rate must be a finite number > 0, got {bad[0]:g}")
-    return values.astype(np.float32)
+    return values
 
 
 def _seeds(seeds) -> np.ndarray:
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise ConfigError(f"seeds: an integer means that many seeds (0, 1, ...) and must be >= 1, got {seeds}")
-        return np.arange(seeds, dtype=np.int32)
+        if not 1 <= seeds <= config.MAX_AXIS_LENGTH:
+            raise ConfigError(f"seeds: an integer means that many seeds (0, 1, ...) and must be in "
+                              f"1..{config.MAX_AXIS_LENGTH}, got {seeds}")
+        return np.arange(seeds)
     values = np.asarray(list(seeds) if isinstance(seeds, Sequence) else seeds)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer) or np.any(values < 0):
         raise ConfigError(f"seeds: expected a non-empty list of integers >= 0 (or a count), got {seeds!r}")
-    return values.astype(np.int32)
+    if np.any(values > MAX_SEEDS):
+        raise ConfigError(f"seeds: each seed must be below 2**31 (the PRNG's seed range), got {values.max()}")
+    return values
 
 
 def _positive_int(name: str, value) -> int:
@@ -368,18 +211,41 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _build(model, loss, data, optimizer, init, params, has_aux):
-    """(Trial, param labels, model kind) for one training run per (lr, seed) point."""
-    adapter = _adapt(model, has_aux)
-    loss_fn = _loss_of(loss)
-    factory = _optimizer_factory(optimizer)
-    if init is not None and not callable(init):
-        raise ConfigError(f"init: expected a function key -> params, got {type(init).__name__}")
-    batch_at = data if callable(data) else (lambda step, key: data)
-    if not callable(data):
-        _inputs(data)
+def _spec(name: str, lrs: np.ndarray, seeds: np.ndarray, steps: int, chunk: int, optim) -> config.RunSpec:
+    """The sweep as a resolved RunSpec: `lr` and `seed` axes, and `optim`'s keys (a list: an axis)."""
+    if optim is None:
+        optim = {}
+    if not isinstance(optim, Mapping):
+        raise ConfigError(f"optim: expected a dict of optimizer settings, e.g. {{'weight_decay': [0, 1e-4]}}, got "
+                          f"{type(optim).__name__}")
+    own = {"name": "optimizer", "lr": "lr", "seed": "seeds", "seeds": "seeds", "steps": "steps",
+           "chunk_steps": "chunk_steps"}
+    for key in optim:
+        if key in own:
+            raise ConfigError(f"optim: {key}: set it with sweep's own argument {own[key]}=...")
+    if optim and name == FACTORY:
+        raise ConfigError("optim: applies to a named optimizer; give a factory its settings, "
+                          "e.g. optimizer=lambda learning_rate: optax.adam(learning_rate, b1=0.95)")
+    raw = {str(k): _plain(v) for k, v in optim.items()}
+    raw.update(name=name, lr=[float(v) for v in lrs], seed=[int(s) for s in seeds], steps=steps, chunk_steps=chunk)
+    return config.resolve("gradlab.sweep", SweepConfig, raw, "sweep")
 
+
+def _plain(value):
+    """A value as a config file holds it: Python numbers, a list for a sequence (a sweep axis)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _starts(adapter: adapters.Model, batch_at, init, params) -> Callable:
+    """(params key, data key) -> (trainable, fixed): how each seed's run begins."""
     if init is not None:
+        if not callable(init):
+            raise ConfigError(f"init: expected a function key -> params, got {type(init).__name__}")
+
         def start(key, data_key):
             del data_key
             return adapter.split(init(key))
@@ -391,37 +257,45 @@ def _build(model, loss, data, optimizer, init, params, has_aux):
             return trainable, fixed
     else:
         def start(key, data_key):
-            return adapter.default_init(key, _inputs(batch_at(jnp.int32(0), data_key)))
+            return adapter.default_init(key, adapters.inputs(batch_at(jnp.int32(0), data_key)))
+    return start
 
-    def optimizer_of(hp):
-        return optax.inject_hyperparams(factory)(learning_rate=hp["lr"])
 
-    def init_fn(hp, key):
-        params_key, data_key = jax.random.split(key)
-        trainable, fixed = start(params_key, data_key)
-        return SweepState(trainable, fixed, optimizer_of(hp).init(trainable), jnp.int32(0), data_key)
+def _trial_fn(adapter: adapters.Model, loss_fn: Callable, batch_at: Callable, start: Callable, factory) -> Callable:
+    """A static group's SweepConfig -> the Trial that trains one (lr, seed, ...) point."""
 
-    def step_fn(hp, state):
-        batch = batch_at(state.step, state.data_key)
+    def trial(cfg: SweepConfig) -> engine.Trial:
+        def optimizer_of(hp):
+            if factory is not None:
+                return optax.inject_hyperparams(factory)(learning_rate=hp["lr"])
+            return transforms.build(cfg, hp, cfg.steps, prefix="")
 
-        def objective(p):
-            out, _ = adapter.forward(p, state.fixed, _inputs(batch), False)
-            return loss_fn(out, batch)
+        def init_fn(hp, key):
+            params_key, data_key = jax.random.split(key)
+            trainable, fixed = start(params_key, data_key)
+            return SweepState(trainable, fixed, optimizer_of(hp).init(trainable), jnp.int32(0), data_key)
 
-        value, grads = jax.value_and_grad(objective)(state.params)
-        updates, opt_state = optimizer_of(hp).update(grads, state.opt_state, state.params)
-        metrics = {
-            "loss": value,
-            "grad_global_norm": telemetry.global_norm(grads),
-            "grad_norm": _frobenius_per_leaf(grads),
-            "param_norm": _frobenius_per_leaf(state.params),
-        }
-        new = SweepState(optax.apply_updates(state.params, updates), state.fixed, opt_state, state.step + 1, state.data_key)
-        return new, metrics
+        def step_fn(hp, state):
+            batch = batch_at(state.step, state.data_key)
 
-    shapes = jax.eval_shape(lambda key: start(*jax.random.split(key))[0], jax.random.PRNGKey(0))
-    the_trial = engine.Trial(init_fn, step_fn, {"grad_norm": ("param",), "param_norm": ("param",)})
-    return the_trial, leaf_labels(shapes), adapter.kind
+            def objective(p):
+                out, _ = adapter.forward(p, state.fixed, adapters.inputs(batch), False)
+                return loss_fn(out, batch)
+
+            value, grads = jax.value_and_grad(objective)(state.params)
+            updates, opt_state = optimizer_of(hp).update(grads, state.opt_state, state.params)
+            metrics = {
+                "loss": value,
+                "grad_global_norm": telemetry.global_norm(grads),
+                "grad_norm": _frobenius_per_leaf(grads),
+                "param_norm": _frobenius_per_leaf(state.params),
+            }
+            params = optax.apply_updates(state.params, updates)
+            return SweepState(params, state.fixed, opt_state, state.step + 1, state.data_key), metrics
+
+        return engine.Trial(init_fn, step_fn, {"grad_norm": ("param",), "param_norm": ("param",)})
+
+    return trial
 
 
 def sweep(
@@ -438,20 +312,24 @@ def sweep(
     has_aux: bool = False,
     chunk_steps: int | None = None,
     devices=None,
+    optim: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> xr.Dataset:
     """Train the model at every (lr, seed) point at once: one compiled program for the whole grid.
 
-    Each point trains with optax.inject_hyperparams(optimizer)(learning_rate=lr) (lr is a traced
-    value), full steps of `loss` on `data`, through gradlab.engine: vmapped over the points, a
-    scan over chunks of steps, and divergence isolated (a point whose loss or state goes
-    non-finite records that step and reports NaN from then on).
+    The sweep is a config like an experiment's (SweepConfig), planned by config.plan and run by
+    engine.run_sweep: vmapped over the points, a scan over chunks of steps, sharded over the
+    devices, divergence isolated (a point whose loss or state goes non-finite records that step
+    and reports NaN from then on), a checkpoint after each chunk when given a folder.
 
     Args:
       model, loss, has_aux: as in probe (loss None: mean squared output).
       data: one batch used at every step, or a function batch_at(step, key) -> batch of traced
         step and the seed's data key (index a dataset, draw noise).
-      optimizer: a name (sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, lion) or an
-        optax factory taking learning_rate (optax.adam, or a lambda for other settings).
+      optimizer: a name of gradlab.transforms (sgd, momentum, nesterov, rmsprop, adam, adamw,
+        adamw_decoupled, adagrad, lion), built as for `gradlab run` with OptimConfig's defaults
+        and `optim`; or an optax factory taking learning_rate (optax.adam, or a lambda).
       lr: learning rates (each > 0); seeds: a list of integer seeds, or a count n for 0..n-1.
       steps: training steps; chunk_steps: steps per compiled chunk (default all of them).
       init: key -> params for each seed (linen: variables; nnx: a Module or an nnx.State of
@@ -459,42 +337,45 @@ def sweep(
         nnx model or `params` starts every seed from the same params (seeds then vary the data key).
         Seed s uses params_key, data_key = jax.random.split(jax.random.PRNGKey(s)).
       devices: the devices the points are sharded over (default all local devices).
+      optim: other optimizer settings of a named optimizer, OptimConfig's keys ({"b1": 0.95,
+        "schedule": "cosine", "clip": "global_norm"}); a list is one more sweep axis and dim
+        ({"weight_decay": [0, 1e-4]}).
+      checkpoint_dir: a folder to checkpoint into (a subfolder per sweep config, removed when
+        the sweep ends); rerun the same sweep of the same model and data to resume there.
+      progress: show a progress bar.
 
     Returns:
-      A Dataset with dims (lr, seed, step[, param]): loss (before each step's update),
-      grad_global_norm, grad_norm and param_norm per parameter leaf; first_bad_step (-1: never)
-      and diverged per (lr, seed); compile and run seconds in its attrs.
+      The Dataset `gradlab run` makes, with dims (lr, [optim axes,] seed, step[, param]): loss
+      (before each step's update), grad_global_norm, grad_norm and param_norm per parameter leaf
+      (coordinate param: leaf labels); first_bad_step (-1: never), first_bad_layer (the first
+      leaf along param with a non-finite norm at that step; -1: none) and diverged per point;
+      provenance, the sweep's config, model_kind, optimizer and loss in its attrs.
     """
     lrs, seed_values = _lrs(lr), _seeds(seeds)
     steps = _positive_int("steps", steps)
     chunk = steps if chunk_steps is None else min(_positive_int("chunk_steps", chunk_steps), steps)
-    the_trial, labels, kind = _build(model, loss, data, optimizer, init, params, has_aux)
+    factory = _optimizer_factory(optimizer)
+    spec = _spec(optimizer if factory is None else FACTORY, lrs, seed_values, steps, chunk, optim)
+    adapter = adapters.adapt(model, has_aux)
+    loss_fn = adapters.loss_of(loss)
+    batch_at = data if callable(data) else (lambda step, key: data)
+    if not callable(data):
+        adapters.inputs(data)
+    start = _starts(adapter, batch_at, init, params)
+    shapes = jax.eval_shape(lambda key: start(*jax.random.split(key))[0], jax.random.PRNGKey(0))
+
+    folder = None
+    if checkpoint_dir is not None:
+        folder = results.ensure_dir(Path(checkpoint_dir) / f"sweep-{spec.hash}")
     devices = list(devices) if devices is not None else jax.local_devices()
-    hp_host = {
-        "lr": np.repeat(lrs, len(seed_values)),
-        "seed": np.tile(seed_values, len(lrs)),
+    swept = engine.run_sweep(_trial_fn(adapter, loss_fn, batch_at, start, factory), config.plan(spec),
+                             checkpoint_dir=folder, progress=progress, devices=devices)
+    if folder is not None and jax.process_index() == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    attrs = {
+        "model_kind": adapter.kind,
+        "optimizer": optimizer if factory is None else adapters.name_of(optimizer),
+        "loss": _loss_name(loss),
     }
-    start = time.perf_counter()
-    metrics, bad, compile_seconds = engine.run_group(the_trial, hp_host, steps, chunk, devices)
-    seconds = time.perf_counter() - start
-    grid = (len(lrs), len(seed_values))
-    data_vars = {}
-    for name, values in metrics.items():
-        dims = ("lr", "seed", "step") + the_trial.metric_dims.get(name, ())
-        data_vars[name] = (dims, values.reshape(grid + values.shape[1:]))
-    bad = np.asarray(bad).reshape(grid)
-    data_vars["first_bad_step"] = (("lr", "seed"), bad)
-    data_vars["diverged"] = (("lr", "seed"), bad >= 0)
-    device = devices[0]
-    return xr.Dataset(
-        data_vars,
-        coords={"lr": lrs, "seed": seed_values, "step": np.arange(steps), "param": labels},
-        attrs={
-            "model_kind": kind,
-            "optimizer": optimizer if isinstance(optimizer, str) else _name(optimizer),
-            "loss": _name(loss) if loss is not None else "mean_squared_output",
-            "compile_seconds": compile_seconds,
-            "run_seconds": seconds - compile_seconds,
-            "device_kind": getattr(device, "device_kind", device.platform),
-        },
-    )
+    ds = results.build_dataset(swept, spec.to_dict(), spec.hash, attrs)
+    return ds.assign_coords(param=adapters.leaf_labels(shapes))

@@ -1,23 +1,26 @@
 """B5 at a tiny size: the per-example noise statistics against a dense Jacobian, accumulation
-against the big batch, the learning-rate rule against its formula, and the checks."""
+against the big batch, the learning-rate rule against its formula, and which checks it computes.
+(Its `tiny` scale, where every check passes, is run by test_catalog.py.)"""
 
 import jax
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from gradlab import api, data, models, trials
+from gradlab import api, data, models, results, trials
+from gradlab.errors import ConfigError
 from gradlab.experiments import batch_size
 
 NET = ["model.width=8", "model.depth=1", "data.input_dim=4", "seeds=1"]
+SMALL = NET + ["data.examples=64", "data.batch_size=[4, 16]", "optim.accumulate_steps=[1, 4]", "base_batch=4",
+               "steps=48", "chunk_steps=48", "optim.lr=0.01", "lr_scaling=[0.0, 1.0]", "warmup_epochs=[0.0, 1.0]"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    over = NET + ["data.examples=64", "data.batch_size=[4, 16]", "optim.accumulate_steps=[1, 4]", "base_batch=4",
-                  "steps=48", "chunk_steps=48", "optim.lr=0.01", "lr_scaling=[0.0, 1.0]", "warmup_epochs=[0.0, 1.0]"]
+    """A run smaller than the `tiny` scale (48 steps of a width-8 net), for the tests of its numbers."""
     out = tmp_path_factory.mktemp("bs")
-    return api.execute("batch_size", over, out=out, progress=False, draw=True), out
+    return api.execute("batch_size", SMALL, out=out, progress=False, draw=False), out
 
 
 def test_noise_statistics_equal_the_dense_per_example_jacobian(tmp_path):
@@ -51,7 +54,7 @@ def test_accumulated_updates_equal_the_big_batch(tiny):
     per_update = acc.reshape(acc.shape[:-1] + (-1, 4)).mean(-1)  # the 4 minibatches of each update
     np.testing.assert_allclose(per_update, big[..., : per_update.shape[-1]], rtol=1e-5)
     assert not np.allclose(acc[..., 0::4], acc[..., 1::4])  # the minibatches do differ
-    err, pairs = batch_size.accumulation_error(batch_size.results.with_axes(ds, batch_size.AXES))
+    err, pairs = batch_size.accumulation_error(results.with_axes(ds, batch_size.AXES))
     assert pairs == 1 and err <= batch_size.ACCUMULATION_RTOL
 
 
@@ -69,10 +72,14 @@ def test_learning_rate_is_the_scaled_rate_after_a_gradual_warmup(tiny):
     np.testing.assert_allclose(fixed, 0.01, rtol=1e-6)
 
 
-def test_checks_are_computed_and_the_figure_is_drawn(tiny):
-    outcome, out = tiny
+def test_one_compile_per_group_and_the_checks_computed(tiny):
+    outcome, _ = tiny
     names = [c.name for c in outcome.checks]
     assert names[0].startswith("MultiSteps") and outcome.checks[0].passed
     assert any(n.startswith("linear rule at B=") for n in names)
-    assert (out / "figures" / "batch_size.png").exists()
     assert outcome.dataset.attrs["static_groups"] == 4
+
+
+def test_layer_telemetry_is_refused_when_loaded():
+    with pytest.raises(ConfigError, match="telemetry"):
+        api.resolve("batch_size", ["telemetry=layers"])

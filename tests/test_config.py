@@ -1,10 +1,11 @@
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from gradlab import config
-from gradlab.config import ExperimentConfig
+from gradlab import config, data, inits, models, norms, transforms
+from gradlab.config import ExperimentConfig, param
 from gradlab.errors import ConfigError
 
 
@@ -78,7 +79,7 @@ def test_scales_are_presets_overridden_by_the_command_line(tmp_path):
         ("", ["model.init=glorot"], "allowed: zero, normal"),
         ("", ["model.activation=swish"], "model.activation: unknown value 'swish'"),
         ("", ["model.norm=batchnorm"], "allowed: none, layernorm, rmsnorm"),
-        ("", ["optim.name=lion"], "optim.name"),
+        ("", ["optim.name=lamb"], "optim.name: unknown value 'lamb'"),
         ("", ["optim.schedule=cosin"], "did you mean 'cosine'"),
         ("", ["optim.lr={logspace: [-1, -4, 8]}"], "lo <= hi"),
         ("", ["optim.lr={logspace: [-4, -1, 0]}"], "count n"),
@@ -116,7 +117,7 @@ def test_errors_from_the_command_line_say_so(tmp_path):
 
 
 def test_logspace_values_are_exact_powers():
-    values = config._axis_values({"logspace": [-5, 0, 6]}, "optim.lr", "x")
+    values = config.loader._axis_values({"logspace": [-5, 0, 6]}, "optim.lr", "x")
     assert all(math.isclose(v, 10.0**e, rel_tol=1e-12) for v, e in zip(values, range(-5, 1)))
 
 
@@ -126,3 +127,62 @@ def test_inverse_time_ending_above_the_peak_is_refused(tmp_path, schedule):
         load(tmp_path, "optim: {decay_rate: 2.0}\n", [f"optim.schedule={schedule}"])
     # an exponential schedule may grow: decay_rate > 1 is allowed there
     assert load(tmp_path, "optim: {decay_rate: 2.0, schedule: exponential}\n").config.optim.decay_rate == 2.0
+
+
+@dataclass(frozen=True)
+class ProbedConfig(ExperimentConfig):
+    """An experiment whose probe depths must lie within the model's depth."""
+
+    probe_depth: int = param(2, low=1)
+
+    def validate(self) -> None:
+        if self.probe_depth > self.model.depth:
+            raise ConfigError(f"must be at most model.depth ({self.model.depth}), got {self.probe_depth}",
+                              key="probe_depth")
+
+
+def load_probed(tmp_path, text, overrides=()):
+    return config.load("exp", ProbedConfig, overrides, path=write(tmp_path, text))
+
+
+def test_validate_accepts_a_good_config_and_every_swept_value(tmp_path):
+    spec = load_probed(tmp_path, "model: {depth: 4}\nprobe_depth: [1, 4]\n")
+    assert spec.axis("probe_depth").values == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, where",
+    [
+        ("model: {depth: 4}\nprobe_depth: 5\n", [], "exp.yaml: probe_depth"),
+        ("model: {depth: 4}\n", ["probe_depth=5"], "exp.yaml (overridden on the command line): probe_depth"),
+        ("model: {depth: 4}\nprobe_depth: [1, 5, 2]\n", [], "exp.yaml: probe_depth"),
+        ("model: {depth: [8, 4]}\nprobe_depth: 5\n", [], "exp.yaml: probe_depth"),
+    ],
+    ids=["file", "override", "second-swept-value", "other-swept-field"],
+)
+def test_validate_refuses_a_bad_value_naming_file_and_key(tmp_path, text, overrides, where):
+    with pytest.raises(ConfigError) as info:
+        load_probed(tmp_path, text, overrides)
+    message = str(info.value)
+    assert message == f"{tmp_path / where}: must be at most model.depth (4), got 5"
+    assert "\n" not in message
+
+
+def test_config_error_carries_its_key():
+    assert ConfigError("bad", key="probe_depth").key == "probe_depth"
+    assert ConfigError("bad").key is None and str(ConfigError("bad")) == "bad"
+
+
+def test_choice_lists_come_from_the_modules_that_implement_them():
+    assert config.ACTIVATIONS is models.ACTIVATIONS and config.DTYPES is models.DTYPES
+    assert config.NORMS is norms.NORMS and config.TASKS is data.TASKS
+    assert config.INIT_SCHEMES == tuple(inits.SCHEMES)
+    assert config.OPTIMIZERS == transforms.OPTIMIZERS and {"adagrad", "lion"} <= set(config.OPTIMIZERS)
+    assert config.SCHEDULES is transforms.SCHEDULES and config.CLIPPING is transforms.CLIPPING
+    assert config.CONFIG_DIR.name == "configs" and (config.CONFIG_DIR / "gradient_flow.yaml").is_file()
+
+
+def test_plan_carries_the_run_length(tmp_path):
+    plan = config.plan(load(tmp_path, "steps: 10\nchunk_steps: 4\n"))
+    assert (plan.steps, plan.chunk_steps) == (10, 4)
+    assert config.plan(load(tmp_path, "steps: 3\nchunk_steps: 100\n")).chunk_steps == 3

@@ -34,7 +34,7 @@ def spec_of(tmp_path, overrides=()):
 
 
 def sweep(spec, **kw):
-    return engine.run_sweep(trials.supervised_mlp, spec, config.plan(spec), progress=False, **kw)
+    return engine.run_sweep(trials.supervised_mlp, config.plan(spec), progress=False, **kw)
 
 
 def assert_same(a, b):

@@ -25,7 +25,7 @@ def spec_of(tmp_path, overrides=(), text=BASE):
 
 
 def sweep(spec, **kw):
-    return engine.run_sweep(trials.supervised_mlp, spec, config.plan(spec), progress=False, **kw)
+    return engine.run_sweep(trials.supervised_mlp, config.plan(spec), progress=False, **kw)
 
 
 def test_each_vmapped_point_equals_its_own_run(tmp_path):
@@ -47,7 +47,7 @@ def test_one_trace_per_static_group_and_none_per_chunk(tmp_path):
         return trial._replace(step=chex.assert_max_traces(trial.step, n=2))
 
     chex.clear_trace_counter()
-    out = engine.run_sweep(counted, spec, config.plan(spec), progress=False)  # 2 groups x 3 chunks
+    out = engine.run_sweep(counted, config.plan(spec), progress=False)  # 2 groups x 3 chunks
     assert out.groups == 2
     assert np.all(np.isfinite(out.metrics["loss"]))
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gradlab import inits
-from gradlab.config import INIT_SCHEMES
+from gradlab.inits import INIT_SCHEMES
 
 FAN_IN, FAN_OUT = 256, 512
 

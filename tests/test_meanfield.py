@@ -107,3 +107,11 @@ def test_critical_line_parametrisation_is_the_edge():
     np.testing.assert_allclose(q, q_edge, rtol=1e-4)
     np.testing.assert_allclose(mf.chi_1(sw2, q), 1.0, atol=1e-6)
     assert mf.critical_line(0.0) == (pytest.approx(1.0), pytest.approx(0.0))  # through (1, 0)
+
+
+def test_critical_sigma_w2_by_bisection_lies_on_the_critical_line():
+    """The bisection on chi_1 = 1 against the edge parametrised by q*, and ReLU's closed form 2."""
+    sw2, sb2 = mf.critical_line(np.array([0.05, 0.3, 1.0]))
+    np.testing.assert_allclose(mf.critical_sigma_w2(sb2), sw2, rtol=1e-5)
+    assert float(mf.critical_sigma_w2(0.0)) == pytest.approx(1.0, abs=1e-3)  # tanh'(0)^2 = 1, q* = 0
+    assert float(mf.critical_sigma_w2(0.0, "relu")) == pytest.approx(2.0, abs=1e-9)  # chi_1 = sigma_w^2 / 2

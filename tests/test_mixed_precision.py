@@ -1,96 +1,17 @@
-"""C3 mixed_precision: float formats from their bit layout, float16 rounding predicates against
-actual casts and adds, and a tiny run (float32 and float16, every loss scaling) against theory."""
+"""C3 mixed_precision: its config errors, and its tiny scale (float32 and float16, every loss scaling)
+against theory. The float formats and loss scaling it rests on are tested in test_precision.py."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import api, loss_scaling
+from gradlab import api
 from gradlab.errors import ConfigError
 from gradlab.experiments import mixed_precision as mp
-
-TINY = ["model.width=16", "model.depth=4", "data.examples=64", "data.input_dim=8", "steps=150", "chunk_steps=150",
-        "seeds=2", "model.dtype=[float32, float16]", "growth_interval=20", "initial_scale=1099511627776.0"]
-
-
-# ----------------------------------------------------------------------------- number formats
-
-
-@pytest.mark.parametrize("dtype,exponent_bits,mantissa_bits", [(jnp.float16, 5, 10), (jnp.bfloat16, 8, 7),
-                                                               (jnp.float32, 8, 23)])
-def test_finfo_matches_the_format_built_from_its_bits(dtype, exponent_bits, mantissa_bits):
-    assert mp.representable_range(dtype) == mp.format_range(exponent_bits, mantissa_bits)
-
-
-def test_float16_limits():
-    """The catalog's numbers: min subnormal 2^-24, min normal 2^-14, max 65504 (IEEE binary16)."""
-    r = mp.representable_range(jnp.float16)
-    assert (r.smallest_subnormal, r.smallest_normal, r.max) == (2.0**-24, 2.0**-14, 65504.0)
-    assert all(c.passed for c in mp.float16_checks())
-
-
-def log_uniform_with_ties(rng, n=20000):
-    """|g| log-uniform over 2^-30..2^-10 with random signs, plus the exact rounding ties of float16."""
-    g = np.exp2(rng.uniform(-30, -10, n)) * rng.choice([-1, 1], n)
-    sub = 2.0**-24
-    ties = [sub / 2, -sub / 2, 2.0**-14 - sub / 2, 1.5 * sub, 2.0**-14, 2.0**-14 - sub, 0.0]
-    return jnp.asarray(np.concatenate([g, ties]), jnp.float32)
-
-
-def test_flush_and_subnormal_predicates_match_an_actual_cast_to_float16():
-    g = log_uniform_with_ties(np.random.default_rng(0))
-    cast = np.abs(np.asarray(g.astype(jnp.float16), np.float32))
-    g_np = np.asarray(g)
-    np.testing.assert_array_equal(np.asarray(mp.flushes_to_zero(g)), (cast == 0) & (g_np != 0))
-    np.testing.assert_array_equal(np.asarray(mp.lands_subnormal(g)), (cast > 0) & (cast < 2.0**-14))
-    assert 0.2 < float(np.mean(np.asarray(mp.flushes_to_zero(g)))) < 0.3  # 2^-30..2^-25 of 2^-30..2^-10: 5/20
-
-
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
-def test_update_lost_matches_an_actual_add(dtype):
-    """Random weights and updates from 2^-6 to 2^6 half gaps, exact ties, weights at powers of two (whose
-    gap below is half the gap above) and zero weights."""
-    rng = np.random.default_rng(1)
-    n = 20000
-    w = jnp.asarray(rng.normal(size=n) * np.exp2(rng.uniform(-8, 2, n)), dtype)
-    w = w.at[:200].set(jnp.asarray(np.exp2(rng.integers(-8, 3, 200)) * rng.choice([-1, 1], 200), dtype))
-    w = w.at[200:260].set(0)
-    ulp = jnp.abs(jnp.nextafter(w, jnp.asarray(jnp.inf, dtype)).astype(jnp.float32) - w.astype(jnp.float32))
-    ratio = np.exp2(rng.uniform(-6, 6, n))
-    ratio[260:1260] = 1.0  # |u| = half the gap above: a tie
-    u = (jnp.asarray(ratio * rng.choice([-1, 1], n), jnp.float32) * ulp / 2).astype(dtype)
-    actual = np.asarray(w + u == w)
-    predicted = np.asarray(mp.update_lost(w, u))
-    np.testing.assert_array_equal(predicted, actual)
-    assert 0.2 < actual.mean() < 0.8  # both outcomes are well represented
-
-
-def test_log2_histogram_matches_numpy():
-    rng = np.random.default_rng(2)
-    x = np.exp2(rng.uniform(-70, 20, 5000)) * rng.choice([-1, 1], 5000)
-    x[:50] = 0.0
-    where = x != 0
-    got = np.asarray(mp.log2_histogram(jnp.asarray(x, jnp.float32), mp.HIST_BINS, jnp.asarray(where)))
-    exps = np.clip(np.floor(np.log2(np.abs(np.asarray(x[where], np.float32)))), mp.HIST_BINS[0], mp.HIST_BINS[-1])
-    expected = np.array([np.sum(exps == e) for e in mp.HIST_BINS])
-    np.testing.assert_array_equal(got, expected)
-
-
-def test_the_checks_replay_agrees_with_loss_scaling():
-    rng = np.random.default_rng(3)
-    bad = rng.random(200) < 0.1
-    state, path = loss_scaling.init(2.0**20), []
-    adjust = jax.jit(loss_scaling.adjust)
-    for b in bad:
-        path.append(float(state.scale))
-        state = adjust(state, jnp.bool_(not b), 7)
-    np.testing.assert_array_equal(mp.replay_dynamic_scale(2.0**20, bad, 7), path)
 
 
 @pytest.mark.parametrize("override,allowed", [("loss_scale=auto", "none, static, dynamic"),
                                               ("growth_interval=0", ">= 1"), ("static_scale=0.5", ">= 1.0"),
-                                              ("loss_weight=0", "> 0.0")])
+                                              ("loss_weight=0", "> 0.0"), ("telemetry=layers", "must be loss")])
 def test_config_errors_name_the_key_and_what_is_allowed(override, allowed):
     with pytest.raises(ConfigError, match=override.split("=")[0]) as info:
         api.resolve("mixed_precision", [override])
@@ -100,18 +21,19 @@ def test_config_errors_name_the_key_and_what_is_allowed(override, allowed):
 # ----------------------------------------------------------------------------- a tiny run
 
 
-EXPERIMENT = "mixed_precision"  # the conftest fixture `tiny` runs it at TINY
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The `tiny` scale: width 16, depth 4, 400 steps, 3 seeds, float32 and float16, growth_interval 20 from 2^40."""
+    out = tmp_path_factory.mktemp("mixed_precision")
+    return api.execute("mixed_precision", [], "tiny", out=out, progress=False, draw=False), out
 
 
 def lane(ds, dtype, mode, name):
     return ds[name].sel({"model.dtype": dtype, "loss_scale": mode}).transpose("seed", "step").values
 
 
-def test_one_compile_per_dtype_and_the_figure(tiny):
-    outcome, out = tiny
-    assert outcome.dataset.attrs["static_groups"] == 2  # loss scaling, scales and seeds are vmapped
-    assert (out / "figures" / "mixed_precision.png").exists()
-    assert all(c.passed for c in outcome.checks if "jnp.finfo" in c.name or "dynamic scale" in c.name), outcome.checks
+def test_one_compile_per_dtype(tiny):
+    assert tiny[0].dataset.attrs["static_groups"] == 2  # loss scaling, scales and seeds are vmapped
 
 
 def test_float32_is_unchanged_by_power_of_two_loss_scales(tiny):

@@ -1,95 +1,12 @@
-"""C2 normalization: flax BatchNorm against closed forms and a numpy exponential average, the row-mask
-trick against a genuinely smaller batch, the warmup schedule against its formula, and one tiny
-batchnorm group end to end."""
+"""C2 normalization: the (L + 1)^-1/2 law's fitted slope, the config's limits, and the tiny batchnorm
+group end to end (the BatchNorm net itself: tests/test_batchnorm_net.py)."""
 
-import dataclasses
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import api, inits, models
+from gradlab import api
 from gradlab.errors import ConfigError
 from gradlab.experiments import normalization as N
-
-WIDTH, ROWS, IN = 8, 16, 5
-
-
-def spec(position="pre", depth=3, final_norm=True):
-    return models.MLPSpec(IN, 1, depth, WIDTH, "tanh", "layernorm", position, final_norm=final_norm)
-
-
-def hyper(depth=3):
-    return models.MLPHyper(depth, True, inits.scheme_index("lecun_normal"), 0.01, 1.0, 0.0, 0.01)
-
-
-def batch(seed, rows=ROWS):
-    return jax.random.normal(jax.random.PRNGKey(seed), (rows, IN)) * 1.5 + 0.3
-
-
-@pytest.mark.parametrize("position", ["pre", "post"])
-@pytest.mark.parametrize("size", [2, 5, ROWS])
-def test_training_mode_output_has_batch_mean_0_and_variance_v_over_v_plus_eps(position, size):
-    params, stats = N.bn_init(jax.random.PRNGKey(0), spec(position), hyper())
-    mask = jnp.arange(ROWS) < size
-    x = batch(1)
-    _, _, (in_mean, in_var, out_mean, out_var) = N.bn_apply(params, stats, x, mask, spec(position), hyper(),
-                                                            True, 0.9)
-    # Independent input moments, float64 numpy: block 1's BatchNorm reads h0 = tanh(x W + b) (pre) or
-    # h0 + tanh(W h0 + b) (post).
-    h0 = np.tanh(np.asarray(x, float) @ np.asarray(params["input"]["w"], float))[:size]
-    if position == "post":
-        h0 = h0 + np.tanh(h0 @ np.asarray(params["hidden"]["w"][0], float))
-    v = h0.var(axis=0)
-    # float32 against float64: flax's E[x^2] - E[x]^2 carries ~B u E[x^2] (u = 2^-24), divided by
-    # v + eps in the output; the inputs here have E[x^2] / (v + eps) < 1e3 and B <= 16: 16 x that.
-    tol = 16 * ROWS * 2.0**-24 * np.max((h0**2).mean(axis=0) / (v + N.BN_EPS)) + 1e-6
-    np.testing.assert_allclose(in_var, v, atol=tol)
-    np.testing.assert_allclose(out_mean, 0.0, atol=tol)
-    np.testing.assert_allclose(out_var, v / (v + N.BN_EPS), atol=tol)
-
-
-def test_running_statistics_are_the_exponential_average_of_the_batch_moments():
-    """k training steps on fresh batches (weights fixed): the running mean and variance of every
-    block's BatchNorm equal a float64 numpy loop over the batch moments of that block's input."""
-    s, h, m = spec("pre"), hyper(), 0.8
-    params, stats = N.bn_init(jax.random.PRNGKey(2), s, h)
-    mask = jnp.ones(ROWS, bool)
-    means, variances = [], []
-    for k in range(12):
-        x = batch(10 + k)
-        # the input of block 1's BatchNorm, in numpy
-        h0 = np.tanh(np.asarray(x, float) @ np.asarray(params["input"]["w"], float))
-        means.append(h0.mean(axis=0))
-        variances.append(h0.var(axis=0))
-        _, stats, _ = N.bn_apply(params, stats, x, mask, s, h, True, m)
-    run_mean, run_var = 0.0, 1.0
-    for mu, var in zip(means, variances):
-        run_mean, run_var = m * run_mean + (1 - m) * mu, m * run_var + (1 - m) * var
-    # float32 rounding of ~12 updates of O(1) numbers against float64
-    np.testing.assert_allclose(stats["hidden"]["mean"][0], run_mean, atol=2e-6)
-    np.testing.assert_allclose(stats["hidden"]["var"][0], run_var, atol=2e-6)
-    np.testing.assert_allclose(N.ema_reference(np.asarray(means), 0.0, m)[-1], run_mean, rtol=1e-12)
-
-
-def test_a_row_mask_is_a_smaller_batch_and_inference_uses_the_running_averages():
-    s, h = spec("post"), hyper()
-    params, stats = N.bn_init(jax.random.PRNGKey(3), s, h)
-    x = batch(4)
-    masked, masked_stats, _ = N.bn_apply(params, stats, x, jnp.arange(ROWS) < 4, s, h, True, 0.9)
-    small, small_stats, _ = N.bn_apply(params, stats, x[:4], jnp.ones(4, bool), s, h, True, 0.9)
-    np.testing.assert_allclose(masked[:4], small, rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), masked_stats, small_stats)
-    # Inference mode with running mean 0 and variance 1: BatchNorm is x / sqrt(1 + eps), so the net
-    # equals the no-norm net up to that factor; check one block by hand (depth 1, no final norm).
-    s1 = spec("pre", depth=1, final_norm=False)
-    p1, st1 = N.bn_init(jax.random.PRNGKey(5), s1, hyper(1))
-    out, _, _ = N.bn_apply(p1, st1, x, jnp.ones(ROWS, bool), s1, hyper(1), False, 0.9)
-    xn = np.asarray(x, float)
-    h0 = np.tanh(xn @ np.asarray(p1["input"]["w"], float))
-    h1 = h0 + np.tanh(h0 / np.sqrt(1 + N.BN_EPS) @ np.asarray(p1["hidden"]["w"][0], float))
-    np.testing.assert_allclose(out, h1 @ np.asarray(p1["output"]["w"], float), rtol=1e-4, atol=1e-5)
 
 
 def test_theory_slope_tends_to_minus_one_half():
@@ -98,20 +15,16 @@ def test_theory_slope_tends_to_minus_one_half():
     assert -0.49 < N.theory_slope([2, 4, 8, 16, 32, 64]) < -0.40
 
 
-def test_bn_batches_larger_than_the_minibatch_are_refused():
-    cfg = api.resolve("normalization", ["data.batch_size=8", "bn_batches=[2, 16]"], "quick").config
-    with pytest.raises(ConfigError, match="bn_batches"):
-        N.trial(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, norm="batchnorm")))
-
-
-TINY = ["model.norm=batchnorm", "model.norm_position=pre", "model.width=16", "model.depth=3", "steps=30",
-        "chunk_steps=30", "seeds=1", "probe_depths=[2, 6]", "probe_seeds=3", "bn_batches=[2, 4]",
-        "data.examples=64", "data.batch_size=16", "data.input_dim=8", "optim.warmup_steps=10"]
+@pytest.mark.parametrize("override", ["bn_batches=[2, 16]", "probe_depths=[0, 4]"])
+def test_bn_batches_larger_than_the_minibatch_and_depths_below_one_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0] + ": "):
+        api.resolve("normalization", ["data.batch_size=8", override], "quick")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return api.execute("normalization", TINY, "quick", out=tmp_path_factory.mktemp("norm"), progress=False, draw=True)
+    """The experiment at its tiny scale (gradlab/configs/normalization.yaml): one pre-BN group."""
+    return api.execute("normalization", [], "tiny", out=tmp_path_factory.mktemp("norm"), progress=False, draw=True)
 
 
 def test_tiny_batchnorm_group_end_to_end(tiny):

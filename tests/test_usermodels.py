@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gradlab import usermodels
+from gradlab import results, usermodels
 from gradlab.errors import ConfigError
 
 RTOL = 1e-5
@@ -261,6 +261,69 @@ def test_sweep_plain_function_one_compile_and_a_diverging_lr_is_isolated():
             np.testing.assert_allclose(ds.loss[i, j], losses, rtol=RTOL)
 
 
+def small_net(params, x):
+    return jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+
+def small_init(key):
+    a, b = jax.random.split(key)
+    return {"w1": jax.random.normal(a, (4, 6)) / 2, "w2": jax.random.normal(b, (6, 3)) / 2}
+
+
+def test_sweep_dataset_has_the_layout_of_a_gradlab_run_and_isolates_a_diverging_lr(tmp_path):
+    xs, ys = normal(12, 8, 4), normal(13, 8, 3)
+    lrs, steps = [0.05, 1e6, 0.1], 10
+    ds = usermodels.sweep(small_net, mse, (xs, ys), optimizer="sgd", lr=lrs, seeds=2, steps=steps, init=small_init,
+                          chunk_steps=4, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    # The variables and dims of `gradlab run`'s Dataset (results.build_dataset), param labelled.
+    assert ds.loss.dims == ("lr", "seed", "step") and ds.grad_norm.dims == ("lr", "seed", "step", "param")
+    assert list(ds.param.values) == ["w1", "w2"] and ds.lr.values.tolist() == lrs
+    for name in ("first_bad_step", "first_bad_layer", "diverged"):
+        assert ds[name].dims == ("lr", "seed")
+    # Only the huge learning rate diverges, on both seeds; the others run to the end, finite.
+    assert ds.diverged.values.tolist() == [[False, False], [True, True], [False, False]]
+    assert np.all(ds.first_bad_step.values[[0, 2]] == -1) and np.all(ds.first_bad_layer.values[[0, 2]] == -1)
+    assert np.all(np.isfinite(ds.loss.values[[0, 2]]))
+    for j in range(2):
+        bad, layer = int(ds.first_bad_step[1, j]), int(ds.first_bad_layer[1, j])
+        assert 0 <= bad < steps and np.all(np.isnan(ds.loss[1, j, bad + 1:]))
+        assert -1 <= layer < 2
+        if layer >= 0:  # the first leaf with a non-finite norm at the first bad step
+            at = np.stack([ds.grad_norm[1, j, bad].values, ds.param_norm[1, j, bad].values])
+            assert not np.all(np.isfinite(at[:, layer])) and np.all(np.isfinite(at[:, :layer]))
+    # Provenance as a run's: versions, command, git commit; the resolved config and its axes.
+    assert set(results.provenance()) <= set(ds.attrs)
+    assert ds.attrs["results_format"] == results.RESULTS_FORMAT and len(ds.attrs["config_hash"]) == 12
+    assert ds.attrs["static_groups"] == 1 and ds.attrs["model_kind"] == "function"
+    assert ds.attrs["optimizer"] == "sgd" and ds.attrs["loss"] == "mse"
+    spec = results.config_of(ds)
+    assert spec["axes"] == {"lr": lrs, "seed": [0, 1]} and spec["config"]["name"] == "sgd"
+    assert spec["config"]["steps"] == steps
+    # It stores and loads as a run's results do; the finished sweep leaves no checkpoint behind.
+    results.save(ds, tmp_path / "sweep.nc")
+    loaded = results.load(tmp_path / "sweep.nc")
+    np.testing.assert_array_equal(loaded.first_bad_step, ds.first_bad_step)
+    assert list((tmp_path / "ckpt").iterdir()) == []
+
+
+def test_sweep_optim_settings_use_the_configs_optimizer_and_a_list_is_an_axis():
+    x = normal(14, 8, 4)
+    decays = [0.0, 0.1]
+    ds = usermodels.sweep(small_net, None, x, optimizer="lion", lr=[0.01], seeds=[5], steps=4, init=small_init,
+                          optim={"weight_decay": decays, "b2": 0.99}, progress=False)
+    assert ds.loss.dims == ("lr", "weight_decay", "seed", "step")
+    params = jax.jit(small_init)(jax.random.split(jax.random.PRNGKey(5))[0])
+    for i, wd in enumerate(decays):
+        def lion(lr, wd=wd):
+            def matrices(p):
+                return jax.tree.map(lambda a: a.ndim >= 2, p)
+
+            return optax.lion(lr, b1=0.9, b2=0.99, weight_decay=wd, mask=matrices)
+
+        losses, _ = reference_curves(lambda p, t: jnp.mean(jnp.square(small_net(p, x))), params, lion, 0.01, 4)
+        np.testing.assert_allclose(ds.loss[0, i, 0], losses, rtol=RTOL)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -273,6 +336,10 @@ def test_sweep_plain_function_one_compile_and_a_diverging_lr_is_isolated():
         (dict(seeds=[]), "seeds: expected a non-empty list"),
         (dict(steps=0), "steps: expected an integer >= 1"),
         (dict(params=None), "params: a plain apply function needs its params"),
+        (dict(optim={"weight_decay": -1.0}), "sweep: weight_decay: must be >= 0.0, got -1.0"),
+        (dict(optim={"schedule": "cosin"}), "sweep: schedule: unknown value 'cosin'"),
+        (dict(optim={"lr": 0.1}), "optim: lr: set it with sweep's own argument lr="),
+        (dict(optimizer=optax.sgd, optim={"b1": 0.5}), "optim: applies to a named optimizer"),
     ],
 )
 def test_user_errors_raise_one_line_config_errors(kwargs, message):

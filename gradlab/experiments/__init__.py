@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from gradlab import results
-from gradlab.checks import Check
+from gradlab.check import Check
 from gradlab.errors import ExperimentError
 
 __all__ = ["Check", "draw", "evaluate", "get", "names"]
@@ -50,14 +50,10 @@ def get(name: str) -> ModuleType:
 def evaluate(module: ModuleType, ds) -> tuple[Any, list[Check]]:
     """The experiment's measured numbers and its checks, from its stored results."""
     ds = results.with_axes(ds, list(module.AXES))
-    if not hasattr(module, "measure"):  # TRANSITION: modules not yet in the contract's shape
-        return None, list(module.checks(ds))
     measured = module.measure(ds)
     return measured, list(module.checks(measured))
 
 
 def draw(module: ModuleType, ds, measured) -> dict:
     """The experiment's figures, {suffix: Figure}, from its stored results and measured numbers."""
-    if not hasattr(module, "measure"):  # TRANSITION
-        return module.figures(ds)
     return module.figures(results.with_axes(ds, list(module.AXES)), measured)

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import data, models, plotting, results, transforms, trials
+from gradlab import data, models, plotting, results, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
+from gradlab.errors import ConfigError
 from gradlab.experiments import Check
 
 NAME = "batch_size"
@@ -51,6 +53,11 @@ class Config(ExperimentConfig):
     lr_scaling: float = param(1.0, low=0.0, doc="lr x (B / base_batch)**lr_scaling: 1 linear, 0.5 sqrt, 0 none")
     warmup_epochs: float = param(0.0, low=0.0,
                                  doc="ramp the lr from optim.lr to its scaled value over this many epochs")
+
+    def validate(self) -> None:
+        if self.telemetry != "loss":
+            raise ConfigError(f"batch_size records per-example gradient statistics, not per-layer ones: telemetry "
+                              f"must be loss, got {self.telemetry}", key="telemetry")
 
 
 def effective_batch(cfg) -> int:
@@ -70,45 +77,30 @@ def learning_rate(cfg, hp, step):
 
 
 def trial(cfg) -> Trial:
-    """Train the MLP; every step records, before its update: loss (of the batch), lr, grad_sq =
-    |g_bar|^2 and trace_sigma = sum_i |g_i - g_bar|^2 / (B - 1) from per-example gradients."""
+    """supervised_mlp at the step's rate (the optax chain is rebuilt around it each step), its gradient
+    the mean of per-example gradients; records loss (of the batch), lr, grad_sq = |g_bar|^2 and
+    trace_sigma = sum_i |g_i - g_bar|^2 / (B - 1)."""
     spec = trials.mlp_spec(cfg)
 
-    def init(hp, key):
-        k_params, k_batches = jax.random.split(key)
-        params = models.init(k_params, spec, models.MLPHyper.from_hp(hp))
-        opt_state = transforms.build(cfg.optim, {**hp, "optim.lr": learning_rate(cfg, hp, 0)}, cfg.steps).init(params)
-        return trials.TrainState(params, opt_state, data.make(cfg.data), jnp.int32(0), k_batches)
-
-    def step(hp, state):
-        hyper = models.MLPHyper.from_hp(hp)
-        lr = learning_rate(cfg, hp, state.step)
-        # The schedule is rebuilt each step around this step's rate (constant within the step).
-        tx = transforms.build(cfg.optim, {**hp, "optim.lr": lr}, cfg.steps)
-        batch = data.batch(state.data, cfg.data, state.step, state.key)
+    def per_example_loss_and_grad(params, batch, hyper, probes):
+        del probes  # None: telemetry is loss
 
         def example_loss(params, x, y):
             out, _ = models.apply(params, x[None], spec, hyper)
             return data.loss(cfg.data, out, y[None])
 
-        losses, per_example = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
-            state.params, batch.x, batch.y)
+        losses, per_example = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(params, batch.x, batch.y)
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example)
-        size = batch.x.shape[0]
         spread = sum(jnp.sum(jnp.square(g - m[None]))
                      for g, m in zip(jax.tree.leaves(per_example), jax.tree.leaves(grads)))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": jnp.mean(losses),
-            "lr": lr,
-            "grad_sq": optax.tree.norm(grads, squared=True),
-            "trace_sigma": spread / max(size - 1, 1),
-        }
-        return trials.TrainState(params, opt_state, state.data, state.step + 1, state.key), metrics
+        return (jnp.mean(losses), {"trace_sigma": spread / max(batch.x.shape[0] - 1, 1)}), (grads, None)
 
-    return Trial(init, step)
+    def noise_metrics(view: trials.StepView) -> dict:
+        return {"lr": view.hp["optim.lr"], "grad_sq": optax.tree.norm(view.grads, squared=True),
+                "trace_sigma": view.taps["trace_sigma"]}
 
+    return trials.supervised_mlp(cfg, hp_map=lambda hp, step: {**hp, "optim.lr": learning_rate(cfg, hp, step)},
+                                 loss_and_grad=per_example_loss_and_grad, metrics=noise_metrics)
 
 
 # ----------------------------------------------------------------------------- reading results
@@ -154,13 +146,6 @@ def noise_scale(ds, batch: int, k: int, window: slice) -> float:
     return float(np.nanmean(trace) / np.nanmean(sq - trace / batch))
 
 
-def base_noise_scale(ds) -> float:
-    """B_simple over the last quarter of the base-batch run (whose loss sets the comparisons)."""
-    cfg = results.config_of(ds)["config"]
-    steps = ds.sizes["step"]
-    return noise_scale(ds, cfg["base_batch"], 1, slice(3 * steps // 4, None))
-
-
 def loss_at(ds, batch: int, k: int, examples: int, **traced) -> float:
     """Smoothed loss after `examples` examples (median over seeds; inf if that seed diverged first)."""
     loss = _sel(ds, batch, k, **traced)["loss"].values
@@ -174,7 +159,7 @@ def loss_at(ds, batch: int, k: int, examples: int, **traced) -> float:
 def scaling_table(ds) -> list[tuple[int, float, float, float]]:
     """(effective batch, loss ratio to the base batch at the base run's examples) for the linear
     rule with warmup, without warmup, and a fixed lr; one row per effective batch (k = 1 preferred)."""
-    cfg = results.config_of(ds)["config"]
+    cfg = results.run_config(ds)
     base, steps = cfg["base_batch"], ds.sizes["step"]
     examples = base * steps
     ref = loss_at(ds, base, 1, examples, lr_scaling=0.0, warmup_epochs=0.0)
@@ -208,45 +193,58 @@ def accumulation_error(ds) -> tuple[float, int]:
     return worst, pairs
 
 
-def checks(ds) -> list[Check]:
-    ds = results.with_axes(ds, AXES)
-    cfg = results.config_of(ds)["config"]
-    out = []
+class Measured(NamedTuple):
+    accumulation_error: float  # max rel. diff of k x B against kB over the first ACCUMULATION_UPDATES updates
+    accumulation_pairs: int  # (k x B, kB) pairs compared
+    base_batch: int
+    noise_scale: float | None  # B_simple over the last quarter of the base-batch run (None: not run)
+    table: list | None  # scaling_table (None without the fixed-lr and warmed-up linear lanes)
+    holds: tuple | None = None  # (B, loss ratio): the worst B <= B_simple under the warmed-up linear rule
+    breaks: tuple | None = None  # (B, loss ratio): the best B >= 2 B_simple
+    warmup_gain: tuple | None = None  # (B, loss without / with warmup) at the largest B still finite
+
+
+def measure(ds) -> Measured:
+    cfg = results.run_config(ds)
+    base, steps = cfg["base_batch"], ds.sizes["step"]
     err, pairs = accumulation_error(ds)
-    if pairs:
-        out.append(Check(f"MultiSteps k x B vs batch kB: first {ACCUMULATION_UPDATES} updates' loss, max rel. diff",
-                         err,
-                         f"<= {ACCUMULATION_RTOL:g} (float32)", err <= ACCUMULATION_RTOL))
+    has_base = base in [b * k for b, k in runs(ds)]
+    b_simple = noise_scale(ds, base, 1, slice(3 * steps // 4, None)) if has_base else None
     lanes = set(ds["lr_scaling"].values.tolist()) >= {0.0, 1.0} and (ds["warmup_epochs"].values > 0).any()
-    if not lanes or cfg["base_batch"] not in [b * k for b, k in runs(ds)]:
-        return out
-    b_simple = base_noise_scale(ds)
+    if not lanes or not has_base:
+        return Measured(err, pairs, base, b_simple, None)
     table = scaling_table(ds)
     below = [(b, r) for b, r, *_ in table if b <= b_simple]
     above = [(b, r) for b, r, *_ in table if b >= 2 * b_simple]
-    if below:
-        b, r = max(below, key=lambda x: x[1])
-        out.append(Check(f"linear rule + warmup, B <= B_simple = {b_simple:.0f}: worst loss / base-batch loss (B={b})",
-                         r, f"<= {HOLDS:g} (holds)", r <= HOLDS))
-    if above:
-        b, r = min(above, key=lambda x: x[1])
-        out.append(Check(f"linear rule + warmup, B >= 2 B_simple: best loss / base-batch loss (B={b})",
-                         r, f"> {HOLDS:g} (breaks)", r > HOLDS))
-    # Warmup: the largest batch where the warmed-up linear rule still holds finite, with against without.
     finite = [(b, rw, r0) for b, rw, r0, _ in table if np.isfinite(rw)]
-    if finite:
-        b, rw, r0 = max(finite)
-        out.append(Check(f"linear rule at B={b}: loss without / with warmup", r0 / rw, "> 1 (warmup helps)",
-                         r0 / rw > 1))
+    b, rw, r0 = max(finite) if finite else (None, None, None)
+    return Measured(err, pairs, base, b_simple, table, max(below, key=lambda x: x[1]) if below else None,
+                    min(above, key=lambda x: x[1]) if above else None, (b, r0 / rw) if finite else None)
+
+
+def checks(m: Measured) -> list[Check]:
+    out = []
+    if m.accumulation_pairs:
+        out.append(Check.at_most(f"MultiSteps k x B vs batch kB: first {ACCUMULATION_UPDATES} updates' loss, "
+                                 "max rel. diff", m.accumulation_error, ACCUMULATION_RTOL, "float32 rounding"))
+    if m.holds:
+        out.append(Check.at_most(f"linear rule + warmup, B <= B_simple = {m.noise_scale:.0f}: worst loss / "
+                                 f"base-batch loss (B={m.holds[0]})", m.holds[1], HOLDS))
+    if m.breaks:
+        out.append(Check.above(f"linear rule + warmup, B >= 2 B_simple: best loss / base-batch loss (B={m.breaks[0]})",
+                               m.breaks[1], HOLDS))
+    # Warmup: the largest batch where the warmed-up linear rule still holds finite, with against without.
+    if m.warmup_gain:
+        out.append(Check.above(f"linear rule at B={m.warmup_gain[0]}: loss without / with warmup", m.warmup_gain[1],
+                               1.0))
     return out
 
 
 # ----------------------------------------------------------------------------- figure
 
 
-def figures(ds) -> dict:
-    ds = results.with_axes(ds, AXES)
-    cfg = results.config_of(ds)["config"]
+def figures(ds, m: Measured) -> dict:
+    cfg = results.run_config(ds)
     base, steps = cfg["base_batch"], ds.sizes["step"]
     warm = float(max(ds["warmup_epochs"].values))
     fig, axes = plotting.figure(2, 3, width=3.7, height=3.0)
@@ -281,9 +279,9 @@ def figures(ds) -> dict:
             big = np.nanmedian(_sel(ds, b * k, 1, lr_scaling=0.0, warmup_epochs=0.0)["loss"].values, axis=0)[: len(acc)]
             ax.plot(big, color=colors[b * k], lw=2.5, alpha=0.45, label=f"B={b * k}")
             ax.plot(acc, color="k", lw=0.8, ls="--", label="k x B accumulated" if b == min(runs(ds))[0] else None)
-    err, pairs = accumulation_error(ds)
-    if pairs:
-        plotting.note(ax, f"max rel. diff, first {ACCUMULATION_UPDATES}\nupdates: {err:.2g}", loc="lower left")
+    if m.accumulation_pairs:
+        plotting.note(ax, f"max rel. diff, first {ACCUMULATION_UPDATES}\nupdates: {m.accumulation_error:.2g}",
+                      loc="lower left")
     ax.set(yscale="log", xlabel="optimizer update", ylabel="loss of the update's batch",
            title="MultiSteps: k x B against kB (fixed lr)")
     ax.legend(loc="upper right", frameon=False, fontsize=6.5)
@@ -299,35 +297,36 @@ def figures(ds) -> dict:
             values.append(noise_scale(ds, b, k, slice(lo, lo + window)))
         ax.plot(centres, np.where(np.asarray(values) > 0, values, np.nan), "o-", ms=2.5, color=colors[b * k],
                 lw=1, label=f"B={b * k}")
-    b_simple = base_noise_scale(ds)
-    ax.axhline(b_simple, color="0.3", ls=":", lw=1)
+    if m.noise_scale is not None:
+        ax.axhline(m.noise_scale, color="0.3", ls=":", lw=1)
+        at_init = noise_scale(ds, base, 1, slice(0, max(2, steps // 16)))
+        plotting.note(ax, f"B={base}: B_simple {at_init:.0f} at first,\n{m.noise_scale:.0f} over its last quarter",
+                      loc="lower right")
     ax.set(xscale="log", yscale="log", xlabel="examples seen", ylabel=r"$B_{simple} = tr(\Sigma)/|G|^2$",
            title="noise scale (McCandlish et al. 2018)")
-    at_init = noise_scale(ds, base, 1, slice(0, max(2, steps // 16)))
-    plotting.note(ax, f"B={base}: B_simple {at_init:.0f} at first,\n{b_simple:.0f} over its last quarter",
-                  loc="lower right")
 
     # Summary: loss at the base run's examples against batch size.
     ax = axes[1, 2]
-    table = scaling_table(ds)
-    bs = np.array([base] + [r[0] for r in table])
-    for j, (label, marker) in enumerate([("linear + warmup", "o"), ("linear", "s"), ("fixed lr", "^")]):
-        ratio = np.array([1.0] + [r[1 + j] for r in table])
-        shown = np.where(np.isfinite(ratio), ratio, np.nan)
-        ax.plot(bs, shown, marker=marker, ms=4, lw=1, label=label, color=plotting.COLORS[j])
-        for b in bs[~np.isfinite(ratio)]:
-            ax.plot(b, 5 * 1.3**j, "x", ms=7, mew=1.5, color=plotting.COLORS[j])
-    ax.axhline(HOLDS, color="0.5", ls="--", lw=0.8)
-    ax.axvline(b_simple, color="0.3", ls=":", lw=1)
-    ax.annotate(" B_simple", (b_simple, 0.55), xycoords=("data", "axes fraction"), fontsize=7, color="0.3")
+    if m.table is not None:
+        bs = np.array([base] + [r[0] for r in m.table])
+        for j, (label, marker) in enumerate([("linear + warmup", "o"), ("linear", "s"), ("fixed lr", "^")]):
+            ratio = np.array([1.0] + [r[1 + j] for r in m.table])
+            ax.plot(bs, np.where(np.isfinite(ratio), ratio, np.nan), marker=marker, ms=4, lw=1, label=label,
+                    color=plotting.COLORS[j])
+            for b in bs[~np.isfinite(ratio)]:
+                ax.plot(b, 5 * 1.3**j, "x", ms=7, mew=1.5, color=plotting.COLORS[j])
+        ax.axhline(HOLDS, color="0.5", ls="--", lw=0.8)
+        ax.axvline(m.noise_scale, color="0.3", ls=":", lw=1)
+        ax.annotate(" B_simple", (m.noise_scale, 0.55), xycoords=("data", "axes fraction"), fontsize=7, color="0.3")
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=6.5)
     ax.set(xscale="log", yscale="log", ylim=(0.8, 40), xlabel="effective batch size B",
            ylabel=f"loss / B={base}'s at {base * steps} examples", title="does the rule hold? (x: diverged)")
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=6.5)
-    found = [c for c in checks(ds) if c.name.startswith("linear rule")]
-    if found:
-        short = [c.name.split(": ")[0].replace("linear rule + warmup, ", "") + f": {c.measured:.3g} ({c.expected})"
-                 for c in found]
-        plotting.note(ax, "\n".join(short), loc="upper left")
+    notes = ([f"B <= B_simple = {m.noise_scale:.0f}: {m.holds[1]:.3g} (<= {HOLDS:g}: holds)"] if m.holds else []) + \
+            ([f"B >= 2 B_simple: {m.breaks[1]:.3g} (> {HOLDS:g}: breaks)"] if m.breaks else []) + \
+            ([f"linear rule at B={m.warmup_gain[0]}: {m.warmup_gain[1]:.3g} (> 1: warmup helps)"]
+             if m.warmup_gain else [])
+    if notes:
+        plotting.note(ax, "\n".join(notes), loc="upper left")
     fig.suptitle(f"Batch size: {cfg['optim']['name']} at lr {cfg['optim']['lr']:g} x (B/{base})^s, {steps} steps each, "
                  f"{cfg['data']['examples']} examples, {ds.sizes['seed']} seeds (median); dotted: the base run's end",
                  fontsize=9.5)

@@ -17,12 +17,12 @@ goes to the positive branch, on the other to the negative one, and the gap from 
 point is amplified by (w sech^2 x_0)^T. The loss falls a cliff there; across a sliver of (w, b) the
 gradient is orders of magnitude larger than anywhere else. Gradient descent started beside it is
 thrown far away by one step unless the step is clipped; clipped, a step is at most lr tau long.
-Computed here in plain JAX (vmap over the grid), not in the sweep: it does not depend on the sweep's values.
+Computed once per run in plain JAX (vmap over the grid) by `reference`, not in the sweep (it does not
+depend on the sweep's values), and stored with the results: the figure reads it from there.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import data, models, plotting, results, telemetry, transforms, trials
+from gradlab import analysis, plotting, results, telemetry, transforms, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -66,33 +66,21 @@ def trial(cfg) -> Trial:
     """supervised_mlp (its grad_global_norm is before clipping), recording also, before each update:
     clip_scale = |clip(g)| / |g|, clipped_elements (fraction of g's entries clipping changed) and
     update_global_norm (of the whole update the optax chain returns, biases included)."""
-    base = trials.supervised_mlp(cfg)
-    spec = trials.mlp_spec(cfg)
 
-    def init(hp, key):
-        return base.init(with_threshold(cfg, hp), key)
-
-    def step(hp, state):
-        hp = with_threshold(cfg, hp)
-        new_state, metrics = base.step(hp, state)
-        # The same batch and gradient as base.step (XLA shares the work); the clipping rules keep no
-        # state across steps, so applying the rule alone shows what it did to this step's gradient.
-        batch = data.batch(state.data, cfg.data, state.step, state.key)
-        hyper = models.MLPHyper.from_hp(hp)
-        grads = jax.grad(lambda p: data.loss(cfg.data, models.apply(p, batch.x, spec, hyper)[0], batch.y))(state.params)
-        rule = transforms.clipping(cfg.optim, hp["optim.clip_threshold"])
-        clipped, _ = rule.update(grads, rule.init(state.params), state.params)
-        updates, _ = transforms.build(cfg.optim, hp, cfg.steps).update(grads, state.opt_state, state.params)
-        changed = sum(jnp.sum(c != g) for c, g in zip(jax.tree.leaves(clipped), jax.tree.leaves(grads)))
-        size = sum(g.size for g in jax.tree.leaves(grads))
-        return new_state, {
-            **metrics,
-            "clip_scale": telemetry.safe_ratio(telemetry.global_norm(clipped), telemetry.global_norm(grads)),
+    def clip_metrics(view: trials.StepView) -> dict:
+        # The clipping rules keep no state across steps: applying the rule alone to this step's
+        # gradient shows what it did to it.
+        rule = transforms.clipping(cfg.optim, view.hp["optim.clip_threshold"])
+        clipped, _ = rule.update(view.grads, rule.init(view.state.params), view.state.params)
+        changed = sum(jnp.sum(c != g) for c, g in zip(jax.tree.leaves(clipped), jax.tree.leaves(view.grads)))
+        size = sum(g.size for g in jax.tree.leaves(view.grads))
+        return {
+            "clip_scale": telemetry.safe_ratio(telemetry.global_norm(clipped), telemetry.global_norm(view.grads)),
             "clipped_elements": changed.astype(jnp.float32) / size,
-            "update_global_norm": telemetry.global_norm(updates),
+            "update_global_norm": telemetry.global_norm(view.updates),
         }
 
-    return Trial(init, step, base.metric_dims)
+    return trials.supervised_mlp(cfg, hp_map=lambda hp, step: with_threshold(cfg, hp), metrics=clip_metrics)
 
 
 # ----------------------------------------------------------------------------- the cliff
@@ -144,7 +132,6 @@ def descend(cliff: Cliff, clip: bool) -> tuple[np.ndarray, np.ndarray]:
     return points, np.append(np.asarray(losses), float(cliff_loss(last, cliff)))
 
 
-@functools.lru_cache(maxsize=4)
 def cliff_surface(cliff: Cliff = CLIFF) -> dict:
     """Loss and gradient over the (w, b) grid (vmapped) and both descents, as numpy arrays."""
     ws, bs = np.linspace(*cliff.w_range), np.linspace(*cliff.b_range)
@@ -153,8 +140,25 @@ def cliff_surface(cliff: Cliff = CLIFF) -> dict:
     loss, grad = f(grid)
     plain, plain_loss = descend(cliff, clip=False)
     clipped, clipped_loss = descend(cliff, clip=True)
-    return dict(w=ws, b=bs, loss=np.asarray(loss, float), grad=np.asarray(grad, float), plain=plain,
-                plain_loss=plain_loss, clipped=clipped, clipped_loss=clipped_loss)
+    return {"w": ws, "b": bs, "loss": np.asarray(loss, float), "grad": np.asarray(grad, float), "plain": plain,
+            "plain_loss": plain_loss, "clipped": clipped, "clipped_loss": clipped_loss}
+
+
+CLIFF_KEYS = ("w", "b", "loss", "grad", "plain", "plain_loss", "clipped", "clipped_loss")
+
+
+def reference(cfg) -> dict:
+    """The cliff's surface and both descents (cliff_surface), stored as ref.cliff_<key>; the loss and
+    gradient grids in the float32 they were computed in."""
+    del cfg
+    s = cliff_surface(CLIFF)
+    return {f"cliff_{key}": s[key].astype(np.float32) if key in ("loss", "grad") else s[key] for key in CLIFF_KEYS}
+
+
+def stored_cliff(ds) -> dict:
+    """cliff_surface's dict, read back from the results."""
+    s = {key: analysis.reference(ds, f"cliff_{key}") for key in CLIFF_KEYS}
+    return {**s, "loss": s["loss"].astype(float), "grad": s["grad"].astype(float)}
 
 
 def wall_slope(surface: dict) -> float:
@@ -170,10 +174,6 @@ def step_lengths(points: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- reading results
 
 
-def _cfg(ds) -> dict:
-    return results.config_of(ds)["config"]
-
-
 def _by_kind(ds, var: str, kind: str) -> np.ndarray:
     """(lr, seed, step, ...) of one clipping rule."""
     point = ds[var].sel({"optim.clip": kind})
@@ -186,11 +186,8 @@ def kinds(ds) -> list[str]:
 
 def final_loss(ds, kind: str) -> np.ndarray:
     """(lr, seed): mean loss of the last 10 steps; inf where the run diverged or its loss is not finite."""
-    loss = _by_kind(ds, "loss", kind)
     diverged = ds["diverged"].sel({"optim.clip": kind}).transpose("optim.lr", "seed").values
-    with np.errstate(invalid="ignore", over="ignore"):
-        final = np.mean(loss[..., -10:], axis=-1)
-    return np.where(diverged | ~np.isfinite(final), np.inf, final)
+    return analysis.final(_by_kind(ds, "loss", kind), diverged, tail=10)
 
 
 def demo_lr_index(ds) -> int:
@@ -213,10 +210,8 @@ def clipped_steps(ds, kind: str) -> np.ndarray:
     return hit.sum(-1) / np.maximum(ran.sum(-1), 1)
 
 
-def update_norm_error(ds) -> float:
+def update_norm_error(ds, tau: float) -> float:
     """max over recorded SGD steps of | |update| / (lr min(|g|, tau)) - 1 | under global-norm clipping."""
-    cfg = _cfg(ds)
-    tau = cfg["optim"]["clip_threshold"]
     lr = _by_kind(ds, "lr", "global_norm")
     expected = lr * np.minimum(_by_kind(ds, "grad_global_norm", "global_norm"), tau)
     measured = _by_kind(ds, "update_global_norm", "global_norm")
@@ -224,9 +219,8 @@ def update_norm_error(ds) -> float:
         return float(np.nanmax(np.abs(measured / expected - 1)))
 
 
-def layer_update_error(ds) -> float:
+def layer_update_error(ds, tau: float) -> float:
     """The same from the stock per-layer telemetry: update_norm_l = lr min(1, tau / |g|) grad_norm_l."""
-    tau = _cfg(ds)["optim"]["clip_threshold"]
     g = _by_kind(ds, "grad_global_norm", "global_norm")
     scale = (_by_kind(ds, "lr", "global_norm") * np.minimum(1.0, tau / g))[..., None]
     expected = scale * _by_kind(ds, "grad_norm", "global_norm")
@@ -234,59 +228,79 @@ def layer_update_error(ds) -> float:
         return float(np.nanmax(np.abs(_by_kind(ds, "update_norm", "global_norm") / expected - 1)))
 
 
-def checks(ds) -> list[Check]:
-    ds = results.with_axes(ds, AXES)
-    cfg = _cfg(ds)
-    out = []
+class Measured(NamedTuple):
+    demo_lr_index: int  # the rate of the training panels and the clipping checks
+    demo_lr: float
+    update_error: float | None  # global_norm, SGD: max | |update| / (lr min(|g|, tau)) - 1 |
+    layer_update_error: float | None  # the same per layer from the stock telemetry
+    unclipped_final: float | None  # no clipping at demo_lr: final / initial loss, best seed (inf: diverged)
+    clipped_final: float | None  # global_norm at demo_lr: final / initial loss, worst seed
+    cliff_wall: float  # max |dL/dw| over the cliff's grid (at least the grid's difference quotient)
+    cliff_median: float  # median |dL/dw| over the grid
+    clipped_step: float  # the clipped descent's longest step / (lr tau)
+    step_slack: float  # float32 rounding of the descent's points, relative to lr tau
+    thrown_step: float  # the unclipped descent's longest step / (lr tau)
+
+
+def measure(ds) -> Measured:
+    cfg = results.run_config(ds)
     names = kinds(ds)
-    if "global_norm" in names and cfg["optim"]["name"] == "sgd":
-        err = update_norm_error(ds)
-        out.append(Check("global_norm, SGD: | |update| / (lr min(|g|, tau)) - 1 |, max over steps", err,
-                         f"<= {UPDATE_RTOL:g}", err <= UPDATE_RTOL))
-        err = layer_update_error(ds)
-        out.append(Check("global_norm, SGD: per-layer update_norm / (lr min(1, tau/|g|) grad_norm) - 1, max", err,
-                         f"<= {UPDATE_RTOL:g}", err <= UPDATE_RTOL))
+    i = demo_lr_index(ds)
+    sgd_global = "global_norm" in names and cfg["optim"]["name"] == "sgd"
+    tau = cfg["optim"]["clip_threshold"]
+    trains = {}
     if {"none", "global_norm"} <= set(names):
-        i = demo_lr_index(ds)
-        lr = float(ds["optim.lr"].values[i])
         start = _by_kind(ds, "loss", "none")[i, :, 0]
-        none = final_loss(ds, "none")[i] / start
-        clipped = final_loss(ds, "global_norm")[i] / start
-        out.append(Check(f"no clipping at lr={lr:.3g}: final / initial loss, best seed", float(np.min(none)),
-                         f"> {TRAINS:g} or diverged (inf)", bool(np.all(~(none < TRAINS)))))
-        out.append(Check(f"global_norm at lr={lr:.3g}: final / initial loss, worst seed", float(np.max(clipped)),
-                         f"< {TRAINS:g}", bool(np.all(clipped < TRAINS))))
-    surface = cliff_surface(CLIFF)
-    median = float(np.median(np.abs(surface["grad"][..., 0])))
-    wall = max(wall_slope(surface), float(np.max(np.abs(surface["grad"][..., 0]))))
-    out.append(Check("cliff: max |dL/dw| (>= grid difference quotient) / median |dL/dw|", wall / median,
-                     ">= 100", wall / median >= 100))
-    steps = step_lengths(surface["clipped"])
+        trains = {"unclipped_final": float(np.min(final_loss(ds, "none")[i] / start)),
+                  "clipped_final": float(np.max(final_loss(ds, "global_norm")[i] / start))}
+    surface = stored_cliff(ds)
     bound = CLIFF.lr * CLIFF.tau
-    # The points are float32: each coordinate of p + u is rounded by at most eps32 |p| / 2, so a measured
-    # step may exceed lr tau by sqrt(2) eps32 max|p| (~1e-5 of lr tau here).
-    slack = np.sqrt(2) * np.finfo(np.float32).eps * np.abs(surface["clipped"]).max() / bound
-    out.append(Check("cliff: clipped descent, longest step / (lr tau)", float(steps.max() / bound),
-                     f"<= 1 + {slack:.1g} (float32 rounding of the points)", steps.max() / bound <= 1 + slack))
-    thrown = step_lengths(surface["plain"]).max()
-    out.append(Check("cliff: unclipped descent, longest step / (lr tau)", float(thrown / bound),
-                     ">= 10 (thrown off the wall)", thrown >= 10 * bound))
+    return Measured(
+        i, float(ds["optim.lr"].values[i]),
+        update_norm_error(ds, tau) if sgd_global else None, layer_update_error(ds, tau) if sgd_global else None,
+        trains.get("unclipped_final"), trains.get("clipped_final"),
+        cliff_wall=max(wall_slope(surface), float(np.max(np.abs(surface["grad"][..., 0])))),
+        cliff_median=float(np.median(np.abs(surface["grad"][..., 0]))),
+        clipped_step=float(step_lengths(surface["clipped"]).max() / bound),
+        # The points are float32: each coordinate of p + u is rounded by at most eps32 |p| / 2, so a
+        # measured step may exceed lr tau by sqrt(2) eps32 max|p| (~1e-5 of lr tau here).
+        step_slack=float(np.sqrt(2) * np.finfo(np.float32).eps * np.abs(surface["clipped"]).max() / bound),
+        thrown_step=float(step_lengths(surface["plain"]).max() / bound),
+    )
+
+
+def checks(m: Measured) -> list[Check]:
+    out = []
+    if m.update_error is not None:
+        out.append(Check.at_most("global_norm, SGD: | |update| / (lr min(|g|, tau)) - 1 |, max over steps",
+                                 m.update_error, UPDATE_RTOL))
+        out.append(Check.at_most("global_norm, SGD: per-layer update_norm / (lr min(1, tau/|g|) grad_norm) - 1, max",
+                                 m.layer_update_error, UPDATE_RTOL))
+    if m.unclipped_final is not None:
+        out.append(Check.at_least(f"no clipping at lr={m.demo_lr:.3g}: final / initial loss, best seed",
+                                  m.unclipped_final, TRAINS))
+        out.append(Check.below(f"global_norm at lr={m.demo_lr:.3g}: final / initial loss, worst seed",
+                               m.clipped_final, TRAINS))
+    out.append(Check.at_least("cliff: max |dL/dw| (>= grid difference quotient) / median |dL/dw|",
+                              m.cliff_wall / m.cliff_median, 100))
+    out.append(Check.at_most("cliff: clipped descent, longest step / (lr tau)", m.clipped_step, 1 + m.step_slack,
+                             f"1 + {m.step_slack:.1g} (float32 rounding of the points)"))
+    out.append(Check.at_least("cliff: unclipped descent, longest step / (lr tau)", m.thrown_step, 10))
     return out
 
 
 # ----------------------------------------------------------------------------- figures
 
 
-def figures(ds) -> dict:
-    return {"": training_figure(ds), "cliff": cliff_figure()}
+def figures(ds, m: Measured) -> dict:
+    return {"": training_figure(ds, m), "cliff": cliff_figure(stored_cliff(ds), m)}
 
 
-def training_figure(ds):
-    ds = results.with_axes(ds, AXES)
-    cfg = _cfg(ds)
+def training_figure(ds, m: Measured):
+    cfg = results.run_config(ds)
     names = kinds(ds)
     lrs = ds["optim.lr"].values.astype(float)
-    i = demo_lr_index(ds)
+    i = m.demo_lr_index
     thresholds = {"global_norm": f"τ={cfg['optim']['clip_threshold']:g}", "value": f"v={cfg['value_threshold']:g}",
                   "agc": f"a={cfg['agc_threshold']:g}", "none": ""}
     fig, axes = plotting.figure(1, 3, width=3.8, height=3.0)
@@ -331,18 +345,17 @@ def training_figure(ds):
     plotting.note(axes[0, 2], "dashed: loss at init\ndotted: lr of the left panels", loc="lower left")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=8)
-    out = {c.name: c for c in checks(ds)}
-    errs = [c for name, c in out.items() if name.startswith("global_norm, SGD: | |update|")]
-    if errs:
-        plotting.note(axes[0, 1], f"global norm: |update| = lr min(|g|, τ)\nmax rel. err {errs[0].measured:.1e}",
+    if m.update_error is not None:
+        plotting.note(axes[0, 1], f"global norm: |update| = lr min(|g|, τ)\nmax rel. err {m.update_error:.1e}",
                       loc="upper right")
     fig.suptitle(f"Exploding gradients and clipping: depth-{cfg['model']['depth']} {cfg['model']['activation']} MLP, "
                  f"init gain {cfg['model']['init_gain']:g}, full-batch SGD, {cfg['steps']} steps", fontsize=10)
     return fig
 
 
-def cliff_figure(cliff: Cliff = CLIFF):
-    s = cliff_surface(cliff)
+def cliff_figure(s: dict, m: Measured, cliff: Cliff = CLIFF):
+    """The cliff's loss and |dL/dw| over (w, b) with both descents, and their step lengths; `s` as
+    cliff_surface gives it."""
     fig, axes = plotting.figure(1, 3, width=3.8, height=3.1)
     ax = axes[0, 0]
     mesh = ax.pcolormesh(s["w"], s["b"], np.log10(s["loss"] + 1e-4).T, shading="auto", cmap="viridis")
@@ -357,10 +370,9 @@ def cliff_figure(cliff: Cliff = CLIFF):
     grad = np.abs(s["grad"][..., 0])
     mesh = ax.pcolormesh(s["w"], s["b"], np.log10(grad + 1e-6).T, shading="auto", cmap="magma")
     fig.colorbar(mesh, ax=ax, label="log10 |dL/dw|")
-    median = np.median(grad)
-    wall = max(wall_slope(s), grad.max())
     ax.set(xlabel="w", ylabel="b", title="the gradient wall")
-    plotting.note(ax, f"max |dL/dw| ≥ {wall:.3g}\nmedian {median:.3g}\nratio {wall / median:.0f}", loc="upper right")
+    plotting.note(ax, f"max |dL/dw| ≥ {m.cliff_wall:.3g}\nmedian {m.cliff_median:.3g}\n"
+                      f"ratio {m.cliff_wall / m.cliff_median:.0f}", loc="upper right")
     ax = axes[0, 2]
     bound = cliff.lr * cliff.tau
     for key, color, name in (("plain", "#d1495b", "no clipping"), ("clipped", "#1b6ca8", f"global norm τ={cliff.tau:g}")):
@@ -371,9 +383,7 @@ def cliff_figure(cliff: Cliff = CLIFF):
     ax.set(yscale="log", xlabel="iteration", ylabel="step length |Δ(w, b)|",
            title=f"gradient-descent steps, lr={cliff.lr:g}")
     ax.legend(loc="upper right", fontsize=7)
-    plain = step_lengths(s["plain"]).max()
-    clipped = step_lengths(s["clipped"]).max()
-    plotting.note(ax, f"longest step / (lr τ):\nunclipped {plain / bound:.0f}, clipped {clipped / bound:.3f}",
+    plotting.note(ax, f"longest step / (lr τ):\nunclipped {m.thrown_step:.0f}, clipped {m.clipped_step:.3f}",
                   loc="lower left")
     fig.suptitle("The cliff (Pascanu et al. 2013): one step on the wall throws plain gradient descent away; "
                  "clipped steps stay ≤ lr τ", fontsize=10)

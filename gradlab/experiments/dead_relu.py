@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import erf
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,29 +65,27 @@ def no_gradient_fraction(norms, threshold) -> jax.Array:
 
 
 def trial(cfg) -> Trial:
-    """supervised_mlp on minibatches, recording also dead_full and nograd_frac on the whole training set."""
-    base = trials.supervised_mlp(cfg)
+    """supervised_mlp on minibatches, recording also dead_full and nograd_frac on the whole training set.
+
+    The step's own gradient is of its minibatch; these need the gradient of the whole training set
+    at the same parameters, a different quantity, so the hook computes it."""
     spec = trials.mlp_spec(cfg)
 
-    def step(hp, state):
-        new_state, metrics = base.step(hp, state)
-        hyper = models.MLPHyper.from_hp(hp)
+    def whole_set(view: trials.StepView) -> dict:
+        train = view.state.data
 
-        def full_loss(params):
-            out, taps = models.apply(params, state.data.x, spec, hyper)
-            return data.loss(cfg.data, out, state.data.y), taps
+        def loss(params):
+            out, taps = models.apply(params, train.x, spec, view.hyper)
+            return data.loss(cfg.data, out, train.y), taps
 
-        grads, taps = jax.grad(full_loss, has_aux=True)(state.params)
-        mask = models.layer_mask(spec, hyper)[:-1]
+        grads, taps = jax.grad(loss, has_aux=True)(view.state.params)
+        mask = models.layer_mask(spec, view.hyper)[:-1]
         nan = jnp.full((1,), jnp.nan)
-        nograd = no_gradient_fraction(unit_grad_norms(grads), hp["grad_threshold"])
-        return new_state, {
-            **metrics,
-            "dead_full": jnp.concatenate([jnp.where(mask, taps["dead_frac"][:-1], jnp.nan), nan]),
-            "nograd_frac": jnp.concatenate([jnp.where(mask, nograd, jnp.nan), nan]),
-        }
+        nograd = no_gradient_fraction(unit_grad_norms(grads), view.hp["grad_threshold"])
+        return {"dead_full": jnp.concatenate([jnp.where(mask, taps["dead_frac"][:-1], jnp.nan), nan]),
+                "nograd_frac": jnp.concatenate([jnp.where(mask, nograd, jnp.nan), nan])}
 
-    return Trial(base.init, step, base.metric_dims)
+    return trials.supervised_mlp(cfg, metrics=whole_set)
 
 
 # ----------------------------------------------------------------------------- theory
@@ -129,15 +128,7 @@ def poisson_upper(mean: float, tail: float) -> int:
     return k
 
 
-# ----------------------------------------------------------------------------- reading results
-
-
-def _cfg(ds) -> dict:
-    return results.config_of(ds)["config"]
-
-
-def activations(ds) -> list[str]:
-    return [str(a) for a in ds["model.activation"].values]
+# ----------------------------------------------------------------------------- measured
 
 
 def per_unit_mean(ds, var: str, act: str) -> np.ndarray:
@@ -147,97 +138,102 @@ def per_unit_mean(ds, var: str, act: str) -> np.ndarray:
         return np.nanmean(values.astype(float), axis=-1)
 
 
-def final(ds, var: str, act: str) -> np.ndarray:
-    """(lr, seed): the last step's value; NaN where the run diverged."""
-    return per_unit_mean(ds, var, act)[..., -1]
+class Measured(NamedTuple):
+    activations: list
+    lrs: np.ndarray
+    dead: dict  # activation -> (lr, seed, step) dead_full over all units
+    nograd: dict  # activation -> (lr, seed, step) nograd_frac over all units
+    diverged: dict  # activation -> (lr, seed)
+    init_dead: tuple | None  # ReLU at init (He, zero biases): (dead units over seeds, allowed, expected mean)
+    grown: float | None  # ReLU: end dead fraction (median over seeds), max over lr - at the smallest lr
+    grown_at: float | None  # the lr of that max
+    smallest: float | None  # the end dead fraction at the smallest lr
+    gap: float | None  # ReLU: min over lr, seed, step of nograd_frac - dead_full
+    leaky_nograd: float | None  # Leaky ReLU: max over lr, seed, step of nograd_frac
+    cfg: dict
 
 
-def checks(ds) -> list[Check]:
-    ds = results.with_axes(ds, AXES)
-    cfg = _cfg(ds)
-    acts = activations(ds)
+def measure(ds) -> Measured:
+    cfg = results.run_config(ds)
+    acts = [str(a) for a in ds["model.activation"].values]
     lrs = ds["optim.lr"].values.astype(float)
-    out = []
+    dead = {a: per_unit_mean(ds, "dead_full", a) for a in acts}
+    nograd = {a: per_unit_mean(ds, "nograd_frac", a) for a in acts}
+    diverged = {a: ds["diverged"].sel({"model.activation": a}).transpose("optim.lr", "seed").values for a in acts}
+    init = grown = grown_at = smallest = gap = leaky = None
     if "relu" in acts and cfg["model"]["init"] == "he_normal" and cfg["model"]["bias_std"] == 0:
-        n, width, depth = cfg["data"]["examples"], cfg["model"]["width"], cfg["model"]["depth"]
-        p = init_dead_probabilities(n, depth + 1)
-        seeds = ds.sizes["seed"]
-        expected = float(np.sum(p) * width * seeds)
+        width, layers = cfg["model"]["width"], cfg["model"]["depth"] + 1
+        expected = float(np.sum(init_dead_probabilities(cfg["data"]["examples"], layers)) * width * ds.sizes["seed"])
         # At step 0 every lr of a seed holds the same init: count each seed's units once.
         counts = ds["dead_full"].sel({"model.activation": "relu"}).isel({"step": 0, "optim.lr": 0}).values
-        dead = int(round(float(np.nansum(counts) * width)))
-        allowed = poisson_upper(expected, INIT_QUANTILE)
-        out.append(Check(f"relu at init: dead units (full data, {seeds} seeds x {depth + 1} layers x {width})", dead,
-                         f"<= {allowed} (mean {expected:.2g} from 2^-n and correlated layers)", dead <= allowed))
+        init = (int(round(float(np.nansum(counts) * width))), poisson_upper(expected, INIT_QUANTILE), expected)
     if "relu" in acts:
-        end = final(ds, "dead_full", "relu")
         with np.errstate(all="ignore"):
-            mid = np.nanmedian(end, axis=-1)
-        small = float(mid[0])
-        big = float(np.nanmax(mid)) if np.isfinite(mid).any() else float("nan")
-        at = lrs[int(np.nanargmax(mid))] if np.isfinite(mid).any() else float("nan")
-        out.append(Check(f"relu: end dead fraction, max over lr (at {at:.3g}) - at lr {lrs[0]:.3g} ({small:.3f})",
-                         big - small, f">= {GROWN:g}", big - small >= GROWN))
-        nograd = per_unit_mean(ds, "nograd_frac", "relu")
-        dead = per_unit_mean(ds, "dead_full", "relu")
-        with np.errstate(invalid="ignore"):
-            gap = float(np.nanmin(nograd - dead))
-        out.append(Check("relu: zero-gradient minus dead fraction, min over lr, seed, step", gap,
-                         ">= 0 (a dead ReLU unit has exactly zero gradient)", gap >= 0))
+            mid = np.nanmedian(dead["relu"][..., -1], axis=-1)
+            gap = float(np.nanmin(nograd["relu"] - dead["relu"]))
+        smallest = float(mid[0])
+        alive = np.isfinite(mid).any()
+        grown = (float(np.nanmax(mid)) if alive else float("nan")) - smallest
+        grown_at = lrs[int(np.nanargmax(mid))] if alive else float("nan")
     if "leaky_relu" in acts:
-        nograd = per_unit_mean(ds, "nograd_frac", "leaky_relu")
-        worst = float(np.nanmax(nograd))
-        out.append(Check("leaky_relu: zero-gradient fraction, max over lr, seed, step", worst, "== 0 (slope > 0)",
-                         worst == 0.0))
+        leaky = float(np.nanmax(nograd["leaky_relu"]))
+    return Measured(acts, lrs, dead, nograd, diverged, init, grown, grown_at, smallest, gap, leaky, cfg)
+
+
+def checks(m: Measured) -> list[Check]:
+    out = []
+    if m.init_dead is not None:
+        dead, allowed, expected = m.init_dead
+        model = m.cfg["model"]
+        out.append(Check.at_most(f"relu at init: dead units (full data, {m.dead['relu'].shape[1]} seeds x "
+                                 f"{model['depth'] + 1} layers x {model['width']})", dead, allowed,
+                                 f"Poisson {INIT_QUANTILE:g} tail of mean {expected:.2g} (2^-n, correlated layers)"))
+    if m.grown is not None:
+        out.append(Check.at_least(f"relu: end dead fraction, max over lr (at {m.grown_at:.3g}) - at lr {m.lrs[0]:.3g} "
+                                  f"({m.smallest:.3f})", m.grown, GROWN))
+        # A dead ReLU unit has exactly zero gradient, so it is among the no-gradient ones.
+        out.append(Check.at_least("relu: zero-gradient minus dead fraction, min over lr, seed, step", m.gap, 0.0))
+    if m.leaky_nograd is not None:
+        # Leaky ReLU's slope > 0 passes gradient through every unit.
+        out.append(Check.at_most("leaky_relu: zero-gradient fraction, max over lr, seed, step", m.leaky_nograd, 0.0))
     return out
 
 
 # ----------------------------------------------------------------------------- figure
 
 
-def figures(ds) -> dict:
-    ds = results.with_axes(ds, AXES)
-    cfg = _cfg(ds)
-    acts = activations(ds)
-    lrs = ds["optim.lr"].values.astype(float)
+def figures(ds, m: Measured) -> dict:
+    cfg, acts, lrs = m.cfg, m.activations, m.lrs
     fig, axes = plotting.figure(1, 3, width=3.8, height=3.1)
     colors = {a: plotting.COLORS[k % len(plotting.COLORS)] for k, a in enumerate(acts)}
     for k, act in enumerate(acts):
-        diverged = ds["diverged"].sel({"model.activation": act}).transpose("optim.lr", "seed").values
-        for ax, var in ((axes[0, 0], "dead_full"), (axes[0, 1], "nograd_frac")):
-            end = final(ds, var, act)
-            plotting.band(ax, lrs, end.T, LABELS.get(act, act), colors[act], log=False)
-            gone = diverged.all(axis=-1)
+        for ax, fraction in ((axes[0, 0], m.dead), (axes[0, 1], m.nograd)):
+            plotting.band(ax, lrs, fraction[act][..., -1].T, LABELS.get(act, act), colors[act], log=False)
+            gone = m.diverged[act].all(axis=-1)
             ax.plot(lrs[gone], np.full(gone.sum(), 0.95 - 0.05 * k), "x", color=colors[act], ms=6, mew=1.5,
                     transform=ax.get_xaxis_transform())
-    measured = checks(ds)
-    notes = []
-    for c in measured:
-        if c.name.startswith("relu at init"):
-            notes.append(f"ReLU dead at init: {c.measured:.0f} units")
-        if c.name.startswith("relu: end dead"):
-            notes.append(f"ReLU large - small lr: {c.measured:+.2f}")
-    plotting.note(axes[0, 0], "\n".join(notes), loc="upper left")
+    notes = [f"ReLU dead at init: {m.init_dead[0]:.0f} units" if m.init_dead is not None else "",
+             f"ReLU large - small lr: {m.grown:+.2f}" if m.grown is not None else ""]
+    plotting.note(axes[0, 0], "\n".join(n for n in notes if n), loc="upper left")
     axes[0, 0].set(xscale="log", xlabel=f"learning rate ({cfg['optim']['name']})", ylabel="fraction of units",
                    title="dead at the end: pre-act. ≤ 0 on all n", ylim=(-0.03, 1.03))
-    leaky = [c for c in measured if c.name.startswith("leaky_relu")]
-    if leaky:
-        plotting.note(axes[0, 1], f"Leaky ReLU: {leaky[0].measured:.3g} of units without gradient\n(max over lr, seed, step)", loc="upper left")
+    if m.leaky_nograd is not None:
+        plotting.note(axes[0, 1], f"Leaky ReLU: {m.leaky_nograd:.3g} of units without gradient\n(max over lr, seed, step)",
+                      loc="upper left")
     axes[0, 1].set(xscale="log", xlabel=f"learning rate ({cfg['optim']['name']})", ylabel="fraction of units",
                    title=f"no gradient: |∇unit| ≤ {cfg['grad_threshold']:g} × layer max", ylim=(-0.03, 1.03))
     axes[0, 1].legend(loc="center left", fontsize=7.5)
     # Over training: a few rates, ReLU solid, the others dashed / dotted.
     ax = axes[0, 2]
-    alive = np.flatnonzero(~ds["diverged"].all(dim=["model.activation", "seed"]).values)
+    alive = np.flatnonzero(~np.all([m.diverged[a].all(axis=-1) for a in acts], axis=0))
     picks = alive[np.unique(np.linspace(0, len(alive) - 1, 4).round().astype(int))] if alive.size else np.arange(1)
     shades = plotting.matplotlib.colormaps["viridis"](np.linspace(0, 0.85, len(picks)))
     styles = {"relu": "-", "leaky_relu": "--", "gelu": ":"}
     steps = ds["step"].values
     for act in acts:
-        dead = per_unit_mean(ds, "dead_full", act)
         for shade, i in zip(shades, picks):
             with np.errstate(all="ignore"):
-                ax.plot(steps, np.nanmedian(dead[i], axis=0), styles.get(act, "-."), color=shade, lw=1.2,
+                ax.plot(steps, np.nanmedian(m.dead[act][i], axis=0), styles.get(act, "-."), color=shade, lw=1.2,
                         label=f"lr={lrs[i]:.2g}" if act == acts[0] else None)
     ax.set(xlabel="step", ylabel="dead fraction (full data)", ylim=(-0.03, 1.03),
            title="dead over training (" + ", ".join(f"{styles.get(a, '-.')} {LABELS.get(a, a)}" for a in acts) + ")")

@@ -22,10 +22,11 @@ traced, the norm is static: two compiles.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
-from gradlab import config, data, inits, plotting, results, trials
+from gradlab import analysis, inits, plotting, results, trials
 from gradlab.config import ExperimentConfig
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -55,7 +56,12 @@ def trial(cfg) -> Trial:
     return Trial(base.init, step)
 
 
-# ----------------------------------------------------------------------------- theory and reading
+def reference(cfg) -> dict:
+    """The best constant prediction's loss, the yardstick of stalling."""
+    return trials.task_reference(cfg)
+
+
+# ----------------------------------------------------------------------------- theory
 
 
 def sigma_w2(model: dict) -> float:
@@ -91,87 +97,88 @@ def residual_layernorm_exponent() -> float:
     return 1.0 + 0.5 * (0.5 / RELU_BRANCH_VAR)
 
 
-def constant_loss(data_cfg: dict) -> float:
-    """Mean squared error of the best constant prediction (NaN for a classification task)."""
-    y = np.asarray(data.make(config.DataConfig(**data_cfg)).y, float)
-    return float(np.mean(np.var(y, axis=0))) if data_cfg["task"] == "regression" else float("nan")
+# ----------------------------------------------------------------------------- measured
 
 
 def variants(ds):
+    """(name, selection) of each norm x residual variant the run holds: "plain", "residual+layernorm", ..."""
     for norm in ds["model.norm"].values:
         for residual in ds["model.residual"].values:
             name = "+".join((["residual"] if residual else []) + ([] if norm == "none" else [str(norm)])) or "plain"
             yield name, {"model.norm": norm, "model.residual": residual}
 
 
-def first_grad(ds, sel) -> np.ndarray:
-    """|dL/dW_0| at init, (seeds, depths): the same for every learning rate."""
-    return ds["first_grad_norm"].sel(sel).isel({"optim.lr": 0, "step": 0}).transpose("seed", "model.depth").values
+class Measured(NamedTuple):
+    depths: np.ndarray
+    first_grad: dict  # variant name -> |dL/dW_0| at init, (seeds, depths): the same at every lr
+    final_loss: dict  # variant name -> final loss, (lrs, seeds, depths), +inf where diverged
+    constant_loss: float  # the best constant prediction's loss (NaN: not a regression task)
+    plain_rate: float | None  # theory: per-layer slope of ln |dL/dW_0|, plain (None: not geometric)
+    plain_tolerance: float | None  # 4 sigma of the fitted slope
+    plain_slope: float | None  # fitted over depths >= FIT_FROM to the mean over seeds of ln |g_0|
+    residual_layernorm_power: float | None  # fitted d ln |g_0| / d ln depth over depths >= FIT_FROM
+    plain_stall: float | None  # plain: best final loss over lrs (median over seeds) / constant's, deepest
+    residual_layernorm_worst: float | None  # res + LN: the same, worst over depths
 
 
-def final_loss(ds, sel) -> np.ndarray:
-    """Final loss, (lrs, seeds, depths); a diverged run counts as +inf."""
-    loss = ds["loss"].sel(sel).isel(step=-1).transpose("optim.lr", "seed", "model.depth").values.astype(float)
-    return np.where(np.isfinite(loss), loss, np.inf)
-
-
-def best_final(ds, sel) -> np.ndarray:
-    """Median over seeds of the best final loss over learning rates, per depth."""
-    return np.median(np.min(final_loss(ds, sel), axis=0), axis=0)
-
-
-def checks(ds) -> list[Check]:
-    ds = results.with_axes(ds, AXES)
-    cfg = results.config_of(ds)["config"]
+def measure(ds) -> Measured:
+    cfg = results.run_config(ds)
     model, seeds = cfg["model"], ds.sizes["seed"]
     depths = ds["model.depth"].values
     deep = depths >= FIT_FROM
     found = dict(variants(ds))
-    out = []
+    grads = {name: ds["first_grad_norm"].sel(sel).isel({"optim.lr": 0, "step": 0})
+             .transpose("seed", "model.depth").values for name, sel in found.items()}
+    finals = {name: analysis.inf_if_bad(ds["loss"].sel(sel).isel(step=-1)
+                                        .transpose("optim.lr", "seed", "model.depth").values)
+              for name, sel in found.items()}
+    best = {name: np.median(np.min(final, axis=0), axis=0) for name, final in finals.items()}
+    chance = float(ds["ref.constant_loss"].item()) if cfg["data"]["task"] == "regression" else float("nan")
     rate = plain_rate(model)
+    slope = power = tolerance = stall = worst = None
     if "plain" in found and rate is not None and deep.sum() >= 2:
-        g = np.log(first_grad(ds, found["plain"])[:, deep]).mean(axis=0)
-        measured = float(np.polyfit(depths[deep], g, 1)[0])
-        tol = rate_tolerance(depths[deep], model["width"], seeds)
-        out.append(Check("plain: d ln|dL/dW_0| / d depth at init", measured,
-                         f"{rate:+.3f} +- {tol:.3f} (2^(-1/2) per layer, width-corrected)",
-                         abs(measured - rate) <= tol))
+        slope = analysis.slope(depths[deep], np.log(grads["plain"][:, deep]).mean(axis=0))
+        tolerance = rate_tolerance(depths[deep], model["width"], seeds)
     if "residual+layernorm" in found and model["activation"] == "relu" and deep.sum() >= 2:
-        g = np.log(first_grad(ds, found["residual+layernorm"])[:, deep]).mean(axis=0)
-        power = float(np.polyfit(np.log(depths[deep]), g, 1)[0])
-        out.append(Check("residual+layernorm: d ln|dL/dW_0| / d ln depth", power,
-                         f"<= {POLY_BOUND:g} (polynomial; mean field {residual_layernorm_exponent():.2f})",
-                         power <= POLY_BOUND))
-    chance = constant_loss(cfg["data"])
+        power = analysis.slope(np.log(depths[deep]), np.log(grads["residual+layernorm"][:, deep]).mean(axis=0))
     if np.isfinite(chance) and ds.sizes["step"] > 1:
         if "plain" in found:
-            ratio = float(best_final(ds, found["plain"])[-1]) / chance
-            out.append(Check(f"plain, depth {depths[-1]}: best final loss / constant's", ratio,
-                             f">= {STALLED} (stalls)", ratio >= STALLED))
+            stall = float(best["plain"][-1]) / chance
         if "residual+layernorm" in found:
-            ratio = float(np.max(best_final(ds, found["residual+layernorm"]))) / chance
-            out.append(Check(f"residual+layernorm, worst of depths {depths[0]}..{depths[-1]}: best final / constant's",
-                             ratio, f"<= {TRAINED} (trains)", ratio <= TRAINED))
+            worst = float(np.max(best["residual+layernorm"])) / chance
+    return Measured(depths, grads, finals, chance, rate, tolerance, slope, power, stall, worst)
+
+
+def checks(m: Measured) -> list[Check]:
+    out = []
+    if m.plain_slope is not None:
+        out.append(Check.near("plain: d ln|dL/dW_0| / d depth at init", m.plain_slope, m.plain_rate,
+                              m.plain_tolerance, "2^(-1/2) per layer, width-corrected:"))
+    if m.residual_layernorm_power is not None:
+        out.append(Check.at_most("residual+layernorm: d ln|dL/dW_0| / d ln depth", m.residual_layernorm_power,
+                                 POLY_BOUND))
+    if m.plain_stall is not None:
+        out.append(Check.at_least(f"plain, depth {m.depths[-1]}: best final loss / constant's", m.plain_stall,
+                                  STALLED))
+    if m.residual_layernorm_worst is not None:
+        out.append(Check.at_most(f"residual+layernorm, worst of depths {m.depths[0]}..{m.depths[-1]}: "
+                                 "best final / constant's", m.residual_layernorm_worst, TRAINED))
     return out
 
 
 # ----------------------------------------------------------------------------- figure
 
 
-def figures(ds) -> dict:
-    ds = results.with_axes(ds, AXES)
-    cfg = results.config_of(ds)["config"]
-    depths, lrs = ds["model.depth"].values, ds["optim.lr"].values
-    chance = constant_loss(cfg["data"])
+def figures(ds, m: Measured) -> dict:
+    cfg = results.run_config(ds)
+    depths, lrs = m.depths, ds["optim.lr"].values
     rows, cols = (1, 3) if len(lrs) == 1 else (2, max(3, len(lrs)))
     fig, axes = plotting.figure(rows, cols, width=3.2, height=2.7)
     for ax in axes.flat:
         ax.axis("off")
-    found = {c.name: c for c in checks(ds)}
     ax = axes[0, 0]
     ax.axis("on")
-    for i, (name, sel) in enumerate(variants(ds)):
-        g = first_grad(ds, sel)
+    for i, (name, g) in enumerate(m.first_grad.items()):
         with warnings.catch_warnings():  # a depth whose gradient overflowed in every seed is all-NaN
             warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
             plotting.band(ax, depths, np.where(np.isfinite(g), g, np.nan), name, color=plotting.COLORS[i])
@@ -179,39 +186,39 @@ def figures(ds) -> dict:
         if overflow.any():
             top = np.full(overflow.sum(), np.nanmax(g[np.isfinite(g)]))
             ax.plot(depths[overflow], top, "x", color=plotting.COLORS[i])
-    rate = plain_rate(cfg["model"])
-    if rate is not None and "plain" in dict(variants(ds)):
-        anchor = np.exp(np.log(first_grad(ds, dict(variants(ds))["plain"])).mean(axis=0))
+    if m.plain_rate is not None and "plain" in m.first_grad:
+        anchor = np.exp(np.log(m.first_grad["plain"]).mean(axis=0))
         i0 = int(np.argmax(depths >= FIT_FROM))
-        ax.plot(depths, anchor[i0] * np.exp(rate * (depths - depths[i0])), "k--", linewidth=0.9, label="theory (plain)")
+        ax.plot(depths, anchor[i0] * np.exp(m.plain_rate * (depths - depths[i0])), "k--", linewidth=0.9,
+                label="theory (plain)")
     ax.set(xscale="log", yscale="log", xlabel="depth L", ylabel=r"$\|\partial L/\partial W_0\|_F$ at init",
            title="first-layer gradient at init")
     ax.set_xticks(depths, [str(d) for d in depths])
     ax.minorticks_off()
     lines = []
-    if "plain: d ln|dL/dW_0| / d depth at init" in found:
-        c = found["plain: d ln|dL/dW_0| / d depth at init"]
-        lines.append(f"plain: d ln g / dL = {c.measured:+.3f}\n    (theory {c.expected.split(' (')[0]})")
-    if "residual+layernorm: d ln|dL/dW_0| / d ln depth" in found:
-        c = found["residual+layernorm: d ln|dL/dW_0| / d ln depth"]
-        lines.append(f"res+LN: d ln g / d ln L = {c.measured:+.2f}\n    ({c.expected.split(' (')[0]}; mean field "
-                     f"{residual_layernorm_exponent():.2f})")
+    if m.plain_slope is not None:
+        lines.append(f"plain: d ln g / dL = {m.plain_slope:+.3f}\n"
+                     f"    (theory {m.plain_rate:+.3f} +- {m.plain_tolerance:.3f})")
+    if m.residual_layernorm_power is not None:
+        lines.append(f"res+LN: d ln g / d ln L = {m.residual_layernorm_power:+.2f}\n"
+                     f"    (<= {POLY_BOUND:g}; mean field {residual_layernorm_exponent():.2f})")
     if lines:
         plotting.note(ax, "\n".join(lines), loc="upper left")
         lo, hi = ax.get_ylim()
         ax.set_ylim(lo, hi * (hi / lo) ** 0.6)  # head room for the note
     name = "Adam" if cfg["optim"]["name"] == "adam" else cfg["optim"]["name"]
     if len(lrs) == 1:
-        _loss_panel(ds, axes[0, 1], None, chance, f"{name} lr {lrs[0]:g}")
+        _loss_panel(axes[0, 1], m, None, f"{name} lr {lrs[0]:g}")
     else:
-        _loss_panel(ds, axes[0, 1], None, chance, "best lr")
-        for col, lr in enumerate(lrs):
-            _loss_panel(ds, axes[1, col], lr, chance, f"{name} lr {lr:g}")
+        _loss_panel(axes[0, 1], m, None, "best lr")
+        for col in range(len(lrs)):
+            _loss_panel(axes[1, col], m, col, f"{name} lr {lrs[col]:g}")
     text = ["x: non-finite (overflow / diverged)", "dotted: best constant prediction"]
-    for c in found.values():
-        if "final" in c.name:
-            who = c.name.split(":")[0].replace("residual+layernorm", "res+LN").replace(" of depths", "")
-            text.append(f"{who.split(' ')[0]} {who.split(' ', 1)[1]}:\n    final / constant = {c.measured:.2g}")
+    if m.plain_stall is not None:
+        text.append(f"plain, depth {depths[-1]}:\n    final / constant = {m.plain_stall:.2g}")
+    if m.residual_layernorm_worst is not None:
+        text.append(f"res+LN, worst {depths[0]}..{depths[-1]}:\n"
+                    f"    final / constant = {m.residual_layernorm_worst:.2g}")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     axes[0, 2].legend(handles, labels, loc="upper left", frameon=False, fontsize=8)
     plotting.note(axes[0, 2], "\n".join(text), loc="lower left")
@@ -223,15 +230,15 @@ def figures(ds) -> dict:
     return {"": fig}
 
 
-def _loss_panel(ds, ax, lr, chance, title):
+def _loss_panel(ax, m: Measured, lr_index: int | None, title: str):
+    """Median over seeds of the final loss against depth, at one learning rate (None: the best)."""
     ax.axis("on")
-    depths = ds["model.depth"].values
-    for i, (name, sel) in enumerate(variants(ds)):
-        loss = final_loss(ds, sel)
-        loss = np.min(loss, axis=0) if lr is None else loss[list(ds["optim.lr"].values).index(lr)]
+    depths, chance = m.depths, m.constant_loss
+    for i, (name, final) in enumerate(m.final_loss.items()):
+        loss = np.min(final, axis=0) if lr_index is None else final[lr_index]
         median = np.median(loss, axis=0)
-        shown = np.where(np.isfinite(median), median, np.nan)
-        ax.plot(depths, shown, "o-", color=plotting.COLORS[i], markersize=3, label=name)
+        ax.plot(depths, np.where(np.isfinite(median), median, np.nan), "o-", color=plotting.COLORS[i],
+                markersize=3, label=name)
         diverged = ~np.isfinite(median)
         if diverged.any():
             ax.plot(depths[diverged], np.full(diverged.sum(), 3 * chance if np.isfinite(chance) else 1.0), "x",

@@ -31,7 +31,7 @@ import numpy as np
 from gradlab import data, meanfield, models, plotting, results
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
-from gradlab.errors import ExperimentError
+from gradlab.errors import ConfigError, ExperimentError
 from gradlab.experiments import Check
 
 NAME = "jacobian_spectrum"
@@ -53,6 +53,12 @@ class Config(ExperimentConfig):
     critical_gain: bool = param(True, doc="scale model.init_gain by the activation's critical gain "
                                           "(1 for linear and tanh, sqrt 2 for ReLU)")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.critical_gain and self.model.activation not in CRITICAL_GAIN:
+            raise ConfigError(f"critical_gain=true knows {', '.join(CRITICAL_GAIN)}, got {self.model.activation!r} "
+                              f"(set critical_gain=false to give the gain directly)", key="model.activation")
+
 
 class State(NamedTuple):
     params: dict
@@ -64,19 +70,10 @@ def spec_of(cfg) -> models.MLPSpec:
     return models.MLPSpec.from_config(cfg.model, cfg.data.input_dim, cfg.model.width)
 
 
-def gain_factor(cfg) -> float:
-    if not cfg.critical_gain:
-        return 1.0
-    if cfg.model.activation not in CRITICAL_GAIN:
-        known = ", ".join(CRITICAL_GAIN)
-        raise ExperimentError(f"{NAME}: critical_gain=true knows {known}; got model.activation="
-                              f"{cfg.model.activation!r} (set critical_gain=false to give the gain directly)")
-    return CRITICAL_GAIN[cfg.model.activation]
-
-
 def trial(cfg) -> Trial:
+    """A probe at init: the Jacobian dh_L/dh_0 of every example, and preact_rms per layer."""
     spec = spec_of(cfg)
-    factor = gain_factor(cfg)
+    factor = CRITICAL_GAIN[cfg.model.activation] if cfg.critical_gain else 1.0
     width = spec.width
 
     def hyper_of(hp):
@@ -105,50 +102,7 @@ def trial(cfg) -> Trial:
     return Trial(init, step, {"jacobian": ("example", "row", "col"), "preact_rms": ("example", "layer")})
 
 
-# ----------------------------------------------------------------------------- analysis (host, numpy)
-
-
-class Spectra(NamedTuple):
-    """Per Jacobian, dims (activation, init, gain, depth, seed, example): singular values (..., N),
-    the normalised spectral variance r of JJ^T, its free-probability prediction and the depth."""
-
-    ds: object
-    singular: np.ndarray
-    r: np.ndarray
-    r_theory: np.ndarray
-    width: int
-
-
-def _values(ds, var, tail):
-    return ds[var].isel(step=0).transpose(*AXES, *tail).values.astype(np.float64)
-
-
-def spectra(ds) -> Spectra:
-    ds = results.with_axes(ds, AXES)
-    extra = [d for d in ds["jacobian"].dims if d not in (*AXES, "step", "example", "row", "col")]
-    if extra:
-        raise ExperimentError(f"{NAME}: figures and checks read the axes {', '.join(AXES)}; also swept: {', '.join(extra)}")
-    cfg = results.config_of(ds)["config"]
-    jac = _values(ds, "jacobian", ("example", "row", "col"))
-    singular = np.linalg.svd(jac, compute_uv=False)
-    lam = singular**2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = lam.var(axis=-1) / lam.mean(axis=-1) ** 2
-    q0 = _values(ds, "preact_rms", ("example", "layer"))[..., 0] ** 2
-    r_theory = np.zeros(r.shape)
-    sigma_b2 = cfg["model"]["bias_std"] ** 2
-    for idx in np.ndindex(r.shape[:4]):
-        a, i, g, d = idx
-        act = str(ds["model.activation"].values[a])
-        scheme = str(ds["model.init"].values[i])
-        depth = int(ds["model.depth"].values[d])
-        factor = CRITICAL_GAIN.get(act, 1.0) if cfg["critical_gain"] else 1.0
-        sigma_w2 = (float(ds["model.init_gain"].values[g]) * factor) ** 2
-        q = meanfield.q_profile(q0[idx], sigma_w2, sigma_b2, depth, act)[1:]  # z_1 .. z_depth
-        m1, m2 = meanfield.dphi2_moment(q, 1, act), meanfield.dphi2_moment(q, 2, act)
-        r_weights = R_ORTHOGONAL if scheme == "orthogonal" else R_IID
-        r_theory[idx] = depth * r_weights + np.sum(m2 / m1**2 - 1.0, axis=0)
-    return Spectra(ds, singular, r, r_theory, cfg["model"]["width"])
+# ----------------------------------------------------------------------------- measure (numpy)
 
 
 def isometry_tolerance(depth: int, width: int) -> float:
@@ -158,84 +112,104 @@ def isometry_tolerance(depth: int, width: int) -> float:
     return depth * width * F32_EPS
 
 
-def _index(sp: Spectra, **sel):
-    """Positional index of sel = {axis name: value} into a Spectra array (None if not swept)."""
-    out = []
-    for name in AXES[:4]:
-        values = list(sp.ds[name].values)
-        if name in sel:
-            match = [i for i, v in enumerate(values) if v == sel[name] or (isinstance(v, float) and np.isclose(v, sel[name]))]
-            if not match:
-                return None
-            out.append(match[0])
-        else:
-            out.append(slice(None))
-    return tuple(out)
+def _values(ds, var, tail):
+    return ds[var].isel(step=0).transpose(*AXES, *tail).values.astype(np.float64)
 
 
-def reference_gain(sp: Spectra) -> int:
-    """The gain drawn and checked: init_gain closest to 1 (criticality under critical_gain)."""
-    return int(np.argmin(np.abs(np.asarray(sp.ds["model.init_gain"].values, float) - 1.0)))
+def theory_variance(ds, q0, critical_gain: bool, sigma_b2: float) -> np.ndarray:
+    """r(JJ^T) from free probability at each (activation, init, gain, depth, seed, example), from the
+    pre-activation length q_0 at the input projection (q0: those dims)."""
+    r_theory = np.zeros(q0.shape)
+    for idx in np.ndindex(q0.shape[:4]):
+        a, i, g, d = idx
+        act = str(ds["model.activation"].values[a])
+        depth = int(ds["model.depth"].values[d])
+        factor = CRITICAL_GAIN.get(act, 1.0) if critical_gain else 1.0
+        sigma_w2 = (float(ds["model.init_gain"].values[g]) * factor) ** 2
+        q = meanfield.q_profile(q0[idx], sigma_w2, sigma_b2, depth, act)[1:]  # z_1 .. z_depth
+        m1, m2 = meanfield.dphi2_moment(q, 1, act), meanfield.dphi2_moment(q, 2, act)
+        r_weights = R_ORTHOGONAL if str(ds["model.init"].values[i]) == "orthogonal" else R_IID
+        r_theory[idx] = depth * r_weights + np.sum(m2 / m1**2 - 1.0, axis=0)
+    return r_theory
 
 
-def variance_table(sp: Spectra):
-    """r averaged over seeds and examples, its standard error over seeds, theory, and tolerance:
-    arrays over (activation, init, gain, depth). Tolerance = 4 SE + r_theory L / N, the O(L/N)
-    finite-width correction to the free moments (e.g. r(W^T W) = 1 + 1/N for one Gaussian factor)."""
-    per_seed = np.nanmean(sp.r, axis=-1)
-    mean = np.nanmean(per_seed, axis=-1)
-    seeds = per_seed.shape[-1]
+class Measured(NamedTuple):
+    """Arrays over (activation, init, gain, depth[, seed, example[, singular value]]) and the checks' numbers."""
+
+    activations: list
+    schemes: list
+    depths: np.ndarray
+    width: int
+    gain: int  # index of the gain drawn and checked: init_gain closest to 1 (criticality)
+    singular: np.ndarray  # singular values of each Jacobian
+    mean: np.ndarray  # r = Var(s^2)/E[s^2]^2 averaged over seeds and examples
+    se: np.ndarray  # its standard error over seeds
+    theory: np.ndarray  # free probability's r
+    tol: np.ndarray  # 4 SE + r_theory L / N, the O(L/N) finite-width correction to the free moments
+    variance_ratio: float  # max |r - r_theory| / tol
+    isometry_error: float | None  # orthogonal linear: max |s - 1|; None if not run
+    isometry_tolerance: float
+    orthogonal: dict  # activation -> (r orthogonal, r Gaussian, r_theory - tol of orthogonal) at gain, deepest
+
+
+def measure(ds) -> Measured:
+    extra = [d for d in ds["jacobian"].dims if d not in (*AXES, "step", "example", "row", "col")]
+    if extra:
+        raise ExperimentError(f"{NAME}: figures and checks read the axes {', '.join(AXES)}; also swept: {', '.join(extra)}")
+    cfg = results.run_config(ds)
+    acts, schemes = [str(a) for a in ds["model.activation"].values], [str(s) for s in ds["model.init"].values]
+    depths, width = np.asarray(ds["model.depth"].values), cfg["model"]["width"]
+    singular = np.linalg.svd(_values(ds, "jacobian", ("example", "row", "col")), compute_uv=False)
+    lam = singular**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = lam.var(axis=-1) / lam.mean(axis=-1) ** 2
+    q0 = _values(ds, "preact_rms", ("example", "layer"))[..., 0] ** 2
+    r_theory = theory_variance(ds, q0, cfg["critical_gain"], cfg["model"]["bias_std"] ** 2)
+    per_seed = np.nanmean(r, axis=-1)
+    mean, seeds = np.nanmean(per_seed, axis=-1), per_seed.shape[-1]
     se = np.nanstd(per_seed, axis=-1, ddof=1) / np.sqrt(seeds) if seeds > 1 else np.zeros(mean.shape)
-    theory = np.nanmean(sp.r_theory, axis=(-1, -2))
-    depth = np.asarray(sp.ds["model.depth"].values, float)
-    tol = 4 * se + theory * depth / sp.width + 1e-6
-    return mean, se, theory, tol
+    theory = np.nanmean(r_theory, axis=(-1, -2))
+    tol = 4 * se + theory * depths.astype(float) / width + 1e-6
+    g = int(np.argmin(np.abs(np.asarray(ds["model.init_gain"].values, float) - 1.0)))
+    isometry = None
+    if "linear" in acts and "orthogonal" in schemes:
+        isometry = float(np.max(np.abs(singular[acts.index("linear"), schemes.index("orthogonal")] - 1.0)))
+    orthogonal = {}
+    if {"lecun_normal", "orthogonal"} <= set(schemes):
+        gauss, orth = schemes.index("lecun_normal"), schemes.index("orthogonal")
+        for a, act in enumerate(acts):
+            orthogonal[act] = (float(mean[a, orth, g, -1]), float(mean[a, gauss, g, -1]),
+                               float(theory[a, orth, g, -1] - tol[a, orth, g, -1]))
+    return Measured(acts, schemes, depths, width, g, singular, mean, se, theory, tol,
+                    float(np.nanmax(np.abs(mean - theory) / tol)), isometry,
+                    isometry_tolerance(int(depths.max()), width), orthogonal)
 
 
-def checks(ds) -> list[Check]:
-    return _checks(spectra(ds))
-
-
-def _checks(sp: Spectra) -> list[Check]:
+def checks(m: Measured) -> list[Check]:
     out = []
-    depths = np.asarray(sp.ds["model.depth"].values)
-    idx = _index(sp, **{"model.activation": "linear", "model.init": "orthogonal"})
-    if idx is not None:
-        worst = float(np.max(np.abs(sp.singular[idx] - 1.0)))
-        tol = isometry_tolerance(int(depths.max()), sp.width)
-        out.append(Check(f"orthogonal linear: max |s - 1| (depths {', '.join(map(str, depths))})", worst,
-                         f"<= L N eps32 = {tol:.2g}", worst <= tol))
-    mean, se, theory, tol = variance_table(sp)
-    ratio = float(np.nanmax(np.abs(mean - theory) / tol))
-    out.append(Check("spectral variance r = Var(s^2)/E[s^2]^2 vs free probability: max |r - r_th| / tol",
-                     ratio, "<= 1 (tol = 4 SE + r_th L/N)", ratio <= 1.0))
-    g = reference_gain(sp)
+    if m.isometry_error is not None:
+        out.append(Check.at_most(f"orthogonal linear: max |s - 1| (depths {', '.join(map(str, m.depths))})",
+                                 m.isometry_error, m.isometry_tolerance, "L N eps32"))
+    out.append(Check.at_most("spectral variance r = Var(s^2)/E[s^2]^2 vs free probability: max |r - r_th| / tol",
+                             m.variance_ratio, 1.0))  # tol = 4 SE + r_th L/N
     for act in ("tanh", "linear", "relu"):
-        gauss, orth = (_index(sp, **{"model.activation": act, "model.init": s}) for s in ("lecun_normal", "orthogonal"))
-        if gauss is None or orth is None:
+        if act not in m.orthogonal:
             continue
-        r_gauss, r_orth = mean[gauss][g, -1], mean[orth][g, -1]
-        name = f"{act} at chi_1 = 1, depth {depths[-1]}: r orthogonal (r Gaussian = {r_gauss:.3g})"
+        r_orth, r_gauss, floor = m.orthogonal[act]
+        name = f"{act} at chi_1 = 1, depth {m.depths[-1]}: r orthogonal (r Gaussian = {r_gauss:.3g})"
         if act == "relu":  # D^2 in {0, 1}: r(D^2) = 1 per layer, so no isometry even for orthogonal W
-            floor = theory[orth][g, -1] - tol[orth][g, -1]
-            out.append(Check(name, float(r_orth), f">= r_th - tol = {floor:.3g} (r_th = L: no isometry)",
-                             bool(r_orth >= floor)))
+            out.append(Check.at_least(name, r_orth, floor, "r_th - tol (r_th = L: no isometry)"))
         else:
-            out.append(Check(name, float(r_orth), f"<= r Gaussian / 4 = {r_gauss / 4:.3g}", bool(r_orth <= r_gauss / 4)))
+            out.append(Check.at_most(name, r_orth, r_gauss / 4, "r Gaussian / 4"))
     return out
 
 
 LOG_S_RANGE = (-5.0, 1.5)  # histogram range of log10 s; values beyond are drawn in the end bins
 
 
-def figures(ds) -> dict:
-    sp = spectra(ds)
-    mean, se, theory, _ = variance_table(sp)
-    found = {c.name: c for c in _checks(sp)}
-    acts = [str(a) for a in sp.ds["model.activation"].values]
-    schemes = [str(s) for s in sp.ds["model.init"].values]
-    depths = np.asarray(sp.ds["model.depth"].values)
-    g = reference_gain(sp)
+def figures(ds, m: Measured) -> dict:
+    acts, schemes, depths, g = m.activations, m.schemes, m.depths, m.gain
+    mean, se, theory = m.mean, m.se, m.theory
     label = {"lecun_normal": "Gaussian", "orthogonal": "orthogonal"}
     fig, axes = plotting.figure(len(acts), len(schemes) + 1, width=3.3, height=2.5)
     bins = np.linspace(*LOG_S_RANGE, 66)
@@ -245,7 +219,7 @@ def figures(ds) -> dict:
             ax = axes[row, col]
             a, i = acts.index(act), schemes.index(scheme)
             for d, depth in enumerate(depths):
-                logs = np.log10(np.clip(sp.singular[a, i, g, d].ravel(), 10 ** bins[0], 10 ** bins[-1]))
+                logs = np.log10(np.clip(m.singular[a, i, g, d].ravel(), 10 ** bins[0], 10 ** bins[-1]))
                 ax.hist(logs, bins=bins, density=True, histtype="step", color=colors[depth], label=f"L = {depth}")
             ax.axvline(0.0, color="black", lw=0.6, ls=":")
             ax.set_title(f"{act}, {label.get(scheme, scheme)}")
@@ -271,17 +245,13 @@ def figures(ds) -> dict:
         ax.set_ylabel(r"$r = \mathrm{Var}(s^2)/\mathrm{E}[s^2]^2$")
         if row == len(acts) - 1:
             ax.set_xlabel("depth L")
-        if act == "linear":
-            name = next((n for n in found if n.startswith("orthogonal linear")), None)
-            if name:
-                r_orth = np.nanmax(mean[acts.index(act), schemes.index("orthogonal"), g]) if "orthogonal" in schemes else 0.0
-                plotting.note(ax, f"orthogonal (theory 0): r <= {r_orth:.1e},\nmax|s-1| = {found[name].measured:.1e}",
-                              loc="lower right")
+        if act == "linear" and m.isometry_error is not None:
+            r_orth = np.nanmax(mean[acts.index(act), schemes.index("orthogonal"), g])
+            plotting.note(ax, f"orthogonal (theory 0): r <= {r_orth:.1e},\nmax|s-1| = {m.isometry_error:.1e}",
+                          loc="lower right")
     plotting.legend_outside(fig, axes[0, 0])
     handles, labels = axes[0, -1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right lower", frameon=False, fontsize=7)
-    name = next((n for n in found if n.startswith("spectral variance")), None)
-    extra = f"; max |r - r_th|/tol = {found[name].measured:.2f}" if name else ""
-    fig.suptitle(f"Jacobian spectra at criticality, width {sp.width} (Saxe et al. 2014; Pennington et al. 2017){extra}",
-                 fontsize=10)
+    fig.suptitle(f"Jacobian spectra at criticality, width {m.width} (Saxe et al. 2014; Pennington et al. 2017); "
+                 f"max |r - r_th|/tol = {m.variance_ratio:.2f}", fontsize=10)
     return {"": fig}

@@ -29,6 +29,7 @@ with/without ratio in its note.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from gradlab import data, models, plotting, results, trials
+from gradlab import analysis, data, models, plotting, results, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -47,7 +48,9 @@ CLAIM = "final loss against lr: too small crawls, too large diverges; warmup, cl
 POWER_ITERATIONS = 40
 TAIL = 10  # final loss: mean of the last TAIL steps
 RISE_STEPS = 20  # plain GD "rises" if its loss exceeds the initial one within this many steps
-AXES = ["optim.name", "model.norm", "warmup", "clip", "seed"]
+GD_BOUND = 1.0  # plain GD's first rising lr x lambda0 / 2: GD is stable below 2 / lambda0
+CURVE_AXES = ("optim.name", "model.norm", "warmup", "clip")  # one curve of final loss against lr each
+AXES = [*CURVE_AXES, "optim.lr", "seed"]
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,11 @@ def trial(cfg) -> Trial:
     """supervised_mlp under the traced warmup and clip switches; records `sharpness_init` too."""
     clip = cfg.optim.clip if cfg.optim.clip != "none" else "global_norm"
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, clip=clip))
-    base = trials.supervised_mlp(cfg)
+    base = trials.supervised_mlp(cfg, hp_map=switched)
     spec = trials.mlp_spec(cfg)
 
     def init(hp, key):
-        state = base.init(switched(hp, jnp.int32(0)), key)
+        state = base.init(hp, key)
         if cfg.optim.name != "sgd":  # 2 / lambda_max bounds plain gradient descent only
             return State(state, jnp.float32(0.0))  # a nan in the state would read as divergence
         hyper = models.MLPHyper.from_hp(hp)
@@ -106,14 +109,14 @@ def trial(cfg) -> Trial:
         return State(state, top_eigenvalue(loss_fn, state.params, jax.random.fold_in(key, 1)))
 
     def step(hp, state):
-        train, metrics = base.step(switched(hp, state.train.step), state.train)
+        train, metrics = base.step(hp, state.train)
         sharpness = state.sharpness if cfg.optim.name == "sgd" else jnp.float32(jnp.nan)
         return State(train, state.sharpness), {**metrics, "sharpness_init": sharpness}
 
     return Trial(init, step, base.metric_dims)
 
 
-# ----------------------------------------------------------------------------- reading results
+# ----------------------------------------------------------------------------- measured
 
 
 class Curve(NamedTuple):
@@ -149,63 +152,69 @@ class Curve(NamedTuple):
 
 
 def curves(ds) -> list[Curve]:
-    ds = results.with_axes(ds, AXES + ["optim.lr"])
     lrs = ds["optim.lr"].values.astype(float)
     out = []
-    for name in ds["optim.name"].values:
-        for norm in ds["model.norm"].values:
-            for warmup in ds["warmup"].values:
-                for clip in ds["clip"].values:
-                    point = ds.sel({"optim.name": name, "model.norm": norm, "warmup": warmup, "clip": clip})
-                    loss = point["loss"].transpose("optim.lr", "seed", "step").values.astype(float)
-                    diverged = point["diverged"].transpose("optim.lr", "seed").values
-                    final = np.where(diverged, np.inf, np.mean(loss[:, :, -TAIL:], axis=2))
-                    final = np.median(np.where(np.isfinite(final), final, np.inf), axis=1)
-                    early = np.where(np.isfinite(loss[:, :, : RISE_STEPS + 1]), loss[:, :, : RISE_STEPS + 1], np.inf)
-                    rises = np.max(early[:, :, 1:], axis=2) > early[:, :, 0]
-                    first = np.where(rises.any(axis=0), lrs[np.argmax(rises, axis=0)], np.nan)
-                    out.append(Curve(str(name), str(norm), int(warmup), bool(clip), lrs, final, ~np.isfinite(final),
-                                     float(np.median(loss[:, :, 0])), first,
-                                     point["sharpness_init"].isel({"step": 0, "optim.lr": 0}).values.astype(float)))
+    for name, norm, warmup, clip in itertools.product(*(ds[axis].values for axis in CURVE_AXES)):
+        point = ds.sel(dict(zip(CURVE_AXES, (name, norm, warmup, clip))))
+        loss = point["loss"].transpose("optim.lr", "seed", "step").values.astype(float)
+        final = np.median(analysis.final(loss, point["diverged"].transpose("optim.lr", "seed").values, TAIL), axis=1)
+        early = analysis.inf_if_bad(loss[:, :, : RISE_STEPS + 1])
+        rises = np.max(early[:, :, 1:], axis=2) > early[:, :, 0]
+        first = np.where(rises.any(axis=0), lrs[np.argmax(rises, axis=0)], np.nan)
+        sharpness = point["sharpness_init"].isel({"step": 0, "optim.lr": 0}).values.astype(float)
+        out.append(Curve(str(name), str(norm), int(warmup), bool(clip), lrs, final, ~np.isfinite(final),
+                         float(np.median(loss[:, :, 0])), first, sharpness))
     return out
 
 
-def _find(found, **kw):
-    return next(c for c in found if all(getattr(c, k) == v for k, v in kw.items()))
+class Measured(NamedTuple):
+    curves: list[Curve]
+    gd_rise: float | None  # plain GD: min over seeds of (smallest lr rising within RISE_STEPS) x lambda0/2;
+    # NaN where a seed never rises or has no lambda0 (None: no plain GD curve)
+    edge_shifts: dict[str, tuple[float, int, str]]  # switch -> (min over the curves it changes of the edge
+    # with / without it, how many curves, the optimizer of the min)
+    layernorm_edge: float | None  # min over optimizers of LayerNorm's edge / no norm's (not a check)
 
 
-def checks(ds) -> list[Check]:
+def measure(ds) -> Measured:
     found = curves(ds)
-    out = []
+    gd_rise = None
     plain_gd = [c for c in found if c.name == "sgd" and not c.warmup and not c.clip]
     if plain_gd:
         ratio = np.concatenate([c.first_rise * c.sharpness / 2 for c in plain_gd])
-        lo = float(np.nanmin(ratio)) if np.isfinite(ratio).any() else float("nan")
-        out.append(Check(f"plain GD: smallest lr rising within {RISE_STEPS} steps x lambda0/2", lo,
-                         ">= 1 (GD is stable below 2/lambda0)", bool(np.all(np.isfinite(ratio))) and lo >= 1.0))
-    # Each switch alone against the plain curve of the same optimizer (and norm).
+        gd_rise = float(np.min(ratio)) if np.all(np.isfinite(ratio)) else float("nan")
     plain = {(c.name, c.norm): c for c in found if not c.warmup and not c.clip}
-    variants = {
+    switches = {  # each alone against the plain curve of the same optimizer and norm; warmup without a norm
+        # only: with LayerNorm the sharpness at init is already low and warmup does not move SGD's edge
         "clipping": [(c, plain[c.name, c.norm]) for c in found if c.clip and not c.warmup],
-        # Observed, not asserted: with LayerNorm the sharpness at init is already low and warmup
-        # does not move SGD's edge; LayerNorm itself moves the edge up at the quick size but down
-        # in a width-8 net. The figure shows both.
         "warmup (no norm)": [(c, plain[c.name, c.norm]) for c in found if c.warmup and not c.clip and c.norm == "none"],
     }
-    for what, pairs in variants.items():
+    shifts = {}
+    for what, pairs in switches.items():
         if pairs:
             ratios = [c.edge() / ref.edge() for c, ref in pairs]
             i = int(np.argmin(ratios))
-            out.append(Check(f"{what}: divergence edge, with / without (min of {len(pairs)}: {pairs[i][0].name})",
-                             float(ratios[i]), "> 1 (widens the window)", ratios[i] > 1.0))
+            shifts[what] = (float(ratios[i]), len(pairs), pairs[i][0].name)
+    ln = [plain[n, "layernorm"].edge() / plain[n, "none"].edge()
+          for n in dict.fromkeys(c.name for c in found) if (n, "layernorm") in plain and (n, "none") in plain]
+    return Measured(found, gd_rise, shifts, min(ln) if ln else None)
+
+
+def checks(m: Measured) -> list[Check]:
+    out = []
+    if m.gd_rise is not None:
+        out.append(Check.at_least(f"plain GD: smallest lr rising within {RISE_STEPS} steps x lambda0/2", m.gd_rise,
+                                  GD_BOUND))
+    for what, (ratio, pairs, optimizer) in m.edge_shifts.items():
+        out.append(Check.above(f"{what}: divergence edge, with / without (min of {pairs}: {optimizer})", ratio, 1.0))
     return out
 
 
 # ----------------------------------------------------------------------------- figure
 
 
-def figures(ds) -> dict:
-    found = curves(ds)
+def figures(ds, m: Measured) -> dict:
+    found = m.curves
     names = list(dict.fromkeys(c.name for c in found))
     norms = list(dict.fromkeys(c.norm for c in found))
     fig, axes = plotting.figure(len(norms), len(names), width=3.6, height=3.0, sharex=True, sharey="row")
@@ -241,23 +250,18 @@ def figures(ds) -> dict:
                 ax.set_ylabel(f"final loss (mean of last {TAIL} steps)")
             if row == len(norms) - 1:
                 ax.set_xlabel("peak learning rate")
-    found_checks = checks(ds)
-    gd_checks = [c for c in found_checks if c.name.startswith("plain GD")]
-    if gd_checks and "sgd" in names:
+    if m.gd_rise is not None and "sgd" in names:
         plotting.note(axes[0, names.index("sgd")],
-                      f"plain GD: loss first rises\nat {gd_checks[0].measured:.2f} x 2/λ₀ (≥ 1)", loc="lower left")
-    edges = [(c.name.split(":")[0], c.measured) for c in found_checks if "edge" in c.name]
-    by_key = {(c.name, c.norm, c.warmup, c.clip): c for c in found}
-    ln = [by_key[n, "layernorm", 0, False].edge() / by_key[n, "none", 0, False].edge()
-          for n in names if (n, "layernorm", 0, False) in by_key and (n, "none", 0, False) in by_key]
-    if ln:
-        edges.append(("layernorm (not a check)", min(ln)))
+                      f"plain GD: loss first rises\nat {m.gd_rise:.2f} x 2/λ₀ (≥ {GD_BOUND:g})", loc="lower left")
+    edges = [(what, ratio) for what, (ratio, _, _) in m.edge_shifts.items()]
+    if m.layernorm_edge is not None:
+        edges.append(("layernorm (not a check)", m.layernorm_edge))
     if edges:
         text = "\n".join(f"{what}: edge x{ratio:.3g}" for what, ratio in edges)
         # Bottom-left panel: its slowest curves leave the lower left empty for small rates.
         plotting.note(axes[-1, 0], "min over curves, with/without\n" + text, loc="lower left")
-    cfg = results.config_of(ds)["config"]
-    fig.suptitle(f"Final loss against learning rate ({cfg['steps']} steps, seeds: {ds.sizes.get('seed', 1)}, median): "
+    cfg = results.run_config(ds)
+    fig.suptitle(f"Final loss against learning rate ({cfg['steps']} steps, seeds: {ds.sizes['seed']}, median): "
                  f"x diverged, ^ above the axis, dashed: loss at init L0\n"
                  f"S = LR sensitivity E[min(L, L0) - L*]/L0 (Wortsman et al. 2023); "
                  f"edge: first lr past the best that diverges or ends above L0", fontsize=9)

@@ -33,15 +33,17 @@ NAME = "quadratic"
 CLAIM = ("GD zigzags on an ill-conditioned bowl and diverges for eta > 2/lambda_max = 0.25; "
          "momentum and Adam take other paths")
 SURFACES = ("bowl", "rosenbrock")
+AXES = ["surface", "optim.name", "optim.lr", "optim.weight_decay"]
 BOWL_CURVATURE = (2.0, 8.0)  # Hessian eigenvalues of w0^2 + 4 w1^2
 STABLE_LR = 2.0 / max(BOWL_CURVATURE)  # GD is stable on the bowl iff eta < 0.25
 TOLERANCE = 1e-6  # a path has arrived when its loss is at most this (figure legend)
 CHECK_STEPS = 30  # the closed-form check compares the iterate after this many updates
 CATALOG_LR = 0.15  # the catalog's example rate, quoted in the figure when the sweep holds it
 CLOSED_FORM_RTOL = 1e-4  # float32: ~30 steps x eps32 x 1/|1 - 8 eta| cancellation
+GROWTH_RTOL = 1e-3  # past the edge: |w1| factor/step against |1 - 8 eta|, relative
 TINY = 1e-30  # below this a float32 iterate may be flushed to zero; growth is measured above it
 LABELS = {"sgd": "GD", "momentum": "momentum", "nesterov": "Nesterov", "rmsprop": "RMSProp",
-          "adam": "Adam", "adamw": "AdamW", "adamw_decoupled": "AdamW (paper)"}
+          "adam": "Adam", "adamw": "AdamW", "adamw_decoupled": "AdamW (paper)", "adagrad": "AdaGrad", "lion": "Lion"}
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,7 @@ class Path2D(NamedTuple):
 
 def paths(ds) -> list[Path2D]:
     """Every sweep point of a result set as a path from its start."""
-    cfg = results.config_of(ds)["config"]
-    ds = results.with_axes(ds, ["surface", "optim.name", "optim.lr", "optim.weight_decay"])
+    cfg = results.run_config(ds)
     sweep = [d for d in ds["loss"].dims if d != "step"]
     out = []
     for index in np.ndindex(*(ds.sizes[d] for d in sweep)):
@@ -144,15 +145,6 @@ def paths(ds) -> list[Path2D]:
         out.append(Path2D(surface, str(point["optim.name"].item()), float(point["optim.lr"]),
                           float(point["optim.weight_decay"]), xy, loss, bool(point["diverged"].item())))
     return out
-
-
-def _plain_gd(ds) -> list[Path2D]:
-    """GD paths on the bowl where the closed form holds: no decay, clipping or schedule."""
-    optim = results.config_of(ds)["config"]["optim"]
-    if optim["clip"] != "none" or optim["schedule"] != "constant" or optim["warmup_steps"]:
-        return []
-    found = [p for p in paths(ds) if p.surface == "bowl" and p.optimizer == "sgd" and p.weight_decay == 0]
-    return sorted(found, key=lambda p: p.lr)
 
 
 def closed_form(start, lr: float, t: int) -> np.ndarray:
@@ -178,47 +170,70 @@ def growth_per_step(p: Path2D) -> float:
 
 
 def grows(p: Path2D) -> bool:
+    """Whether the path diverged or its last finite iterate lies farther out than its start."""
     finite = np.all(np.isfinite(p.xy), axis=1)
     return p.diverged or np.linalg.norm(p.xy[finite][-1]) > np.linalg.norm(p.xy[0])
 
 
-def checks(ds) -> list[Check]:
-    gd = _plain_gd(ds)
-    out = []
+class Measured(NamedTuple):
+    best: dict[str, dict[str, Path2D | None]]  # surface -> optimizer -> its fastest path (best_paths)
+    gd: list[Path2D]  # GD on the bowl with no decay, clipping or schedule, by lr (the closed form holds)
+    exact: list[Path2D]  # those finite through CHECK_STEPS updates
+    closed_form_error: float | None  # max over `exact` of the relative error against the closed form
+    stable_growth: float | None  # max |w1| factor per step over GD at eta < 2/8 (None: none, or w1 = 0)
+    stable_stays: bool  # none of those diverges or ends farther out than it starts
+    unstable_growth: float | None  # |w1| factor per step of GD at the smallest eta > 2/8
+    unstable_theory: float | None  # |1 - 8 eta| at that eta
+    unstable_all_grow: bool  # every GD path at eta > 2/8 diverges or ends farther out than it starts
+
+
+def measure(ds) -> Measured:
+    every = paths(ds)
+    optim = results.run_config(ds)["optim"]
+    gd = []
+    if optim["clip"] == "none" and optim["schedule"] == "constant" and not optim["warmup_steps"]:
+        gd = sorted([p for p in every if p.surface == "bowl" and p.optimizer == "sgd" and p.weight_decay == 0],
+                    key=lambda p: p.lr)
     exact = [p for p in gd if np.all(np.isfinite(p.xy[: CHECK_STEPS + 1]))]
-    if exact:
-        t = min(CHECK_STEPS, len(exact[0].xy) - 1)
-        err = max(closed_form_error(p) for p in exact)
-        lrs = "eta=" + ", ".join(f"{p.lr:g}" for p in exact) if len(exact) <= 3 else f"{len(exact)} lrs"
-        out.append(Check(f"GD bowl, {lrs}: w_{t} vs ((1-2eta)^{t} w0, (1-8eta)^{t} w1), rel. err",
-                         err, f"<= {CLOSED_FORM_RTOL:g} (float32)", err <= CLOSED_FORM_RTOL))
-    if not gd or gd[0].xy[0, 1] == 0:  # on the flat axis the steep direction never moves
-        return out
-    stable = [p for p in gd if p.lr < STABLE_LR]
-    if stable:
-        worst = max(growth_per_step(p) for p in stable)
-        out.append(Check(f"GD bowl, eta < {STABLE_LR:g}: max |w1| factor/step ({len(stable)} lrs)", worst,
-                         "< 1 (converges)", worst < 1 and not any(grows(p) for p in stable)))
-    unstable = [p for p in gd if p.lr > STABLE_LR]
-    if unstable:
-        p = unstable[0]
-        measured, theory = growth_per_step(p), abs(1 - max(BOWL_CURVATURE) * float(np.float32(p.lr)))
-        ok = measured > 1 and abs(measured / theory - 1) < 1e-3 and all(grows(q) for q in unstable)
-        out.append(Check(f"GD bowl, eta={p.lr:g} > {STABLE_LR:g}: |w1| factor/step", measured,
-                         f"|1-8eta| = {theory:.4g} > 1 (diverges)", ok))
+    error = max(closed_form_error(p) for p in exact) if exact else None
+    moves = bool(gd) and gd[0].xy[0, 1] != 0  # on the flat axis the steep direction never moves
+    stable = [p for p in gd if p.lr < STABLE_LR] if moves else []
+    unstable = [p for p in gd if p.lr > STABLE_LR] if moves else []
+    stable_growth = max(growth_per_step(p) for p in stable) if stable else None
+    unstable_growth = growth_per_step(unstable[0]) if unstable else None
+    theory = abs(1 - max(BOWL_CURVATURE) * float(np.float32(unstable[0].lr))) if unstable else None
+    return Measured(best_paths(every), gd, exact, error, stable_growth, not any(grows(p) for p in stable),
+                    unstable_growth, theory, all(grows(p) for p in unstable))
+
+
+def checks(m: Measured) -> list[Check]:
+    out = []
+    if m.closed_form_error is not None:
+        t = min(CHECK_STEPS, len(m.exact[0].xy) - 1)
+        lrs = "eta=" + ", ".join(f"{p.lr:g}" for p in m.exact) if len(m.exact) <= 3 else f"{len(m.exact)} lrs"
+        out.append(Check.at_most(f"GD bowl, {lrs}: w_{t} vs ((1-2eta)^{t} w0, (1-8eta)^{t} w1), rel. err",
+                                 m.closed_form_error, CLOSED_FORM_RTOL))
+    if m.stable_growth is not None:
+        count = sum(p.lr < STABLE_LR for p in m.gd)
+        out.append(Check.holds(f"GD bowl, eta < {STABLE_LR:g}: max |w1| factor/step ({count} lrs)", m.stable_growth,
+                               m.stable_growth < 1 and m.stable_stays, "< 1 (converges)"))
+    if m.unstable_growth is not None:
+        lr = next(p.lr for p in m.gd if p.lr > STABLE_LR)
+        ok = m.unstable_growth > 1 and abs(m.unstable_growth / m.unstable_theory - 1) < GROWTH_RTOL
+        out.append(Check.holds(f"GD bowl, eta={lr:g} > {STABLE_LR:g}: |w1| factor/step", m.unstable_growth,
+                               ok and m.unstable_all_grow, f"|1-8eta| = {m.unstable_theory:.4g} > 1 (diverges)"))
     return out
 
 
 # ----------------------------------------------------------------------------- figure
 
 
-def best_paths(ds) -> dict[str, dict[str, Path2D | None]]:
+def best_paths(every: list[Path2D]) -> dict[str, dict[str, Path2D | None]]:
     """Per surface, per optimizer: the sweep point whose loss settles <= TOLERANCE first (else the
     lowest final loss); None where every point of that optimizer diverged.
 
     AdamW is taken at the largest weight decay of the sweep, the others at the smallest.
     """
-    every = paths(ds)
     decays = sorted({p.weight_decay for p in every})
     order = {name: i for i, name in enumerate(LABELS)}
     best: dict[str, dict[str, Path2D | None]] = {}
@@ -274,7 +289,8 @@ def _contour_panel(ax, surface: str, chosen: dict[str, Path2D | None], start):
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
 
 
-def _stability_panel(ax, gd: list[Path2D]):
+def _stability_panel(ax, m: Measured):
+    gd = m.gd
     span = min(len(gd[0].xy), 2 * CHECK_STEPS + 1)
     cmap = matplotlib.colormaps["viridis"]
     for i, p in enumerate(gd):
@@ -289,32 +305,28 @@ def _stability_panel(ax, gd: list[Path2D]):
     ax.set_title(f"GD on the bowl: stable iff η < 2/8 = {STABLE_LR:g}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     lines = []
-    exact = [p for p in gd if np.all(np.isfinite(p.xy[: CHECK_STEPS + 1]))]
-    near = min(exact, key=lambda p: abs(p.lr - CATALOG_LR), default=None)
+    near = min(m.exact, key=lambda p: abs(p.lr - CATALOG_LR), default=None)
     if near is not None:
         t = min(CHECK_STEPS, len(near.xy) - 1)
         e = closed_form(near.xy[0], near.lr, t)
         lines.append(f"η={near.lr:g}, t={t}: w=({near.xy[t][0]:.4g}, {near.xy[t][1]:.4g})\n"
                      f"closed form ({e[0]:.4g}, {e[1]:.4g})")
-    unstable = [p for p in gd if p.lr > STABLE_LR]
-    if unstable:
-        p = unstable[0]
-        lines.append(f"η={p.lr:g}: |w1| x{growth_per_step(p):.4g}/step"
+    if m.unstable_growth is not None:
+        p = next(p for p in gd if p.lr > STABLE_LR)
+        lines.append(f"η={p.lr:g}: |w1| x{m.unstable_growth:.4g}/step"
                      + (f", non-finite after {int(np.argmax(~np.isfinite(p.loss)))} updates" if p.diverged else ""))
     if lines:
         plotting.note(ax, "\n".join(lines), loc="lower left")
 
 
-def figures(ds) -> dict:
-    chosen = best_paths(ds)
-    gd = _plain_gd(ds)
-    panels = [s for s in SURFACES if s in chosen]
-    fig, axes = plotting.figure(1, len(panels) + bool(gd), width=4.0, height=4.0)
-    cfg = results.config_of(ds)["config"]
+def figures(ds, m: Measured) -> dict:
+    panels = [s for s in SURFACES if s in m.best]
+    fig, axes = plotting.figure(1, len(panels) + bool(m.gd), width=4.0, height=4.0)
+    cfg = results.run_config(ds)
     for ax, surface in zip(axes[0], panels):
-        _contour_panel(ax, surface, chosen[surface], cfg["start"] if surface == "bowl" else cfg["rosenbrock_start"])
-    if gd:
-        _stability_panel(axes[0, -1], gd)
+        _contour_panel(ax, surface, m.best[surface], cfg["start"] if surface == "bowl" else cfg["rosenbrock_start"])
+    if m.gd:
+        _stability_panel(axes[0, -1], m)
     fig.suptitle("Optimizer paths, each at its fastest learning rate of the sweep "
                  f"({ds.sizes['step']} updates)", fontsize=10)
     return {"": fig}

@@ -25,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlab import data, models, plotting, results, telemetry, trials
+from gradlab import analysis, data, models, plotting, results, telemetry, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -46,7 +47,7 @@ SLOPE_RTOL = 0.05  # the measured slope may differ from the residual count by XL
 ELEMENTWISE_OPS = 8  # per element of a block: bias add, select, tanh' (1 - y^2: 2), ... -> the extra flops of a
 #                      re-run block are 2 B W^2 (its matmul) + at most 8 B W: relative slack 8 / (2 W).
 GRAD_RTOL = 1e-5  # remat re-runs the same float32 ops: at most a few ulps (~1e-7) per layer, x depth <= 64.
-MEASURED = ("temp_bytes", "argument_bytes", "output_bytes", "residual_bytes", "step_seconds", "flops", "transcendentals",
+PROFILED = ("temp_bytes", "argument_bytes", "output_bytes", "residual_bytes", "step_seconds", "flops", "transcendentals",
             "depth_measured")
 
 
@@ -57,12 +58,11 @@ class Config(ExperimentConfig):
     depths: tuple[int, ...] = param((4, 8, 16, 32, 64), doc="depths measured (each a compile; at least two)")
     timing_repeats: int = param(5, low=1, doc="timed calls per depth after one warm-up call (median)")
 
-
-def check_depths(depths) -> tuple[int, ...]:
-    depths = tuple(int(d) for d in depths)
-    if len(depths) < 2 or min(depths) < 1 or len(set(depths)) != len(depths):
-        raise ConfigError(f"depths: needs at least two distinct depths >= 1 (a slope), got {list(depths)}")
-    return tuple(sorted(depths))
+    def validate(self) -> None:
+        super().validate()
+        depths = list(self.depths)
+        if len(depths) < 2 or min(depths) < 1 or len(set(depths)) != len(depths):
+            raise ConfigError(f"needs at least two distinct depths >= 1 (a slope), got {depths}", key="depths")
 
 
 def batch_size(cfg) -> int:
@@ -93,7 +93,7 @@ def activation_residual_bytes(fn, args, batch: int, width: int) -> int:
     return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in leaves if tuple(s.shape[-2:]) == (batch, width))
 
 
-def measure(cfg, depth: int, repeats: int) -> dict:
+def profile(cfg, depth: int, repeats: int) -> dict:
     """Compiled memory (bytes), vjp activation residuals (bytes) and median seconds of one
     forward + backward pass of the config's MLP at `depth`."""
     spec = dataclasses.replace(trials.mlp_spec(cfg), depth=depth)
@@ -123,121 +123,81 @@ def measure(cfg, depth: int, repeats: int) -> dict:
 def trial(cfg) -> Trial:
     """A short training run of the config's MLP (losses and gradient norms, to compare remat on and
     off), carrying per-depth measurements of the gradient program as constant metrics."""
-    depths = check_depths(cfg.depths)
-    rows = [measure(cfg, d, cfg.timing_repeats) for d in depths]
-    table = {k: jnp.asarray([r[k] for r in rows], jnp.float32) for k in MEASURED}
-    base = trials.supervised_mlp(cfg)
-    spec = trials.mlp_spec(cfg)
-
-    def step(hp, state):
-        hyper = models.MLPHyper.from_hp(hp)
-        batch = data.batch(state.data, cfg.data, state.step, state.key)
-
-        def loss_fn(params):
-            return data.loss(cfg.data, models.apply(params, batch.x, spec, hyper)[0], batch.y)
-
-        grads = jax.grad(loss_fn)(state.params)
-        new_state, metrics = base.step(hp, state)
-        return new_state, {**metrics, "grad_global_norm": telemetry.global_norm(grads), **table}
-
-    return Trial(base.init, step, {k: ("depth_point",) for k in MEASURED})
+    rows = [profile(cfg, d, cfg.timing_repeats) for d in sorted(cfg.depths)]
+    table = {k: jnp.asarray([r[k] for r in rows], jnp.float32) for k in PROFILED}
+    base = trials.supervised_mlp(cfg, metrics=lambda view: {"grad_global_norm": telemetry.global_norm(view.grads),
+                                                            **table})
+    return Trial(base.init, base.step, {k: ("depth_point",) for k in PROFILED})
 
 
-# ----------------------------------------------------------------------------- analysis (host)
+# ----------------------------------------------------------------------------- measured (host)
 
 
-def table(ds) -> dict:
-    """Per remat value (False, True): the measured arrays over depth, from the first step."""
-    ds = results.with_axes(ds, AXES)
-    out = {}
-    for remat in (False, True):
-        if remat not in list(ds["model.remat"].values):
-            continue
-        point = ds.sel({"model.remat": remat}).isel(seed=0, step=0)
-        out[remat] = {k: point[k].values.astype(float) for k in MEASURED}
-    return out
+class Measured(NamedTuple):
+    profiles: dict  # remat (False, True) -> {PROFILED name: values over the measured depths}
+    slopes: dict  # remat -> (temp-memory slope, vjp-residual slope), bytes per layer
+    unit: int  # bytes of one (batch, width) float32 array: the unit of activation memory
+    batch: int
+    width: int
+    activation: str
+    extra_flops: float | None  # remat - plain per scan body (XLA counts a while body once), median over depths
+    extra_transcendentals: float | None
+    train_rel_diff: float | None  # max rel. diff of loss and grad norm over the training run, remat vs plain
+    steps: int
+    timing_repeats: int
 
 
-def slope(depth, y) -> float:
-    """Least-squares slope of y against depth."""
-    return float(np.polyfit(np.asarray(depth, float), np.asarray(y, float), 1)[0])
-
-
-def unit_bytes(ds) -> int:
-    """One (batch, width) float32 array: the unit of activation memory."""
-    cfg = results.config_of(ds)["config"]
+def measure(ds) -> Measured:
+    cfg = results.run_config(ds)
     d = cfg["data"]
     n = d["batch_size"] if 0 < d["batch_size"] < d["examples"] else d["examples"]
-    return n * cfg["model"]["width"] * F32_BYTES
-
-
-def slopes(ds) -> dict:
-    """remat -> (temp-memory slope, vjp-residual slope), bytes per layer."""
-    return {r: (slope(t["depth_measured"], t["temp_bytes"]), slope(t["depth_measured"], t["residual_bytes"]))
-            for r, t in table(ds).items()}
-
-
-def checks(ds) -> list[Check]:
-    ds = results.with_axes(ds, AXES)
-    out = []
-    unit = unit_bytes(ds)
-    fits = slopes(ds)
-    for remat, (temp, resid) in fits.items():
-        err = abs(temp - resid) / resid
-        label = "with remat" if remat else "without remat"
-        out.append(Check(f"{label}: temp-memory slope / (batch x width x 4 B) [residual count: {resid / unit:.3g}]",
-                         temp / unit, f"= {resid / unit:.3g} +- {SLOPE_RTOL:.0%} (vjp residuals per layer)",
-                         err <= SLOPE_RTOL))
-    if len(fits) == 2:
-        out += compute_checks(ds)
-        ratio = fits[True][0] / fits[False][0]
-        expected = fits[True][1] / fits[False][1]
-        out.append(Check("slope ratio remat / plain", ratio, f"= {expected:.3g} +- {2 * SLOPE_RTOL:.0%} (residual ratio)",
-                         abs(ratio - expected) <= 2 * SLOPE_RTOL * expected))
+    width = cfg["model"]["width"]
+    first = ds.isel(seed=0, step=0)  # the profiles are constant metrics
+    tab = {r: {k: first.sel({"model.remat": r})[k].values.astype(float) for k in PROFILED}
+           for r in (False, True) if r in list(ds["model.remat"].values)}
+    slopes = {r: (analysis.slope(t["depth_measured"], t["temp_bytes"]),
+                  analysis.slope(t["depth_measured"], t["residual_bytes"])) for r, t in tab.items()}
+    extra = {k: None for k in ("flops", "transcendentals")}
+    diff = None
+    if len(tab) == 2:
+        # HloCostAnalysis counts a while loop's body once, so remat - plain is one block's forward re-run.
+        extra = {k: float(np.median(tab[True][k] - tab[False][k])) for k in extra}
         loss = ds["loss"].transpose("model.remat", ...).values.astype(float)
         norm = ds["grad_global_norm"].transpose("model.remat", ...).values.astype(float)
-        err = float(max(np.max(np.abs(loss[1] - loss[0]) / np.abs(loss[0])),
-                        np.max(np.abs(norm[1] - norm[0]) / np.abs(norm[0]))))
-        out.append(Check("training run: max rel. diff of loss and grad norm, remat vs plain", err,
-                         f"<= {GRAD_RTOL:g} (same float32 ops re-run)", err <= GRAD_RTOL))
-    return out
+        diff = float(max(np.max(np.abs(loss[1] - loss[0]) / np.abs(loss[0])),
+                         np.max(np.abs(norm[1] - norm[0]) / np.abs(norm[0]))))
+    return Measured(tab, slopes, n * width * F32_BYTES, n, width, cfg["model"]["activation"], extra["flops"],
+                    extra["transcendentals"], diff, cfg["steps"], cfg["timing_repeats"])
 
 
-def extra_compute(ds) -> dict:
-    """What remat adds to the compiled program, from XLA's cost analysis. HloCostAnalysis counts a
-    while loop's body once (it does not know the trip count), so the difference remat - plain is the
-    extra work of one scan body: one block's forward, re-run. Per depth (they agree); median."""
-    tab = table(ds)
-    return {k: float(np.median(tab[True][k] - tab[False][k])) for k in ("flops", "transcendentals")}
-
-
-def compute_checks(ds) -> list[Check]:
-    cfg = results.config_of(ds)["config"]
-    width = cfg["model"]["width"]
-    unit = unit_bytes(ds) // F32_BYTES  # B x W
-    extra = extra_compute(ds)
+def checks(m: Measured) -> list[Check]:
     out = []
-    per_matmul = extra["flops"] / (2 * unit * width)
-    slack = ELEMENTWISE_OPS / (2 * width)
-    out.append(Check("remat: extra flops per scan body / one block's matmul (2 B W^2)", per_matmul,
-                     f"in [1, 1 + {slack:.3g}] (one forward re-run)", 1.0 <= per_matmul <= 1.0 + slack))
-    if cfg["model"]["activation"] == "tanh":
-        per_tanh = extra["transcendentals"] / unit
-        out.append(Check("remat: extra tanh evaluations per scan body / (B W)", per_tanh, "= 1 (one forward re-run)",
-                         per_tanh == 1.0))
+    for remat, (temp, resid) in m.slopes.items():
+        count = resid / m.unit
+        out.append(Check.near(f"{'with' if remat else 'without'} remat: temp-memory slope / (batch x width x 4 B) "
+                              f"[residual count: {count:.3g}]", temp / m.unit, count, SLOPE_RTOL * count,
+                              "vjp residuals per layer"))
+    if len(m.slopes) == 2:
+        block_matmul = 2 * m.batch * m.width**2
+        out.append(Check.between("remat: extra flops per scan body / one block's matmul (2 B W^2)",
+                                 m.extra_flops / block_matmul, 1.0, 1.0 + ELEMENTWISE_OPS / (2 * m.width),
+                                 "one forward re-run"))
+        if m.activation == "tanh":
+            out.append(Check.near("remat: extra tanh evaluations per scan body / (B W)",
+                                  m.extra_transcendentals / (m.batch * m.width), 1.0, 0.0, "one forward re-run"))
+        expected = m.slopes[True][1] / m.slopes[False][1]
+        out.append(Check.near("slope ratio remat / plain", m.slopes[True][0] / m.slopes[False][0], expected,
+                              2 * SLOPE_RTOL * expected, "residual ratio"))
+        out.append(Check.at_most("training run: max rel. diff of loss and grad norm, remat vs plain",
+                                 m.train_rel_diff, GRAD_RTOL))
     return out
 
 
 # ----------------------------------------------------------------------------- figure
 
 
-def figures(ds) -> dict:
-    tab = table(ds)
-    ds = results.with_axes(ds, AXES)
-    cfg = results.config_of(ds)["config"]
-    unit = unit_bytes(ds)
-    width = cfg["model"]["width"]
-    fits = slopes(ds)
+def figures(ds, m: Measured) -> dict:
+    tab, fits, unit, width = m.profiles, m.slopes, m.unit, m.width
     fig, axes = plotting.figure(1, 3, width=3.8, height=3.2)
     labels = {False: "no remat", True: "remat (jax.checkpoint per block)"}
     colors = {False: plotting.COLORS[1], True: plotting.COLORS[0]}
@@ -246,8 +206,7 @@ def figures(ds) -> dict:
         d = t["depth_measured"]
         ax.plot(d, t["temp_bytes"] / 2**20, "o-", color=colors[remat], label=labels[remat])
         ax.plot(d, (t["temp_bytes"][0] + fits[remat][1] * (d - d[0])) / 2**20, ":", color="k", lw=1)
-    ax.set_xlabel("depth (hidden blocks)")
-    ax.set_ylabel("compiled temp memory (MiB)")
+    ax.set(xlabel="depth (hidden blocks)", ylabel="compiled temp memory (MiB)")
     ax.set_title("temp memory, forward + backward", fontsize=9)
     lines = ["slope per layer in B·W·4 bytes:"]
     lines += [f"  {'remat' if r else 'plain'}: {fits[r][0] / unit:.3f} (vjp residuals: {fits[r][1] / unit:.0f})" for r in fits]
@@ -260,9 +219,8 @@ def figures(ds) -> dict:
     ax = axes[0, 1]
     for remat, t in tab.items():
         ax.plot(t["depth_measured"], t["step_seconds"] * 1e3, "o-", color=colors[remat], label=labels[remat])
-    ax.set_xlabel("depth (hidden blocks)")
-    ax.set_ylabel("ms per forward + backward")
-    ax.set_title(f"step time (median of {cfg['timing_repeats']} after warm-up)", fontsize=9)
+    ax.set(xlabel="depth (hidden blocks)", ylabel="ms per forward + backward")
+    ax.set_title(f"step time (median of {m.timing_repeats} after warm-up)", fontsize=9)
     if len(tab) == 2:
         ratio = tab[True]["step_seconds"] / tab[False]["step_seconds"]
         plotting.note(ax, f"time remat/plain: median {np.median(ratio):.2f}\n(range {ratio.min():.2f}..{ratio.max():.2f};"
@@ -271,8 +229,8 @@ def figures(ds) -> dict:
     ax = axes[0, 2]
     if len(tab) == 2:
         d = tab[False]["depth_measured"]
-        block = 6 * (unit // F32_BYTES) * width  # forward 2 B W^2 + backward 4 B W^2 flops per block
-        compute = (block + extra_compute(ds)["flops"]) / block
+        block = 6 * m.batch * width * width  # forward 2 B W^2 + backward 4 B W^2 flops per block
+        compute = (block + m.extra_flops) / block
         memory_limit = fits[True][1] / fits[False][1]
         ax.plot(d, tab[True]["temp_bytes"] / tab[False]["temp_bytes"], "o-", color=plotting.COLORS[2],
                 label="temp memory")
@@ -286,12 +244,9 @@ def figures(ds) -> dict:
         ax.legend(loc="lower left", frameon=False, fontsize=7)
         plotting.note(ax, f"flops per block: (6 + 2)/6 B W² = {compute:.3f}\n(XLA cost analysis: +2 B W² per\n"
                           "scan body, one forward re-run)", loc="upper right")
-    ax.set_xlabel("depth (hidden blocks)")
-    ax.set_ylabel("remat / plain")
+    ax.set(xlabel="depth (hidden blocks)", ylabel="remat / plain")
     ax.set_title("the trade: memory for compute", fontsize=9)
-    grad = next((c for c in checks(ds) if c.name.startswith("training run")), None)
-    extra = f"; {cfg['steps']} training steps remat vs plain: max rel. diff {grad.measured:.1e}" if grad else ""
-    n = unit // (width * F32_BYTES)
-    fig.suptitle(f"Activation checkpointing: {cfg['model']['activation']} MLP, width {width}, batch {n}{extra}",
-                 fontsize=10)
+    extra = (f"; {m.steps} training steps remat vs plain: max rel. diff {m.train_rel_diff:.1e}"
+             if m.train_rel_diff is not None else "")
+    fig.suptitle(f"Activation checkpointing: {m.activation} MLP, width {width}, batch {m.batch}{extra}", fontsize=10)
     return {"": fig}

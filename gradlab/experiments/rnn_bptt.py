@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import inits, plotting, results, telemetry, transforms
+from gradlab import analysis, inits, plotting, results, telemetry, transforms
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -181,13 +181,9 @@ def trial(cfg) -> Trial:
 # ----------------------------------------------------------------------------- analysis (host, numpy)
 
 
-def _ds(ds):
-    return results.with_axes(ds, AXES)
-
-
 def profile(ds, cell: str, step: int) -> np.ndarray:
     """grad_x_norm at `step`: (seq_len, lr, clip, seed, lag)."""
-    point = _ds(ds)["grad_x_norm"].sel(cell=cell).isel(step=step)
+    point = ds["grad_x_norm"].sel(cell=cell).isel(step=step)
     return point.transpose("seq_len", "optim.lr", "optim.clip_threshold", "seed", "lag").values.astype(float)
 
 
@@ -197,25 +193,24 @@ def fit_slope(norms_K, length: int) -> float:
     keep = (k >= FIT_SKIP) & (k < length) & np.isfinite(norms_K) & (norms_K > 0)
     if keep.sum() < 2:
         return float("nan")
-    return float(np.polyfit(k[keep], np.log(norms_K[keep]), 1)[0])
+    return analysis.slope(k[keep], np.log(norms_K[keep]))
 
 
 def slopes(ds, cell: str, step: int) -> np.ndarray:
     """Fitted log-slope per step, (seq_len, lr, clip, seed)."""
     prof = profile(ds, cell, step)
-    lengths = _ds(ds)["seq_len"].values
+    lengths = ds["seq_len"].values
     out = np.full(prof.shape[:-1], np.nan)
     for idx in np.ndindex(out.shape):
         out[idx] = fit_slope(prof[idx], int(lengths[idx[0]]))
     return out
 
 
-def simple_theory(ds, step: int = 0) -> dict:
+def simple_theory(ds, hidden: int, step: int = 0) -> dict:
     """For the vanilla cell at `step`, over (seq_len, lr, clip, seed): the mean-field slope
     ln||W||_2 + (1/2) ln mean tanh'^2 and the bound ln||W||_2 + mean ln max tanh', both averaged over
     the fitted lags; and jensen_gap, Var(tanh'^2) / (2 N mean(tanh'^2)^2) (see slope_tolerance)."""
-    hidden = _config(ds)["hidden"]
-    d = _ds(ds).sel(cell="simple").isel(step=step)
+    d = ds.sel(cell="simple").isel(step=step)
     order = ("seq_len", "optim.lr", "optim.clip_threshold", "seed")
     dsq = d["dtanh_sq"].transpose(*order, "lag").values.astype(float)
     lmax = d["log_max_dtanh"].transpose(*order, "lag").values.astype(float)
@@ -229,17 +224,6 @@ def simple_theory(ds, step: int = 0) -> dict:
     return {"mean_field": mean_field, "bound": bound, "jensen_gap": gap}
 
 
-def random_walk_slope_std(n: int) -> float:
-    """Std of the least-squares slope through n points y_0..y_{n-1} of a random walk with unit steps.
-
-    slope = sum_j a_j y_j with a_j = (j - mean) / sum (j - mean)^2, and y_j = sum_{i <= j} e_i, so
-    slope = sum_i e_i A_i with A_i = sum_{j >= i} a_j, of variance sum_{i >= 1} A_i^2."""
-    j = np.arange(n, dtype=float)
-    a = (j - j.mean()) / np.sum((j - j.mean()) ** 2)
-    tails = np.cumsum(a[::-1])[::-1][1:]
-    return float(np.sqrt(np.sum(tails**2)))
-
-
 def slope_tolerance(jensen_gap, batch: int, fitted_lags: int):
     """|measured - mean field| allowed per step, from the per-step factor X = |D v|^2 / |v|^2 with
     v uniform on the sphere: E X = m = mean tanh'^2 (the mean field), Var X ~ 2 s^2 / N with
@@ -248,55 +232,74 @@ def slope_tolerance(jensen_gap, batch: int, fitted_lags: int):
               RMS lies between E ln and ln E, so the bias is at most the gap;
       noise:  ln sqrt(X) has variance ~ jensen_gap per step and example; the RMS over `batch` examples
               divides it by batch; a fitted slope of such a walk over n lags has std
-              random_walk_slope_std(n) sqrt(jensen_gap / batch).
+              analysis.random_walk_slope_std(n) sqrt(jensen_gap / batch).
     tolerance = gap + 3 x noise std."""
-    noise = random_walk_slope_std(fitted_lags) * np.sqrt(np.asarray(jensen_gap) / batch)
+    noise = analysis.random_walk_slope_std(fitted_lags) * np.sqrt(np.asarray(jensen_gap) / batch)
     return np.asarray(jensen_gap) + 3 * noise
-
-
-def _config(ds) -> dict:
-    return results.config_of(ds)["config"]
 
 
 def final(ds, var: str) -> np.ndarray:
     """Mean of `var` over the last TAIL steps: (cell, seq_len, lr, clip, seed)."""
-    d = _ds(ds)[var].transpose(*AXES, "step").values.astype(float)
-    return np.nanmean(d[..., -TAIL:], axis=-1)
+    return analysis.tail_mean(ds[var].transpose(*AXES, "step").values, TAIL)
 
 
-def checks(ds) -> list[Check]:
-    ds = _ds(ds)
+class Measured(NamedTuple):
+    cells: list
+    lengths: np.ndarray
+    slopes: dict  # {(cell, step): fitted log-slope per step, (seq_len, lr, clip, seed)}, at init and the last step
+    mean_field: np.ndarray | None  # vanilla cell at init: ln||W|| + 0.5 ln mean tanh'^2, same shape
+    vanilla_slope: float | None = None  # max over seeds at the longest T (< 0: vanishing)
+    mean_field_error: float | None = None  # |slope - mean field| at the worst (T, seed) relative to its tolerance
+    mean_field_tolerance: float | None = None  # Jensen gap + 3 sd there
+    worst_length: int | None = None
+    worst_mean_field: float | None = None
+    bound_margin: float | None = None  # min of bound - slope (>= 0: the operator-norm bound holds)
+    bound_mean: float | None = None
+    lstm_margin: float | None = None  # min over lengths of the median LSTM - vanilla slope difference
+
+
+def measure(ds) -> Measured:
+    cfg = results.run_config(ds)
     cells = [str(c) for c in ds["cell"].values]
     lengths = ds["seq_len"].values.astype(int)
-    cfg = _config(ds)
-    out = []
-    if "simple" in cells:
-        measured = slopes(ds, "simple", 0)
-        theory = simple_theory(ds, 0)
-        longest = -1
-        m, bound = measured[longest], theory["bound"][longest]
-        tol = np.stack([slope_tolerance(theory["jensen_gap"][j], cfg["batch"], int(T) - FIT_SKIP)
-                        for j, T in enumerate(lengths)])
-        out.append(Check(f"vanilla RNN at init, T = {lengths[longest]}: log-slope per step (max over seeds)",
-                         float(np.nanmax(m)), "< 0 (vanishing)", bool(np.nanmax(m) < 0)))
-        ratio = np.abs(measured - theory["mean_field"]) / tol
-        worst = np.unravel_index(int(np.nanargmax(ratio)), ratio.shape)
-        err = float(np.abs(measured - theory["mean_field"])[worst])
-        out.append(Check(f"vanilla RNN at init: worst |slope - (ln||W|| + 0.5 ln mean tanh'^2)| over lengths, seeds "
-                         f"(T = {lengths[worst[0]]}, mean field {theory['mean_field'][worst]:.3f})",
-                         err, f"<= {tol[worst]:.3g} (Jensen gap + 3 sd)", bool(np.nanmax(ratio) <= 1.0)))
-        gap = float(np.nanmin(bound - m))
-        out.append(Check(f"vanilla RNN at init: bound ln||W|| + mean ln max tanh' ({np.nanmean(bound):.3f}) - slope",
-                         gap, ">= 0 (operator-norm bound)", gap >= 0))
-        for gated in ("lstm",):  # GRU's slope is reported in the figure, not checked (measured: close to vanilla)
-            if gated not in cells:
-                continue
-            other = slopes(ds, gated, 0)
-            # the same seeds, lengths and (irrelevant at init) lr / clip: compare the medians per length
-            worst = float(np.nanmin(np.nanmedian(other - measured, axis=(1, 2, 3))))
-            out.append(Check(f"{gated} decays slower than the vanilla RNN at init: min over lengths of slope difference "
-                             f"({gated} median {np.nanmedian(other[longest]):.3f}, vanilla {np.nanmedian(measured[longest]):.3f})",
-                             worst, "> 0", worst > 0))
+    last = ds.sizes["step"] - 1
+    fitted = {(cell, step): slopes(ds, cell, step) for cell in cells for step in (0, last)}
+    if "simple" not in cells:
+        return Measured(cells, lengths, fitted, None)
+    measured = fitted["simple", 0]
+    theory = simple_theory(ds, cfg["hidden"], 0)
+    tol = np.stack([slope_tolerance(theory["jensen_gap"][j], cfg["batch"], int(T) - FIT_SKIP)
+                    for j, T in enumerate(lengths)])
+    error = np.abs(measured - theory["mean_field"])
+    worst = np.unravel_index(int(np.nanargmax(error / tol)), error.shape)
+    lstm = {}
+    if "lstm" in cells:  # GRU's slope is reported in the figure, not checked (measured: close to vanilla)
+        # the same seeds, lengths and (irrelevant at init) lr / clip: compare the medians per length
+        lstm["lstm_margin"] = float(np.nanmin(np.nanmedian(fitted["lstm", 0] - measured, axis=(1, 2, 3))))
+    return Measured(
+        cells, lengths, fitted, theory["mean_field"], vanilla_slope=float(np.nanmax(measured[-1])),
+        mean_field_error=float(error[worst]), mean_field_tolerance=float(tol[worst]),
+        worst_length=int(lengths[worst[0]]), worst_mean_field=float(theory["mean_field"][worst]),
+        bound_margin=float(np.nanmin(theory["bound"][-1] - measured[-1])),
+        bound_mean=float(np.nanmean(theory["bound"][-1])), **lstm)
+
+
+def checks(m: Measured) -> list[Check]:
+    if m.vanilla_slope is None:
+        return []
+    out = [
+        Check.below(f"vanilla RNN at init, T = {m.lengths[-1]}: log-slope per step (max over seeds)",
+                    m.vanilla_slope, 0.0),
+        Check.at_most(f"vanilla RNN at init: worst |slope - (ln||W|| + 0.5 ln mean tanh'^2)| over lengths, seeds "
+                      f"(T = {m.worst_length}, mean field {m.worst_mean_field:.3f})",
+                      m.mean_field_error, m.mean_field_tolerance, "Jensen gap + 3 sd"),
+        Check.at_least(f"vanilla RNN at init: bound ln||W|| + mean ln max tanh' ({m.bound_mean:.3f}) - slope",
+                       m.bound_margin, 0.0),
+    ]
+    if m.lstm_margin is not None:
+        lstm, vanilla = np.nanmedian(m.slopes["lstm", 0][-1]), np.nanmedian(m.slopes["simple", 0][-1])
+        out.append(Check.above(f"lstm decays slower than the vanilla RNN at init: min over lengths of slope "
+                               f"difference (lstm median {lstm:.3f}, vanilla {vanilla:.3f})", m.lstm_margin, 0.0))
     return out
 
 
@@ -307,16 +310,13 @@ def _clip_label(threshold: float) -> str:
     return "no clipping" if threshold >= NO_CLIP else f"clip {threshold:g}"
 
 
-def figures(ds) -> dict:
-    ds = _ds(ds)
-    cfg = _config(ds)
-    cells = [str(c) for c in ds["cell"].values]
-    lengths = ds["seq_len"].values.astype(int)
+def figures(ds, m: Measured) -> dict:
+    cfg = results.run_config(ds)
+    cells, lengths = m.cells, m.lengths
     lrs = ds["optim.lr"].values.astype(float)
     clips = ds["optim.clip_threshold"].values.astype(float)
     last = ds.sizes["step"] - 1
     colors = {T: plotting.COLORS[i % len(plotting.COLORS)] for i, T in enumerate(lengths)}
-    found = {c.name: c for c in checks(ds)}
 
     # Figure 1: gradient against distance, at init and after training, per cell.
     fig, axes = plotting.figure(2, len(cells), width=3.5, height=2.8)
@@ -325,7 +325,7 @@ def figures(ds) -> dict:
         for row, (step, when) in enumerate(((0, "at init"), (last, f"after {last} steps"))):
             ax = axes[row, col]
             prof = profile(ds, cell, step)
-            sl = slopes(ds, cell, step)
+            sl = m.slopes[cell, step]
             text = []
             # after training: the lr with the best final loss at the longest length, no clipping if present
             c = int(np.argmax(clips)) if row else 0
@@ -342,7 +342,7 @@ def figures(ds) -> dict:
             if col == 0:
                 ax.set_ylabel(r"$\|\partial \ell / \partial x_t\|$ (median, min..max seeds)")
             if cell == "simple" and row == 0:
-                mf = np.nanmedian(simple_theory(ds, 0)["mean_field"], axis=(1, 2, 3))
+                mf = np.nanmedian(m.mean_field, axis=(1, 2, 3))
                 for j, T in enumerate(lengths):
                     k = np.arange(FIT_SKIP, T)
                     start = np.nanmedian(prof[j, 0, 0, :, FIT_SKIP])
@@ -350,8 +350,7 @@ def figures(ds) -> dict:
                 text.append(f"dotted: mean field {np.nanmean(mf):+.3f}")
             plotting.note(ax, "log-slope per step:\n" + "\n".join(text), loc="lower left")
     axes[0, -1].legend(loc="upper right", frameon=False, fontsize=7)
-    name = next((n for n in found if n.startswith("vanilla RNN at init: worst")), None)
-    extra = f"; vanilla vs mean field: max err {found[name].measured:.3f}" if name else ""
+    extra = f"; vanilla vs mean field: max err {m.mean_field_error:.3f}" if m.mean_field_error is not None else ""
     fig.suptitle(f"Gradient through time, loss at the last step (hidden {cfg['hidden']}, batch {cfg['batch']}){extra}",
                  fontsize=10)
 
@@ -369,7 +368,7 @@ def figures(ds) -> dict:
             for j, T in enumerate(lengths):
                 curves = loss[ci, j, i, row]
                 w = min(SMOOTH, len(steps))
-                smooth = np.apply_along_axis(lambda v: np.convolve(v, np.ones(w) / w, mode="valid"), -1, curves)
+                smooth = np.apply_along_axis(np.convolve, -1, curves, np.ones(w) / w, mode="valid")
                 plotting.band(ax, steps[w - 1:], smooth, label=f"T = {T}", color=colors[T], log=False)
                 text.append(f"T={T}: acc {np.nanmedian(acc[ci, j, i, row]):.2f}")
             ax.axhline(np.log(2), color="k", ls=":", lw=1)

@@ -24,6 +24,7 @@ run it even creeps up), while every schedule that anneals lets it settle lower.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -37,7 +38,9 @@ from gradlab.experiments import Check
 NAME = "schedules"
 CLAIM = "each lr schedule applies its closed form; where a constant peak lr hovers, every annealed one ends lower"
 Config = ExperimentConfig
+AXES = ["optim.schedule", "seed"]
 TOLERANCE = 1e-6  # |recorded - closed form| / peak lr: float32 evaluation errs by ~1e-7 of the peak
+STEP_RTOL = 1e-5  # step: |lr[b] / lr[b-1] - decay_rate| / decay_rate at each drop b
 ONECYCLE_PCT = 0.3
 ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4
 
@@ -46,13 +49,11 @@ def trial(cfg) -> Trial:
     """supervised_mlp, plus `lr_applied`: the learning rate inject_hyperparams used this step."""
     base = trials.supervised_mlp(cfg)
 
-    def is_value(path, value):  # hyperparams["learning_rate"], not the schedule's count state
-        del path
-        return isinstance(value, jax.Array)
-
     def step(hp, state):
         new_state, metrics = base.step(hp, state)
-        applied = optax.tree_utils.tree_get(new_state.opt_state, "learning_rate", filtering=is_value)
+        # the learning rate in inject_hyperparams' hyperparams, not a schedule's count state
+        applied = optax.tree_utils.tree_get(new_state.opt_state, "learning_rate",
+                                            filtering=lambda _, value: isinstance(value, jax.Array))
         return new_state, {**metrics, "lr_applied": applied}
 
     return Trial(base.init, step, base.metric_dims)
@@ -66,6 +67,17 @@ def _cosine(t, span, alpha):
     span = max(span, 1)  # a zero-length phase (onecycle with T < 4) is never on the taken branch
     t = np.minimum(t, span)
     return alpha + (1 - alpha) * 0.5 * (1 + np.cos(np.pi * t / span))
+
+
+def boundaries(steps: int, optim: dict) -> dict:
+    """Where schedules change course: step's drops W + floor(n i / (c + 1)), i = 1..c; sgdr's restarts
+    W + k P, k = 0..c-1; onecycle's peak (W, or int(0.3 T) with no warmup); warmup_cosine's W."""
+    w, c = optim["warmup_steps"], optim["cycles"]
+    n = max(1, steps - w)
+    return {"step": sorted({w + math.floor(n * i / (c + 1)) for i in range(1, c + 1)}),
+            "sgdr": [w + k * max(1, n // c) for k in range(c)],
+            "onecycle": w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps),
+            "warmup_cosine": w or max(1, steps // 10)}
 
 
 def _warmup_free(name: str, t, n: int, optim: dict):
@@ -96,14 +108,13 @@ def closed_form(name: str, steps: int, optim: dict, t=None) -> np.ndarray:
     t = np.arange(steps, dtype=np.float64) if t is None else np.asarray(t, np.float64)
     lr = optim["lr"]
     if name == "onecycle":
-        w = optim["warmup_steps"]
-        p = w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps)
+        p = boundaries(steps, optim)["onecycle"]
         start, end = 1 / ONECYCLE_DIV, 1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
         up = start + (1 - start) * (1 - _cosine(t, p, 0.0))
         down = _cosine(t - p, steps - p, end)
         return lr * np.where(t < p, up, np.where(t < steps, down, end))
     if name == "warmup_cosine":
-        w = optim["warmup_steps"] or max(1, steps // 10)
+        w = boundaries(steps, optim)["warmup_cosine"]
         span = max(steps, w + 1) - w
         return lr * np.where(t < w, t / w, _cosine(t - w, span, optim["final_lr_fraction"]))
     w = optim["warmup_steps"]
@@ -114,47 +125,20 @@ def closed_form(name: str, steps: int, optim: dict, t=None) -> np.ndarray:
 
 def landmarks(name: str, steps: int, optim: dict) -> list[int]:
     """Steps where a schedule does something: its ends, quarters, boundaries and either side."""
-    w = optim["warmup_steps"]
-    n = max(1, steps - w)
+    w, at = optim["warmup_steps"], boundaries(steps, optim).get(name)
     marks = {0, steps // 4, steps // 2, 3 * steps // 4, steps - 1}
-    edges = set()
-    if w and name not in ("onecycle", "warmup_cosine"):
-        edges.add(w)
-    if name == "step":
-        c = optim["cycles"]
-        edges |= {w + math.floor(n * i / (c + 1)) for i in range(1, c + 1)}
-    if name == "sgdr":
-        period = max(1, n // optim["cycles"])
-        edges |= {w + k * period for k in range(optim["cycles"])}
+    edges = {w} if w and name not in ("onecycle", "warmup_cosine") else set()
+    if name in ("step", "sgdr"):
+        edges |= set(at)
     if name == "onecycle":
-        edges.add(w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps))
+        edges.add(at)
     if name == "warmup_cosine":
-        wc = optim["warmup_steps"] or max(1, steps // 10)
-        edges |= {wc // 2, wc}
+        edges |= {at // 2, at}
     marks |= {e + d for e in edges for d in (-1, 0, 1)}
     return sorted(m for m in marks if 0 <= m < steps)
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def _setup(ds):
-    cfg = results.config_of(ds)["config"]
-    return cfg["steps"], cfg["optim"]
-
-
-def _with_axes(ds):
-    """`ds` with a schedule axis and a seed axis even when the run had a single value of either."""
-    cfg = results.config_of(ds)["config"]
-    if "optim.schedule" not in ds.dims:
-        ds = ds.expand_dims({"optim.schedule": [cfg["optim"]["schedule"]]})
-    if "seed" not in ds.dims:
-        ds = ds.expand_dims({"seed": [cfg["seed"]]})
-    return ds
-
-
-def _schedules(ds) -> list[str]:
-    return [str(s) for s in ds["optim.schedule"].values]
+# ----------------------------------------------------------------------------- measured
 
 
 def _per_seed(ds, var: str, name: str) -> np.ndarray:
@@ -162,30 +146,21 @@ def _per_seed(ds, var: str, name: str) -> np.ndarray:
     return ds[var].sel({"optim.schedule": name}).transpose("seed", "step").values
 
 
-def schedule_error(ds, name: str, var: str = "lr") -> float:
+def schedule_error(recorded_SxT, name: str, steps: int, optim: dict) -> float:
     """Max |recorded - closed form| over seeds and landmark steps, as a fraction of the peak lr."""
-    steps, optim = _setup(ds)
     marks = landmarks(name, steps, optim)
     expected = closed_form(name, steps, optim, marks)
-    recorded = _per_seed(ds, var, name)[:, marks]
-    return float(np.max(np.abs(recorded - expected)) / optim["lr"])
+    return float(np.max(np.abs(recorded_SxT[:, marks] - expected)) / optim["lr"])
 
 
-def epoch_loss(ds, name: str) -> np.ndarray:
+def epoch_loss(loss_SxT, data: dict) -> np.ndarray:
     """(seeds, steps) training loss: the minibatch loss averaged over the trailing epoch."""
-    data = results.config_of(ds)["config"]["data"]
     size, examples = data["batch_size"], data["examples"]
     window = max(1, examples // size) if 0 < size < examples else 1
-    loss = _per_seed(ds, "loss", name)
-    csum = np.cumsum(np.pad(loss, ((0, 0), (1, 0))), axis=1)
-    end = np.arange(1, loss.shape[1] + 1)
+    csum = np.cumsum(np.pad(loss_SxT, ((0, 0), (1, 0))), axis=1)
+    end = np.arange(1, loss_SxT.shape[1] + 1)
     begin = np.maximum(end - window, 0)
     return (csum[:, end] - csum[:, begin]) / (end - begin)
-
-
-def final_loss(ds, name: str) -> float:
-    """Median over seeds of the last epoch's mean training loss."""
-    return float(np.median(epoch_loss(ds, name)[:, -1]))
 
 
 def _nan_first(x: float) -> tuple:
@@ -193,53 +168,74 @@ def _nan_first(x: float) -> tuple:
     return (math.isnan(x), x)
 
 
-def _landmark_checks(ds, names, steps, optim) -> list[Check]:
-    lr, w = optim["lr"], optim["warmup_steps"]
-    out = []
+class Measured(NamedTuple):
+    steps: int
+    optim: dict  # the run's optim config: the peak lr and each schedule's parameters
+    lr: dict  # schedule -> recorded lr of the first seed, (steps,)
+    lr_error: dict  # schedule -> max |recorded lr - closed form| / peak over seeds and landmarks
+    applied_error: float  # the same for the lr the optimizer applied, max over schedules
+    epoch_loss: dict  # schedule -> (seeds, steps) minibatch loss averaged over the trailing epoch
+    final_loss: dict  # schedule -> median over seeds of the last epoch's mean loss
+    step_ratio: float | None  # step: the lr[b] / lr[b-1] farthest from decay_rate over the drops b
+    sgdr_restart: float | None  # sgdr: min lr / peak over the restarts
+    onecycle_peak: int | None  # onecycle: argmax_t lr
+    warmup_cosine_half: float | None  # warmup_cosine: lr[W // 2] / peak
+    warmup_cosine_start: float | None  # warmup_cosine: lr[0]
+    worst_annealed: str | None  # the annealed schedule with the highest final loss (None: no constant)
+
+
+def measure(ds) -> Measured:
+    cfg = results.run_config(ds)
+    steps, optim = cfg["steps"], cfg["optim"]
+    names = [str(s) for s in ds["optim.schedule"].values]
+    recorded = {name: _per_seed(ds, "lr", name) for name in names}
+    errors = {name: schedule_error(recorded[name], name, steps, optim) for name in names}
+    applied = float(np.max([schedule_error(_per_seed(ds, "lr_applied", n), n, steps, optim) for n in names]))
+    epochs = {name: epoch_loss(_per_seed(ds, "loss", name), cfg["data"]) for name in names}
+    finals = {name: float(np.median(epochs[name][:, -1])) for name in names}
+    lr = {name: rec[0] for name, rec in recorded.items()}
+    at = boundaries(steps, optim)
+    step_ratio = restart = peak = half = start = worst = None
     if "step" in names:
-        rec = _per_seed(ds, "lr", "step")[0]
-        c, r = optim["cycles"], optim["decay_rate"]
-        drops = sorted({w + math.floor((steps - w) * i / (c + 1)) for i in range(1, c + 1)})
-        ratios = [rec[b] / rec[b - 1] for b in drops if 0 < b < steps]
-        worst = max(ratios, key=lambda q: _nan_first(abs(q - r)))
-        out.append(Check(f"step: lr[b]/lr[b-1] at drops b={drops}", worst, f"= decay_rate {r:g}",
-                         abs(worst / r - 1) <= 1e-5))
+        ratios = [lr["step"][b] / lr["step"][b - 1] for b in at["step"] if 0 < b < steps]
+        step_ratio = max(ratios, key=lambda q: _nan_first(abs(q - optim["decay_rate"])))
     if "sgdr" in names:
-        rec = _per_seed(ds, "lr", "sgdr")[0]
-        period = max(1, (steps - w) // optim["cycles"])
-        starts = [w + k * period for k in range(optim["cycles"])]
-        back = float(np.min(rec[starts])) / lr
-        out.append(Check(f"sgdr: min lr/peak at restarts t={starts}", back, "= 1", abs(back - 1) <= TOLERANCE))
+        restart = float(np.min(lr["sgdr"][at["sgdr"]])) / optim["lr"]
     if "onecycle" in names:
-        top = int(np.argmax(_per_seed(ds, "lr", "onecycle")[0]))
-        want = w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps)
-        out.append(Check("onecycle: argmax_t lr / steps", top / steps, f"= {want / steps:g} (t={want})", top == want))
+        peak = int(np.argmax(lr["onecycle"]))
     if "warmup_cosine" in names:
-        rec = _per_seed(ds, "lr", "warmup_cosine")[0]
-        wc = optim["warmup_steps"] or max(1, steps // 10)
-        half = rec[wc // 2] / lr
-        out.append(Check(f"warmup_cosine: lr[{wc // 2}]/peak, lr[0] (W={wc})", half,
-                         f"= {(wc // 2) / wc:g}, lr[0] = 0", rec[0] == 0 and abs(half - (wc // 2) / wc) <= TOLERANCE))
-    return out
-
-
-def checks(ds) -> list[Check]:
-    ds = _with_axes(ds)
-    steps, optim = _setup(ds)
-    names = _schedules(ds)
-    out = []
-    for name in names:
-        err = schedule_error(ds, name)
-        out.append(Check(f"{name}: recorded lr = closed form (|err|/peak)", err, f"<= {TOLERANCE:g}", err <= TOLERANCE))
-    out += _landmark_checks(ds, names, steps, optim)
-    applied = float(np.max([schedule_error(ds, name, "lr_applied") for name in names]))
-    out.append(Check("every schedule: optimizer's applied lr = closed form", applied, f"<= {TOLERANCE:g}",
-                     applied <= TOLERANCE))
+        half = lr["warmup_cosine"][at["warmup_cosine"] // 2] / optim["lr"]
+        start = lr["warmup_cosine"][0]
     annealed = [n for n in names if n != "constant"]
     if "constant" in names and annealed:
-        worst = max(annealed, key=lambda n: _nan_first(final_loss(ds, n)))
-        ratio = final_loss(ds, worst) / final_loss(ds, "constant")
-        out.append(Check(f"final loss / constant's, worst annealed ({worst})", ratio, "< 1", ratio < 1))
+        worst = max(annealed, key=lambda n: _nan_first(finals[n]))
+    return Measured(steps, optim, lr, errors, applied, epochs, finals, step_ratio, restart, peak, half, start, worst)
+
+
+def checks(m: Measured) -> list[Check]:
+    steps, optim, at = m.steps, m.optim, boundaries(m.steps, m.optim)
+    out = [Check.at_most(f"{name}: recorded lr = closed form (|err|/peak)", err, TOLERANCE)
+           for name, err in m.lr_error.items()]
+    if m.step_ratio is not None:
+        r = optim["decay_rate"]
+        out.append(Check.near(f"step: lr[b]/lr[b-1] at drops b={at['step']}", m.step_ratio, r, STEP_RTOL * r,
+                              "decay_rate"))
+    if m.sgdr_restart is not None:
+        out.append(Check.near(f"sgdr: min lr/peak at restarts t={at['sgdr']}", m.sgdr_restart, 1.0, TOLERANCE))
+    if m.onecycle_peak is not None:
+        want = at["onecycle"]
+        out.append(Check.near("onecycle: argmax_t lr / steps", m.onecycle_peak / steps, want / steps, 0.0,
+                              f"t={want}:"))
+    if m.warmup_cosine_half is not None:
+        wc = at["warmup_cosine"]
+        target = (wc // 2) / wc
+        out.append(Check.holds(f"warmup_cosine: lr[{wc // 2}]/peak, lr[0] (W={wc})", m.warmup_cosine_half,
+                               m.warmup_cosine_start == 0 and abs(m.warmup_cosine_half - target) <= TOLERANCE,
+                               f"{target:g} +- {TOLERANCE:g}, lr[0] = 0"))
+    out.append(Check.at_most("every schedule: optimizer's applied lr = closed form", m.applied_error, TOLERANCE))
+    if m.worst_annealed is not None:
+        ratio = m.final_loss[m.worst_annealed] / m.final_loss["constant"]
+        out.append(Check.below(f"final loss / constant's, worst annealed ({m.worst_annealed})", ratio, 1.0))
     return out
 
 
@@ -249,17 +245,16 @@ DECAYS = ("constant", "step", "exponential", "inverse_time", "cosine", "linear")
 CYCLES = ("constant", "sgdr", "onecycle", "warmup_cosine")
 
 
-def _loss_panel(ax, ds, names, colors, title):
-    const = final_loss(ds, "constant") if "constant" in names else None
-    t = ds["step"].values
+def _loss_panel(ax, t, m: Measured, names, colors, title):
+    const = m.final_loss.get("constant") if "constant" in names else None
     for name in names:
         if const is None:
             label = name
         elif name == "constant":
             label = f"constant ({const:.2g})"
         else:
-            label = f"{name}  {final_loss(ds, name) / const:.2g}x"
-        plotting.band(ax, t, epoch_loss(ds, name), label, color=colors[name])
+            label = f"{name}  {m.final_loss[name] / const:.2g}x"
+        plotting.band(ax, t, m.epoch_loss[name], label, color=colors[name])
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title(title)
@@ -267,10 +262,9 @@ def _loss_panel(ax, ds, names, colors, title):
               title="final loss / constant's" if const else None, title_fontsize=7)
 
 
-def figures(ds) -> dict:
-    ds = _with_axes(ds)
-    steps, optim = _setup(ds)
-    names = _schedules(ds)
+def figures(ds, m: Measured) -> dict:
+    steps, optim = m.steps, m.optim
+    names = list(m.lr)
     colors = {n: plotting.COLORS[i % len(plotting.COLORS)] for i, n in enumerate(names)}
     cols = 4
     rows = math.ceil(len(names) / cols)
@@ -284,7 +278,7 @@ def figures(ds) -> dict:
     t = ds["step"].values
     for i, name in enumerate(names):
         ax = axes.flat[i]
-        ax.plot(t, _per_seed(ds, "lr", name)[0], color=colors[name], label="recorded lr")
+        ax.plot(t, m.lr[name], color=colors[name], label="recorded lr")
         marks = landmarks(name, steps, optim)
         ax.plot(marks, closed_form(name, steps, optim, marks), "o", ms=3.2, mfc="none", mec="k", mew=0.7,
                 label="closed form")
@@ -302,11 +296,11 @@ def figures(ds) -> dict:
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(True, alpha=0.25)
         title = f"training loss: {title}" if title else "training loss"
-        _loss_panel(ax, ds, [n for n in names if n in group], colors, title)
+        _loss_panel(ax, t, m, [n for n in names if n in group], colors, title)
         if k == 0:
             ax.set_ylabel("minibatch loss, mean over last epoch")
 
-    cfg = results.config_of(ds)["config"]
+    cfg = results.run_config(ds)
     fig.suptitle(f"Learning-rate schedules (top: recorded lr, circles: closed form) and the training they give\n"
                  f"{cfg['optim']['name']}, peak lr {optim['lr']:g}, {steps} steps, batch {cfg['data']['batch_size']} "
                  f"of {cfg['data']['examples']}, {ds.sizes['seed']} seeds (line: median, band: min..max)", fontsize=10)

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlab import data, meanfield, models, plotting, results, trials
+from gradlab import analysis, data, meanfield, models, plotting, results, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
-from gradlab.errors import ExperimentError
+from gradlab.errors import ConfigError
 from gradlab.experiments import Check
 
 NAME = "signal_propagation"
@@ -37,6 +37,7 @@ AXES = ["model.init_gain", "model.bias_std", "seed"]
 # The catalog's check: |slope - ln chi_1| <= 0.015 at width 512, depth 60 (50 layers fitted), 4 seeds.
 REFERENCE = {"width": 512, "fit_layers": 50, "seeds": 4, "tolerance": 0.015}
 DEV_MAX = 0.3  # fit ln|c_l - c*| only where |c_l - c*| <= this, near c*, where the approach is exponential
+MIN_FIT_LAYERS = 3
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,16 @@ class Config(ExperimentConfig):
     """ExperimentConfig plus the slope fit's window."""
 
     skip_layers: int = param(10, low=0, doc="hidden layers left out of the slope fit while q settles at q*")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.model.norm != "none":
+            raise ConfigError(f"mean-field theory is for nets without normalization; allowed: none, "
+                              f"got {self.model.norm!r}", key="model.norm")
+        if self.model.depth - self.skip_layers < MIN_FIT_LAYERS:
+            raise ConfigError(f"at most model.depth - {MIN_FIT_LAYERS} = "
+                              f"{self.model.depth - MIN_FIT_LAYERS} (the slope needs {MIN_FIT_LAYERS} layers), "
+                              f"got {self.skip_layers}", key="skip_layers")
 
 
 def preactivations(params, x, spec: models.MLPSpec, hyper: models.MLPHyper):
@@ -88,8 +99,6 @@ def trial(cfg) -> Trial:
     depth-60 nets then holds one set of weights per point at a time, not the params, gradients
     and updates of a training state.
     """
-    if cfg.model.norm != "none":
-        raise ExperimentError(f"{NAME}: mean-field theory is for nets without normalization; got model.norm={cfg.model.norm!r}")
     spec = trials.mlp_spec(cfg)
 
     def init(hp, key):
@@ -120,19 +129,7 @@ def trial(cfg) -> Trial:
     return Trial(init, step)
 
 
-# ----------------------------------------------------------------------------- analysis (host, numpy)
-
-
-def ols_weights(n: int) -> np.ndarray:
-    """a with slope = sum(a * y) for the least-squares line through (0, y_0) .. (n - 1, y_{n-1})."""
-    x = np.arange(n) - (n - 1) / 2.0
-    return x / np.sum(x**2)
-
-
-def random_walk_slope_std(n: int) -> float:
-    """Std of the fitted slope of a random walk with unit-variance steps, over n points."""
-    tail = np.cumsum(ols_weights(n)[::-1])[::-1][1:]  # sum_{k >= j} a_k for steps j = 1..n-1
-    return float(np.sqrt(np.sum(tail**2)))
+# ----------------------------------------------------------------------------- measure (numpy)
 
 
 def tolerance(width: int, fit_layers: int, seeds: int) -> float:
@@ -140,49 +137,13 @@ def tolerance(width: int, fit_layers: int, seeds: int) -> float:
     10 skipped) and 4 seeds, scaled like the slope's noise, rw(n) sqrt(Var step / seeds) with
     Var step ~ 2 / width. At the reference it is 3.1 sigma of that noise model near q* = 0."""
     ref = REFERENCE
-    scale = random_walk_slope_std(fit_layers) / random_walk_slope_std(ref["fit_layers"])
+    scale = analysis.random_walk_slope_std(fit_layers) / analysis.random_walk_slope_std(ref["fit_layers"])
     return ref["tolerance"] * scale * np.sqrt(ref["width"] * ref["seeds"] / (width * seeds))
-
-
-class Grid(dict):
-    """Named numpy arrays over (sigma_w^2, sigma_b^2, [seed]): measurement and theory."""
-
-    __getattr__ = dict.__getitem__
 
 
 def _ordered(ds, var):
     order = ("model.init_gain", "model.bias_std", "seed", "layer")
     return ds[var].isel(step=0).transpose(*order).values.astype(float)
-
-
-def analyse(ds) -> Grid:
-    """Fitted growth rates and correlation depth scales, with the mean-field theory, on the grid."""
-    ds = results.with_axes(ds, AXES)
-    cfg = results.config_of(ds)["config"]
-    width, depth, skip = cfg["model"]["width"], cfg["model"]["depth"], cfg["skip_layers"]
-    sw2 = np.asarray(ds["model.init_gain"].values, float) ** 2
-    sb2 = np.asarray(ds["model.bias_std"].values, float) ** 2
-    SW, SB = np.meshgrid(sw2, sb2, indexing="ij")
-    layers = np.arange(1 + skip, depth + 1)  # hidden layers in the fit
-    if len(layers) < 3:
-        raise ExperimentError(f"{NAME}: skip_layers={skip} leaves {len(layers)} of {depth} hidden layers to fit")
-    seeds = ds.sizes["seed"]
-    delta = _ordered(ds, "delta_rms")[..., layers]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate = -np.log(delta**2) @ ols_weights(len(layers))  # (gain, bias, seed): ln-growth per layer toward the input
-    q = meanfield.q_star(SW, SB)
-    ln_chi = np.log(meanfield.chi_1(SW, q))
-    # Mean field at finite depth, from the input's q_0 = sigma_w^2 |x|^2 / d + sigma_b^2 with E|x|^2 = d.
-    # delta_{l-1}^2 = chi_1(q_l) delta_l^2, so ln delta_l^2 - ln delta_L^2 = sum_{m > l} ln chi_1(q_m).
-    ln_chi_l = np.log(meanfield.chi_1(SW, meanfield.q_profile(SW + SB, SW, SB, depth)[layers]))
-    profile = np.cumsum(ln_chi_l[::-1], axis=0)[::-1] - ln_chi_l
-    finite_depth = -np.moveaxis(profile, 0, -1) @ ols_weights(len(layers))
-    tol = tolerance(width, len(layers), seeds)
-    settled = np.abs(finite_depth - ln_chi) <= tol / 3  # q is at q* throughout the window
-    xi_theory, xi_measured = correlation_depth_scales(ds, SW, SB, q)
-    return Grid(sw2=sw2, sb2=sb2, SW=SW, SB=SB, q=q, ln_chi=ln_chi, finite_depth=finite_depth, rate=rate,
-                mean_rate=np.nanmean(rate, axis=-1), tolerance=tol, settled=settled, width=width, depth=depth,
-                skip=skip, seeds=seeds, fit_layers=len(layers), xi_theory=xi_theory, xi_measured=xi_measured)
 
 
 def correlation_depth_scales(ds, SW, SB, q):
@@ -203,54 +164,90 @@ def correlation_depth_scales(ds, SW, SB, q):
         use = np.nonzero((dev[i, j] <= DEV_MAX) & (dev[i, j] >= floor[i, j]))[0]
         use = use[use >= 1]
         if SB[i, j] > 0 and len(use) >= 4:
-            slope = np.polyfit(use, np.log(dev[i, j, use]), 1)[0]
+            slope = analysis.slope(use, np.log(dev[i, j, use]))
             xi_measured[i, j] = -1.0 / slope if slope < 0 else np.inf
     xi_theory = np.where(SB > 0, xi_theory, np.nan)
     return xi_theory, xi_measured
 
 
+class Measured(NamedTuple):
+    """Arrays over (sigma_w^2, sigma_b^2[, seed]): measured growth rates and the mean-field theory,
+    and the checks' numbers."""
 
-def critical_sigma_w2(sigma_b2=0.0, lo: float = 0.5, hi: float = 4.0, iters: int = 40):
-    """The sigma_w^2 where the mean-field chi_1 crosses 1 at each sigma_b^2, by bisection."""
-    sigma_b2 = np.asarray(sigma_b2, float)
-    lo, hi = np.full(sigma_b2.shape, lo), np.full(sigma_b2.shape, hi)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        chaotic = meanfield.chi_1(mid, meanfield.q_star(mid, sigma_b2)) > 1.0
-        lo, hi = np.where(chaotic, lo, mid), np.where(chaotic, mid, hi)
-    return 0.5 * (lo + hi)
+    sw2: np.ndarray
+    sb2: np.ndarray
+    ln_chi: np.ndarray  # mean-field ln chi_1 at q*
+    rate: np.ndarray  # fitted growth of ln delta_l^2 per layer toward the input, per seed
+    mean_rate: np.ndarray  # its mean over seeds
+    settled: np.ndarray  # q at q* throughout the fit window
+    xi_measured: np.ndarray  # correlation depth scale (NaN where it cannot be measured)
+    tolerance: float
+    width: int
+    depth: int
+    skip: int
+    seeds: int
+    fit_layers: int
+    critical_sw2: float  # mean-field sigma_w^2 of chi_1 = 1 at sigma_b^2 = 0
+    worst_settled: float | None  # max |slope - ln chi_1| over the settled points; None if none
+    worst_all: float  # max |slope - finite-depth mean field| over every point
+    clear: int  # points with |ln chi_1| > tolerance (off the edge)
+    phase_agreement: float | None  # fraction of those where sign(slope) = sign(ln chi_1)
+    ordered: int  # ordered-phase points whose xi_c is short enough to measure
+    ordered_gap: float | None  # max |1/xi_c measured - 1/xi_c| over them
 
 
-def checks(ds) -> list[Check]:
-    return _checks(analyse(ds))
-
-
-def _checks(g: Grid) -> list[Check]:
-    tol = g.tolerance
-    err = np.abs(g.mean_rate - g.ln_chi)
-    n_settled, n = int(g.settled.sum()), g.settled.size
-    out = []
-    critical = float(critical_sigma_w2(0.0))
-    out.append(Check("mean-field chi_1 = 1 at sigma_b^2 = 0: sigma_w^2", critical, "1 (tanh'(0)^2 = 1, q* = 0)",
-                     abs(critical - 1.0) <= 1e-3))
-    if n_settled:
-        worst = float(np.max(err[g.settled]))
-        out.append(Check(f"max |slope - ln chi_1| ({n_settled}/{n} points with q at q*)", worst,
-                         f"<= {tol:.3g} (0.015 at width 512, 50 layers, 4 seeds)", worst <= tol))
-    worst_all = float(np.max(np.abs(g.mean_rate - g.finite_depth)))
-    out.append(Check(f"max |slope - mean field along q_l| (all {n} points)", worst_all, f"<= {tol:.3g}", worst_all <= tol))
-    clear = np.abs(g.ln_chi) > tol
-    if clear.any():
-        agree = float(np.mean(np.sign(g.mean_rate[clear]) == np.sign(g.ln_chi[clear])))
-        out.append(Check(f"phase (sign of slope) = sign of ln chi_1 ({int(clear.sum())} points off the edge)",
-                         agree, "1", agree == 1.0))
+def measure(ds) -> Measured:
+    """Fitted growth rates and correlation depth scales, with the mean-field theory, on the grid."""
+    cfg = results.run_config(ds)
+    width, depth, skip = cfg["model"]["width"], cfg["model"]["depth"], cfg["skip_layers"]
+    sw2 = np.asarray(ds["model.init_gain"].values, float) ** 2
+    sb2 = np.asarray(ds["model.bias_std"].values, float) ** 2
+    SW, SB = np.meshgrid(sw2, sb2, indexing="ij")
+    layers = np.arange(1 + skip, depth + 1)  # hidden layers in the fit
+    seeds = ds.sizes["seed"]
+    delta = _ordered(ds, "delta_rms")[..., layers]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = -np.log(delta**2) @ analysis.ols_weights(len(layers))  # (gain, bias, seed): growth toward the input
+    mean_rate = np.nanmean(rate, axis=-1)
+    q = meanfield.q_star(SW, SB)
+    ln_chi = np.log(meanfield.chi_1(SW, q))
+    # Mean field at finite depth, from the input's q_0 = sigma_w^2 |x|^2 / d + sigma_b^2 with E|x|^2 = d.
+    # delta_{l-1}^2 = chi_1(q_l) delta_l^2, so ln delta_l^2 - ln delta_L^2 = sum_{m > l} ln chi_1(q_m).
+    ln_chi_l = np.log(meanfield.chi_1(SW, meanfield.q_profile(SW + SB, SW, SB, depth)[layers]))
+    profile = np.cumsum(ln_chi_l[::-1], axis=0)[::-1] - ln_chi_l
+    finite_depth = -np.moveaxis(profile, 0, -1) @ analysis.ols_weights(len(layers))
+    tol = tolerance(width, len(layers), seeds)
+    settled = np.abs(finite_depth - ln_chi) <= tol / 3  # q is at q* throughout the window
+    xi_theory, xi_measured = correlation_depth_scales(ds, SW, SB, q)
+    err = np.abs(mean_rate - ln_chi)
+    clear = np.abs(ln_chi) > tol
     # Ordered phase (c* = 1), off the edge, and xi_c short enough for the approach to finish
     # inside the net (exp(-depth / xi_c) <= e^-4); there 1/xi_c = -ln chi_1 as for the gradient.
-    ordered = np.isfinite(g.xi_measured) & (g.ln_chi < -tol) & (g.SB > 0) & (g.xi_theory <= g.depth / 4)
-    if ordered.any():
-        gap = float(np.max(np.abs(1.0 / g.xi_measured[ordered] - 1.0 / g.xi_theory[ordered])))
-        out.append(Check(f"ordered phase: max |1/xi_c measured - 1/xi_c| ({int(ordered.sum())} points, xi_c <= depth/4)",
-                         gap, f"<= {tol:.3g}", gap <= tol))
+    ordered = np.isfinite(xi_measured) & (ln_chi < -tol) & (SB > 0) & (xi_theory <= depth / 4)
+    return Measured(
+        sw2, sb2, ln_chi, rate, mean_rate, settled, xi_measured, tol, width, depth, skip,
+        seeds, len(layers), float(meanfield.critical_sigma_w2(0.0)),
+        float(np.max(err[settled])) if settled.any() else None,
+        float(np.max(np.abs(mean_rate - finite_depth))),
+        int(clear.sum()), float(np.mean(np.sign(mean_rate[clear]) == np.sign(ln_chi[clear]))) if clear.any() else None,
+        int(ordered.sum()),
+        float(np.max(np.abs(1.0 / xi_measured[ordered] - 1.0 / xi_theory[ordered]))) if ordered.any() else None)
+
+
+def checks(m: Measured) -> list[Check]:
+    n = m.settled.size
+    out = [Check.near("mean-field chi_1 = 1 at sigma_b^2 = 0: sigma_w^2", m.critical_sw2, 1.0, 1e-3,
+                      "tanh'(0)^2 = 1, q* = 0:")]
+    if m.worst_settled is not None:
+        out.append(Check.at_most(f"max |slope - ln chi_1| ({int(m.settled.sum())}/{n} points with q at q*)",
+                                 m.worst_settled, m.tolerance, "0.015 scaled from width 512, 50 layers, 4 seeds"))
+    out.append(Check.at_most(f"max |slope - mean field along q_l| (all {n} points)", m.worst_all, m.tolerance))
+    if m.phase_agreement is not None:
+        out.append(Check.at_least(f"phase (sign of slope) = sign of ln chi_1 ({m.clear} points off the edge)",
+                                  m.phase_agreement, 1.0))  # a fraction: every point agrees
+    if m.ordered_gap is not None:
+        out.append(Check.at_most(f"ordered phase: max |1/xi_c measured - 1/xi_c| ({m.ordered} points, xi_c <= depth/4)",
+                                 m.ordered_gap, m.tolerance))
     return out
 
 
@@ -267,80 +264,77 @@ def critical_line(sb2_max: float):
     return sw2[keep], sb2[keep]
 
 
-def figures(ds) -> dict:
+def figures(ds, m: Measured) -> dict:
     from matplotlib.colors import TwoSlopeNorm
 
-    g = analyse(ds)
-    found = {c.name.split(" (")[0]: c for c in _checks(g)}
     fig, axes = plotting.figure(2, 2, width=4.3, height=3.3)
     # (a) the phase diagram: measured growth rate, mean-field edge
     ax = axes[0, 0]
-    limit = float(np.nanmax(np.abs(g.mean_rate))) or 1.0
-    mesh = ax.pcolormesh(_edges(g.sw2), _edges(g.sb2), g.mean_rate.T, cmap="RdBu_r",
+    limit = float(np.nanmax(np.abs(m.mean_rate))) or 1.0
+    mesh = ax.pcolormesh(_edges(m.sw2), _edges(m.sb2), m.mean_rate.T, cmap="RdBu_r",
                          norm=TwoSlopeNorm(0.0, -limit, limit), shading="flat")
     fig.colorbar(mesh, ax=ax, label=r"measured $-$slope of $\ln\delta_l^2$ per layer")
-    line_w, line_b = critical_line(float(g.sb2.max()) if g.sb2.max() > 0 else 0.3)
+    line_w, line_b = critical_line(float(m.sb2.max()) if m.sb2.max() > 0 else 0.3)
     ax.plot(line_w, line_b, color="black", lw=1.6, label=r"mean field $\chi_1 = 1$")
     ax.plot([1.0], [0.0], "o", color="black", ms=4, clip_on=False)
     ax.set_xlabel(r"$\sigma_w^2$")
     ax.set_ylabel(r"$\sigma_b^2$")
     ax.set_title("growth of $|\\partial L/\\partial h_l|^2$ toward the input")
-    box = dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.8)
+    box = {"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
     ax.text(0.03, 0.97, "ordered: vanishing", transform=ax.transAxes, fontsize=7.5, va="top", bbox=box)
     ax.text(0.97, 0.97, "chaotic: exploding", transform=ax.transAxes, fontsize=7.5, va="top", ha="right", bbox=box)
     ax.legend(loc="lower right", fontsize=7)
     # (b) example profiles: ln delta_l^2 against depth, with the mean-field slope
     ax = axes[0, 1]
-    delta = _ordered(results.with_axes(ds, AXES), "delta_rms")
-    layers = np.arange(1, g.depth + 1)
-    nearest_edge = np.abs(g.ln_chi) + 9 * ~g.settled  # the settled point closest to chi_1 = 1
-    picks = [np.unravel_index(np.argmin(score), g.ln_chi.shape) for score in (g.ln_chi, nearest_edge, -g.ln_chi)]
+    delta = _ordered(ds, "delta_rms")
+    layers = np.arange(1, m.depth + 1)
+    nearest_edge = np.abs(m.ln_chi) + 9 * ~m.settled  # the settled point closest to chi_1 = 1
+    picks = [np.unravel_index(np.argmin(score), m.ln_chi.shape) for score in (m.ln_chi, nearest_edge, -m.ln_chi)]
     for k, (i, j) in enumerate(picks):
         y = np.log(delta[i, j][..., layers] ** 2)
         y = y - y[:, -1:]  # relative to the last hidden layer
         color = plotting.COLORS[k]
-        label = rf"$\sigma_w^2$={g.sw2[i]:.2g}, $\sigma_b^2$={g.sb2[j]:.2g}: $\ln\chi_1$={g.ln_chi[i, j]:+.3f}, fit {g.mean_rate[i, j]:+.3f}"
+        label = rf"$\sigma_w^2$={m.sw2[i]:.2g}, $\sigma_b^2$={m.sb2[j]:.2g}: $\ln\chi_1$={m.ln_chi[i, j]:+.3f}, fit {m.mean_rate[i, j]:+.3f}"
         plotting.band(ax, layers, y, label, color=color, log=False)
-        ax.plot(layers, g.ln_chi[i, j] * (g.depth - layers), ls="--", color=color, lw=1)
-    ax.axvspan(0.5, g.skip + 0.5, color="0.85", alpha=0.6, lw=0)
-    ax.text(g.skip / 2 + 0.5, 0.02, "not fitted", transform=ax.get_xaxis_transform(), ha="center", fontsize=7)
+        ax.plot(layers, m.ln_chi[i, j] * (m.depth - layers), ls="--", color=color, lw=1)
+    ax.axvspan(0.5, m.skip + 0.5, color="0.85", alpha=0.6, lw=0)
+    ax.text(m.skip / 2 + 0.5, 0.02, "not fitted", transform=ax.get_xaxis_transform(), ha="center", fontsize=7)
     ax.set_xlabel("hidden layer l (input side left)")
     ax.set_ylabel(r"$\ln \delta_l^2 - \ln \delta_L^2$")
     ax.set_title(r"profiles; dashed: slope $\ln\chi_1$ (mean field)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=6.5, frameon=False)
     # (c) measured against mean field, every grid point
     ax = axes[1, 0]
-    for j, b in enumerate(g.sb2):
-        ax.errorbar(g.ln_chi[:, j], g.mean_rate[:, j], yerr=np.nanstd(g.rate[:, j], axis=-1) / np.sqrt(g.seeds),
+    for j, b in enumerate(m.sb2):
+        ax.errorbar(m.ln_chi[:, j], m.mean_rate[:, j], yerr=np.nanstd(m.rate[:, j], axis=-1) / np.sqrt(m.seeds),
                     fmt="o", ms=3, label=rf"$\sigma_b^2$={b:.2g}", color=plotting.COLORS[j % len(plotting.COLORS)])
-    lim = [float(np.nanmin(g.ln_chi)) - 0.05, float(np.nanmax(g.ln_chi)) + 0.05]
+    lim = [float(np.nanmin(m.ln_chi)) - 0.05, float(np.nanmax(m.ln_chi)) + 0.05]
     ax.plot(lim, lim, color="black", lw=0.8)
     ax.set_xlabel(r"mean-field $\ln\chi_1$")
     ax.set_ylabel("fitted growth rate per layer")
-    ax.set_title(f"width {g.width}, depth {g.depth}, {g.seeds} seeds, fit over {g.fit_layers} layers")
+    ax.set_title(f"width {m.width}, depth {m.depth}, {m.seeds} seeds, fit over {m.fit_layers} layers")
     ax.legend(loc="lower right", fontsize=6.5)
     lines = []
-    if "max |slope - ln chi_1|" in found:
-        lines.append(f"max |slope - ln χ₁| = {found['max |slope - ln chi_1|'].measured:.4f}")
-    lines.append(f"tolerance {g.tolerance:.4f}")
+    if m.worst_settled is not None:
+        lines.append(f"max |slope - ln χ₁| = {m.worst_settled:.4f}")
+    lines.append(f"tolerance {m.tolerance:.4f}")
     plotting.note(ax, "\n".join(lines))
     # (d) correlation depth scale
     ax = axes[1, 1]
-    fine = np.linspace(g.sw2.min(), g.sw2.max(), 120)
-    for j, b in enumerate(g.sb2):
+    fine = np.linspace(m.sw2.min(), m.sw2.max(), 120)
+    for j, b in enumerate(m.sb2):
         if b <= 0:
             continue
         color = plotting.COLORS[j % len(plotting.COLORS)]
         theory = meanfield.xi_c(fine, b)
         ax.plot(fine, np.where(theory < 1e3, theory, np.nan), color=color, lw=1.2, label=rf"$\sigma_b^2$={b:.2g} theory")
-        ax.plot(g.sw2, g.xi_measured[:, j], "o", color=color, ms=4, mfc="none")
+        ax.plot(m.sw2, m.xi_measured[:, j], "o", color=color, ms=4, mfc="none")
     ax.set_yscale("log")
     ax.set_xlabel(r"$\sigma_w^2$")
     ax.set_ylabel(r"correlation depth scale $\xi_c$ (layers)")
     ax.set_title(r"$\xi_c$: lines mean field (Schoenholz eq. 9), circles measured")
-    if "ordered phase: max |1/xi_c measured - 1/xi_c|" in found:
-        plotting.note(ax, f"ordered: max |1/ξ_meas - 1/ξ| = {found['ordered phase: max |1/xi_c measured - 1/xi_c|'].measured:.4f}",
-                      loc="lower right")
+    if m.ordered_gap is not None:
+        plotting.note(ax, f"ordered: max |1/ξ_meas - 1/ξ| = {m.ordered_gap:.4f}", loc="lower right")
     ax.legend(loc="upper left", fontsize=6.5)
     fig.suptitle("Order to chaos in a deep tanh net at init (Poole et al. 2016; Schoenholz et al. 2017)", fontsize=10)
     return {"": fig}

@@ -53,9 +53,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from gradlab import data, models, plotting, results, transforms, trials
+from gradlab import analysis, models, plotting, results, transforms, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -66,8 +65,6 @@ NAME = "width_scaling"
 CLAIM = ("under SP with one lr the output's first change grows like width (SGD) and width^1.5 (Adam); "
          "activations at init do not grow")
 AXES = ["optimizer", "model.width", "seed"]
-
-
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -79,13 +76,21 @@ class Config(ExperimentConfig):
                            doc="replaces optim.name: every choice is built into one program and picked by index")
     probe_examples: int = param(64, low=1, doc="the first training inputs, on which every layer's output is measured")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.model.norm != "none":
+            raise ConfigError(f"width_scaling measures a plain MLP; allowed: none, got {self.model.norm!r}",
+                              key="model.norm")
+        if self.optim.name != "sgd":  # the field's default: a user who set it would be silently ignored
+            raise ConfigError(f"width_scaling picks optimizers with `optimizer` (allowed: {', '.join(OPTIMIZERS)}); "
+                              f"leave optim.name unset, got {self.optim.name!r}", key="optim.name")
+        if self.probe_examples > self.data.examples:
+            raise ConfigError(f"at most data.examples={self.data.examples} (the probe is training inputs), "
+                              f"got {self.probe_examples}", key="probe_examples")
+
 
 class State(NamedTuple):
-    params: dict
-    opt_states: tuple  # one state per entry of OPTIMIZERS, each updated every step
-    data: data.Data
-    step: jax.Array
-    key: jax.Array
+    train: trials.TrainState
     start: dict  # the parameters at init
     start_outputs: tuple  # layer_outputs(start, probe inputs)
 
@@ -124,11 +129,6 @@ def per_layer_rms(outputs) -> jax.Array:
     return jnp.concatenate([_rms(first)[None], _rms(hidden, (1, 2)), _rms(out)[None]])
 
 
-def optimizers(cfg, hp) -> list:
-    """The optax chain of every choice in OPTIMIZERS, with the config's other optim settings."""
-    return [transforms.build(dataclasses.replace(cfg.optim, name=name), hp, cfg.steps) for name in OPTIMIZERS]
-
-
 def trial(cfg) -> Trial:
     """Train the config's MLP with the chosen optimizer; every step records, at the parameters
     theta_t before its update (step 0 is the init), on the probe batch:
@@ -143,62 +143,47 @@ def trial(cfg) -> Trial:
     update_rms (layer)         per-entry RMS of this step's update W_l,t+1 - W_l,t
     and the training loss.
     """
-    if cfg.model.norm != "none":
-        raise ConfigError(f"model.norm: width_scaling measures a plain MLP; allowed: none (got {cfg.model.norm!r})")
-    if cfg.optim.name != "sgd":  # the field's default: a user who set it would be silently ignored
-        raise ConfigError(f"optim.name: width_scaling picks optimizers with `optimizer` (allowed: "
-                          f"{', '.join(OPTIMIZERS)}); leave optim.name unset (got {cfg.optim.name!r})")
-    if cfg.probe_examples > cfg.data.examples:
-        raise ConfigError(f"probe_examples: at most data.examples={cfg.data.examples} (the probe is training "
-                          f"inputs), got {cfg.probe_examples}")
     spec = trials.mlp_spec(cfg)
 
+    def optimizer(hp):
+        choices = [transforms.build(dataclasses.replace(cfg.optim, name=name), hp, cfg.steps) for name in OPTIMIZERS]
+        return trials.chosen_by_index(hp["optimizer"], choices)
+
+    def update_rms(view):
+        return {"update_rms": jnp.where(models.layer_mask(spec, view.hyper), models.per_layer(view.updates, _rms),
+                                        jnp.nan)}
+
+    base = trials.supervised_mlp(cfg, optimizer=optimizer, metrics=update_rms)
+
     def init(hp, key):
-        hyper = models.MLPHyper.from_hp(hp)
-        k_params, k_batches = jax.random.split(key)
-        params = models.init(k_params, spec, hyper)
-        task = data.make(cfg.data)
-        opt_states = tuple(tx.init(params) for tx in optimizers(cfg, hp))
-        start_outputs = layer_outputs(params, task.x[: cfg.probe_examples], spec, hyper)
-        return State(params, opt_states, task, jnp.int32(0), k_batches, params, start_outputs)
+        train = base.init(hp, key)
+        probe = layer_outputs(train.params, train.data.x[: cfg.probe_examples], spec, models.MLPHyper.from_hp(hp))
+        return State(train, train.params, probe)
 
     def step(hp, state):
         hyper = models.MLPHyper.from_hp(hp)
         mask = models.layer_mask(spec, hyper)
-        params, start = state.params, state.start
-        now = layer_outputs(params, state.data.x[: cfg.probe_examples], spec, hyper)
+        params, start = state.train.params, state.start
+        now = layer_outputs(params, state.train.data.x[: cfg.probe_examples], spec, hyper)
         change = jax.tree.map(jnp.subtract, now, state.start_outputs)
         readout = state.start_outputs[1][-1] @ (params["output"]["w"] - start["output"]["w"])
         readout = readout + (params["output"]["b"] - start["output"]["b"])[None]
         features = (now[1][-1] - state.start_outputs[1][-1]) @ params["output"]["w"]
-
-        batch = data.batch(state.data, cfg.data, state.step, state.key)
-
-        def loss_fn(p):
-            out, _ = models.apply(p, batch.x, spec, hyper)
-            return data.loss(cfg.data, out, batch.y)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        stepped = [tx.update(grads, s, params) for tx, s in zip(optimizers(cfg, hp), state.opt_states)]
-        choice = hp["optimizer"]
-        updates = jax.tree.map(lambda *u: jnp.stack(u)[choice], *[u for u, _ in stepped])
-        new = State(optax.apply_updates(params, updates), tuple(s for _, s in stepped), state.data, state.step + 1,
-                    state.key, start, state.start_outputs)
-        masked = lambda v: jnp.where(mask, v, jnp.nan)  # noqa: E731
-        return new, {
-            "loss": loss,
+        train, metrics = base.step(hp, state.train)
+        masked = lambda v: jnp.where(mask, v, jnp.nan)
+        return State(train, start, state.start_outputs), {
+            **metrics,
             "act_rms": masked(per_layer_rms(now)),
             "act_change_rms": masked(per_layer_rms(change)),
             "readout_change_rms": _rms(readout),
             "feature_change_rms": _rms(features),
             "weight_change_rms": masked(models.per_layer(jax.tree.map(jnp.subtract, params, start), _rms)),
-            "update_rms": masked(models.per_layer(updates, _rms)),
         }
 
     return Trial(init, step)
 
 
-# ----------------------------------------------------------------------------- theory and reading
+# ----------------------------------------------------------------------------- theory and measure
 
 # Leading exponent p of each quantity ~ width^p after one step, standard parametrization (see the
 # module docstring): the input layer, every hidden layer, the output f, and the output's two shares.
@@ -211,17 +196,6 @@ SIGMAS = 4.0  # seed noise allowed: this many standard errors of the fitted slop
 INIT_BIAS = 0.02  # |slope| a width-free RMS at init may show from its O(1/n) bias (c/n, |c| <= 4)
 
 
-def fit_slope(widths, values) -> tuple[float, float]:
-    """Least-squares slope of mean-over-seeds ln(values) against ln(width), and its standard error
-    from the spread of the per-seed slopes. values: (seeds, widths)."""
-    x = np.log(np.asarray(widths, float))
-    y = np.log(np.asarray(values, float))
-    per_seed = np.polyfit(x, y.T, 1)[0]
-    slope = float(np.polyfit(x, y.mean(axis=0), 1)[0])
-    err = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
-    return slope, err
-
-
 def finite_width_bias(widths, crossover: float = CROSSOVER) -> float:
     """How far below the leading exponent p the fitted slope may fall at these widths.
 
@@ -231,9 +205,8 @@ def finite_width_bias(widths, crossover: float = CROSSOVER) -> float:
     crossover / n) or (1 + (crossover / n)^2), whose fitted log-log slope is p minus the larger of
     these two returned values; both corrections only lower the slope.
     """
-    x = np.log(np.asarray(widths, float))
     n = np.asarray(widths, float)
-    return max(-float(np.polyfit(x, 0.5 * np.log1p((crossover / n) ** k), 1)[0]) for k in (1, 2))
+    return max(-analysis.slope(np.log(n), 0.5 * np.log1p((crossover / n) ** k)) for k in (1, 2))
 
 
 def series(ds, var: str, opt: str, layer: int | None, step: int) -> np.ndarray:
@@ -250,41 +223,58 @@ def layer_index(ds) -> dict:
     return {"input": 0, "hidden": layers - 2, "output": layers - 1}
 
 
-def step_one(ds, opt: str, what: str) -> np.ndarray:
-    """(seeds, widths): the change after one update of a layer's output or of an output share."""
-    if what in ("readout", "feature"):
-        return series(ds, f"{what}_change_rms", opt, None, 1)
-    return series(ds, "act_change_rms", opt, layer_index(ds)[what], 1)
+class Measured(NamedTuple):
+    """Log-log slopes against width, each (slope of the seed mean, its standard error over seeds)."""
+
+    widths: np.ndarray
+    optimizers: list
+    steps: int
+    layers: int  # the layer axis: input projection, hidden layers, readout
+    bias: float  # finite_width_bias(widths)
+    act: dict  # (optimizer, layer, t) -> RMS of h_l(t), t in {0, steps - 1}
+    change: dict  # (optimizer, what, t) -> RMS of h(t) - h(0): input, hidden, output at t in {1, steps - 1};
+    #               the output's readout and feature shares at t = 1
+    update: dict  # (optimizer, what) -> per-entry RMS of the first update, what in input, hidden, output
 
 
-def slope_check(ds, opt: str, what: str) -> Check:
-    widths = ds["model.width"].values
-    slope, err = fit_slope(widths, step_one(ds, opt, what))
-    p = EXPONENTS[opt][what]
-    lo, hi = p - finite_width_bias(widths) - SIGMAS * err, p + SIGMAS * err
-    label = {"readout": "output, readout's share", "feature": "output, features' share"}.get(what, what)
-    return Check(f"{opt}: d ln|h(1) - h(0)| / d ln width, {label}", slope,
-                 f"in [{lo:.3f}, {hi:.3f}] (theory {p:+g})", lo <= slope <= hi)
-
-
-def checks(ds) -> list[Check]:
-    ds = results.with_axes(ds, AXES)
+def measure(ds) -> Measured | None:
     widths = ds["model.width"].values
     if len(widths) < 2:
+        return None
+    x, opts, steps = np.log(np.asarray(widths, float)), [str(o) for o in ds["optimizer"].values], ds.sizes["step"]
+
+    def fit(var, opt, layer, t):
+        return analysis.seed_slope(x, np.log(series(ds, var, opt, layer, t)))
+
+    where = layer_index(ds)
+    act = {(o, layer, t): fit("act_rms", o, layer, t) for o in opts for layer in range(ds.sizes["layer"])
+           for t in sorted({0, steps - 1})}
+    change, update = {}, {(o, what): fit("update_rms", o, layer, 0) for o in opts for what, layer in where.items()}
+    if steps >= 2:
+        for o in opts:
+            change.update({(o, what, t): fit("act_change_rms", o, layer, t) for what, layer in where.items()
+                           for t in sorted({1, steps - 1})})
+            change.update({(o, share, 1): fit(f"{share}_change_rms", o, None, 1) for share in ("readout", "feature")})
+    return Measured(widths, opts, steps, ds.sizes["layer"], finite_width_bias(widths), act, change, update)
+
+
+def checks(m: Measured | None) -> list[Check]:
+    if m is None:
         return []
     out = []
-    opts = [str(o) for o in ds["optimizer"].values]
-    hidden = range(1, ds.sizes["layer"] - 1)
-    for layer in hidden:
-        slope, err = fit_slope(widths, series(ds, "act_rms", opts[0], layer, 0))
+    for layer in range(1, m.layers - 1):
+        slope, err = m.act[(m.optimizers[0], layer, 0)]
         tol = INIT_BIAS + SIGMAS * err
-        out.append(Check(f"init: d ln RMS(h_{layer}) / d ln width", slope, f"|.| <= {tol:.3f} (theory 0)",
-                         abs(slope) <= tol))
-    if ds.sizes["step"] < 2:
+        out.append(Check.near(f"init: d ln RMS(h_{layer}) / d ln width", slope, 0.0, tol, "theory"))
+    if m.steps < 2:
         return out
-    for opt in opts:
+    for opt in m.optimizers:
         for what in ("output", "readout", "feature", "hidden", "input"):
-            out.append(slope_check(ds, opt, what))
+            slope, err = m.change[(opt, what, 1)]
+            p = EXPONENTS[opt][what]
+            label = {"readout": "output, readout's share", "feature": "output, features' share"}.get(what, what)
+            out.append(Check.between(f"{opt}: d ln|h(1) - h(0)| / d ln width, {label}", slope,
+                                     p - m.bias - SIGMAS * err, p + SIGMAS * err, f"theory {p:+g}"))
     return out
 
 
@@ -302,13 +292,11 @@ def _log_width_axis(ax, widths):
     ax.set_xlabel("width n")
 
 
-def figures(ds) -> dict:
-    ds = results.with_axes(ds, AXES)
-    cfg = results.config_of(ds)["config"]
-    widths = ds["model.width"].values
-    opts = [str(o) for o in ds["optimizer"].values]
-    steps = ds.sizes["step"]
-    where = layer_index(ds)
+def figures(ds, m: Measured | None) -> dict:
+    if m is None:  # one width: no slope to draw
+        return {}
+    cfg = results.run_config(ds)
+    widths, opts, steps, where = m.widths, m.optimizers, m.steps, layer_index(ds)
     colors = plotting.matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, max(1, steps - 1)))
     fig, axes = plotting.figure(len(opts), 4, width=3.3, height=2.8)
     names = {"sgd": "SGD", "adam": "Adam"}
@@ -320,14 +308,14 @@ def figures(ds) -> dict:
                 plotting.band(ax, widths, values, f"t = {t}", color=colors[t - 1])
             lines = []
             for t in sorted({1, steps - 1}):
-                slope, err = fit_slope(widths, series(ds, "act_change_rms", opt, where[what], t))
+                slope, err = m.change[(opt, what, t)]
                 lines.append(f"t={t}: slope {slope:+.2f} ± {err:.2f}")
             if what == "output" and steps > 1:
                 for share, style in (("readout", "--"), ("feature", ":")):
                     values = series(ds, f"{share}_change_rms", opt, None, 1)
                     ax.plot(widths, np.exp(np.log(values).mean(axis=0)), style, color="k", lw=1.0,
                             label=f"t = 1, {share} share")
-                    slope, _ = fit_slope(widths, values)
+                    slope, _ = m.change[(opt, share, 1)]
                     lines.append(f"{share} share t=1: {slope:+.2f} (theory {EXPONENTS[opt][share]:+g})")
             lines.insert(1, f"theory (t=1, leading): {EXPONENTS[opt][what]:+g}")
             _log_width_axis(ax, widths)
@@ -349,7 +337,7 @@ def figures(ds) -> dict:
             color = plotting.COLORS[layer % len(plotting.COLORS)]
             ax.plot(widths, np.exp(np.log(start).mean(axis=0)), "o-", ms=3, color=color, label=label)
             ax.plot(widths, np.exp(np.log(end).mean(axis=0)), "--", color=color)
-            slopes = fit_slope(widths, start)[0], fit_slope(widths, end)[0]
+            slopes = m.act[(opt, layer, 0)][0], m.act[(opt, layer, steps - 1)][0]
             lines.append(f"{label}: {slopes[0]:+.3f} at t=0, {slopes[1]:+.2f} at t={steps - 1}")
         _log_width_axis(ax, widths)
         lo, hi = min(np.min(v) for v in top), max(np.max(v) for v in top)
@@ -372,7 +360,7 @@ def figures(ds) -> dict:
         for i, (what, layer) in enumerate(where.items()):
             values = series(ds, "update_rms", opt, layer, 0)
             plotting.band(ax, widths, values, PANELS[what].rsplit(" ", 1)[0], color=plotting.COLORS[i])
-            slope, err = fit_slope(widths, values)
+            slope, err = m.update[(opt, what)]
             lines.append(f"{what}: {slope:+.3f} ± {err:.3f} (theory {UPDATE_EXPONENTS[opt][what]:+g})")
         if opt == "adam":
             ax.axhline(cfg["optim"]["lr"], color="k", ls=":", lw=1.0, label="lr (Adam's first step: lr sign g)")

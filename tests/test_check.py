@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gradlab.checks import Check
+from gradlab.check import Check
 
 
 @pytest.mark.parametrize("make, value, bound, passed, text", [

@@ -1,4 +1,5 @@
-"""gradlab.loss_scaling against a plain-Python state machine, inside jit and vmap; skipped steps
+"""gradlab.precision: float formats from their bit layout, float16 rounding predicates against actual
+casts and adds; loss scaling against a plain-Python state machine, inside jit and vmap; skipped steps
 leave parameters and optimizer state bit-identical; float16 underflow recovered by the scale."""
 
 import chex
@@ -10,8 +11,97 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradlab import loss_scaling
+from gradlab import precision
 
+# ----------------------------------------------------------------------------- number formats
+
+
+@pytest.mark.parametrize("dtype,exponent_bits,mantissa_bits", [(jnp.float16, 5, 10), (jnp.bfloat16, 8, 7),
+                                                               (jnp.float32, 8, 23)])
+def test_finfo_matches_the_format_built_from_its_bits(dtype, exponent_bits, mantissa_bits):
+    assert precision.representable_range(dtype) == precision.format_range(exponent_bits, mantissa_bits)
+
+
+def test_float16_limits():
+    """The catalog's numbers: min subnormal 2^-24, min normal 2^-14, max 65504 (IEEE binary16)."""
+    r = precision.representable_range(jnp.float16)
+    assert (r.smallest_subnormal, r.smallest_normal, r.max) == (2.0**-24, 2.0**-14, 65504.0)
+
+
+def log_uniform_with_ties(rng, n=20000):
+    """|g| log-uniform over 2^-30..2^-10 with random signs, plus the exact rounding ties of float16."""
+    g = np.exp2(rng.uniform(-30, -10, n)) * rng.choice([-1, 1], n)
+    sub = 2.0**-24
+    ties = [sub / 2, -sub / 2, 2.0**-14 - sub / 2, 1.5 * sub, 2.0**-14, 2.0**-14 - sub, 0.0]
+    return jnp.asarray(np.concatenate([g, ties]), jnp.float32)
+
+
+def test_flush_and_subnormal_predicates_match_an_actual_cast_to_float16():
+    g = log_uniform_with_ties(np.random.default_rng(0))
+    cast = np.abs(np.asarray(g.astype(jnp.float16), np.float32))
+    g_np = np.asarray(g)
+    np.testing.assert_array_equal(np.asarray(precision.flushes_to_zero(g)), (cast == 0) & (g_np != 0))
+    np.testing.assert_array_equal(np.asarray(precision.lands_subnormal(g)), (cast > 0) & (cast < 2.0**-14))
+    assert 0.2 < float(np.mean(np.asarray(precision.flushes_to_zero(g)))) < 0.3  # 2^-30..2^-25 of 2^-30..2^-10: 5/20
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_update_lost_matches_an_actual_add(dtype):
+    """Random weights and updates from 2^-6 to 2^6 half gaps, exact ties, weights at powers of two (whose
+    gap below is half the gap above) and zero weights."""
+    rng = np.random.default_rng(1)
+    n = 20000
+    w = jnp.asarray(rng.normal(size=n) * np.exp2(rng.uniform(-8, 2, n)), dtype)
+    w = w.at[:200].set(jnp.asarray(np.exp2(rng.integers(-8, 3, 200)) * rng.choice([-1, 1], 200), dtype))
+    w = w.at[200:260].set(0)
+    ulp = jnp.abs(jnp.nextafter(w, jnp.asarray(jnp.inf, dtype)).astype(jnp.float32) - w.astype(jnp.float32))
+    ratio = np.exp2(rng.uniform(-6, 6, n))
+    ratio[260:1260] = 1.0  # |u| = half the gap above: a tie
+    u = (jnp.asarray(ratio * rng.choice([-1, 1], n), jnp.float32) * ulp / 2).astype(dtype)
+    actual = np.asarray(w + u == w)
+    predicted = np.asarray(precision.update_lost(w, u))
+    np.testing.assert_array_equal(predicted, actual)
+    assert 0.2 < actual.mean() < 0.8  # both outcomes are well represented
+
+
+def test_log2_histogram_matches_numpy():
+    rng = np.random.default_rng(2)
+    x = np.exp2(rng.uniform(-70, 20, 5000)) * rng.choice([-1, 1], 5000)
+    x[:50] = 0.0
+    where = x != 0
+    got = np.asarray(precision.log2_histogram(jnp.asarray(x, jnp.float32), precision.GRAD_BINS, jnp.asarray(where)))
+    exps = np.clip(np.floor(np.log2(np.abs(np.asarray(x[where], np.float32)))), precision.GRAD_BINS[0], precision.GRAD_BINS[-1])
+    expected = np.array([np.sum(exps == e) for e in precision.GRAD_BINS])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_numpy_replay_agrees_with_adjust():
+    rng = np.random.default_rng(3)
+    bad = rng.random(200) < 0.1
+    state, path = precision.init(2.0**20), []
+    adjust = jax.jit(precision.adjust)
+    for b in bad:
+        path.append(float(state.scale))
+        state = adjust(state, jnp.bool_(not b), 7)
+    np.testing.assert_array_equal(precision.replay_dynamic_scale(2.0**20, bad, 7), path)
+
+def test_shadow_weights_pass_updates_through_and_keep_a_float16_copy():
+    """The chain's updates are untouched; its state is the float16 weights given the same updates
+    (each cast to float16 and added in float16), so an update below half a float16 gap is lost there."""
+    params = {"w": jnp.array([1.0, 1.0, -2.0]), "b": jnp.array(0.5)}
+    tx = optax.chain(optax.sgd(1.0), precision.shadow_weights(jnp.float16))
+    state = tx.init(params)
+    grads = {"w": jnp.array([2.0**-12, 2.0**-10, 0.25]), "b": jnp.array(-1.0)}
+    updates, state = tx.update(grads, state, params)
+    chex.assert_trees_all_equal(updates, jax.tree.map(lambda g: -g, grads))
+    shadow = state[1]
+    assert shadow["w"].dtype == jnp.float16
+    # 1 - 2^-12 rounds back to 1 in float16 (gap below 1 is 2^-11); 1 - 2^-10 is exact.
+    np.testing.assert_array_equal(np.asarray(shadow["w"], np.float32), [1.0, 1.0 - 2.0**-10, -2.25])
+    assert float(shadow["b"]) == 1.5
+
+
+# ----------------------------------------------------------------------------- loss scaling
 
 class ReferenceScale:
     """Dynamic loss scaling as the paper states it, written as a plain object."""
@@ -36,10 +126,10 @@ def run_adjust(first, finite_seq, interval):
     """The scale machine over a whole sequence under one jit (lax.scan): (scale, good, skipped) per step."""
 
     def body(state, finite):
-        state = loss_scaling.adjust(state, finite, interval)
+        state = precision.adjust(state, finite, interval)
         return state, state
 
-    _, path = jax.lax.scan(body, loss_scaling.init(first), finite_seq)
+    _, path = jax.lax.scan(body, precision.init(first), finite_seq)
     return path
 
 
@@ -59,9 +149,9 @@ SCRIPT = [True, True, True, False, True, True, False, False, True, True, True, T
 
 def test_scripted_sequence_step_by_step():
     """Interval 3 from 2^10: three finite steps double, each overflow halves and resets the count."""
-    state = loss_scaling.init(1024.0)
+    state = precision.init(1024.0)
     ref = ReferenceScale(1024.0, 3)
-    adjust = jax.jit(loss_scaling.adjust)
+    adjust = jax.jit(precision.adjust)
     for finite in SCRIPT:
         state = adjust(state, jnp.bool_(finite), 3)
         ref.step(finite)
@@ -113,14 +203,14 @@ def test_wrapper_skips_nonfinite_steps_bit_identically_and_matches_inner_on_fini
     and a finite step equals Adam on the unscaled gradient (power-of-2 scales divide exactly; the two
     programs may still fuse Adam's arithmetic differently: RTOL)."""
     inner = optax.adam(0.1)
-    tx = loss_scaling.loss_scaling(inner, initial_scale=2.0**12, growth_interval=2)
+    tx = precision.loss_scaling(inner, initial_scale=2.0**12, growth_interval=2)
     params, ref_params = quadratic_params(), quadratic_params()
     state, ref_state = tx.init(params), inner.init(ref_params)
     update, ref_update = jax.jit(tx.update), jax.jit(inner.update)
     rng = np.random.default_rng(1)
     for i, finite in enumerate([True, False, True, True, False, True]):
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-        scaled = jax.tree.map(lambda g: g * loss_scaling.current_scale(state), grads)
+        scaled = jax.tree.map(lambda g: g * precision.current_scale(state), grads)
         if not finite:
             scaled = {**scaled, "w": scaled["w"].at[1].set(jnp.inf)}
         before = (params, state.inner)
@@ -140,7 +230,7 @@ def test_wrapper_skips_nonfinite_steps_bit_identically_and_matches_inner_on_fini
 
 
 def test_static_scale_lets_an_overflow_through_when_told_not_to_skip():
-    tx = loss_scaling.loss_scaling(optax.sgd(0.1), initial_scale=8.0, growth_interval=1, growth_factor=1.0,
+    tx = precision.loss_scaling(optax.sgd(0.1), initial_scale=8.0, growth_interval=1, growth_factor=1.0,
                                    backoff_factor=1.0, skip_nonfinite=False)
     params = quadratic_params()
     state = tx.init(params)
@@ -164,8 +254,8 @@ def test_loss_scaling_recovers_a_float16_gradient_that_underflows_without_it():
         return k * jnp.sum((w.astype(jnp.float16) * x.astype(jnp.float16)).astype(jnp.float32))
 
     assert float(jnp.max(jnp.abs(jax.grad(loss)(w)))) == 0.0
-    state = loss_scaling.init(2.0**20)
-    grads, finite = loss_scaling.unscale(jax.grad(lambda w: loss_scaling.scale_loss(loss(w), state))(w), state)
+    state = precision.init(2.0**20)
+    grads, finite = precision.unscale(jax.grad(lambda w: precision.scale_loss(loss(w), state))(w), state)
     assert bool(finite)
     np.testing.assert_allclose(np.asarray(grads), k * np.asarray(x), rtol=2.0**-11)
 
@@ -174,7 +264,7 @@ def test_one_compile_for_any_scale_and_interval():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(first, interval, grads):
-        tx = loss_scaling.loss_scaling(optax.sgd(0.1), initial_scale=first, growth_interval=interval)
+        tx = precision.loss_scaling(optax.sgd(0.1), initial_scale=first, growth_interval=interval)
         state = tx.init(grads)
         return tx.update(grads, state, grads)
 
@@ -186,4 +276,4 @@ def test_one_compile_for_any_scale_and_interval():
                                         ("backoff_factor", 1.5), ("min_scale", -1.0)])
 def test_bad_arguments_are_refused_when_built_naming_the_value(name, value):
     with pytest.raises(ValueError, match=f"{name}={value}"):
-        loss_scaling.loss_scaling(optax.sgd(0.1), **{name: value})
+        precision.loss_scaling(optax.sgd(0.1), **{name: value})

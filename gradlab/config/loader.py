@@ -1,28 +1,18 @@
-"""Configs: YAML + dotted overrides -> a validated, frozen config, its sweep axes and its hash.
+"""Loading: YAML + scale preset + dotted overrides -> a validated RunSpec, or one-line ConfigErrors.
 
 A config file is `configs/<experiment>.yaml`. Any scalar value may instead be a sweep axis:
 a list (`[0.1, 0.01]`), `{logspace: [lo, hi, n]}` (n values 10**lo .. 10**hi) or
 `{linspace: [lo, hi, n]}`. `seeds: N` is shorthand for a `seed` axis of N consecutive seeds.
 Presets for `--scale quick|paper` live under the top-level `scales:` key as dotted overrides.
-
-Every field says how a sweep over it runs (`sweep` in its metadata):
-  static  each value is its own compiled program (shapes, code paths)
-  traced  a vmapped number inside one compiled program
-  max     traced, and the program is built for the largest value (depth under a mask)
-  choice  a string traced as its index into `choices` (an init scheme as numbers)
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
-import hashlib
-import itertools
-import json
 import math
 import os
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,202 +21,24 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gradlab.config.schema import (
+    MAX_SEEDS,
+    Axis,
+    FieldInfo,
+    OptimConfig,
+    RunSpec,
+    field_info,
+    get_path,
+    replace_path,
+    sections_of,
+    sweep_mode,
+)
 from gradlab.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MAX_CONFIG_BYTES = 256 * 1024
 MAX_YAML_NODES = 20_000
 MAX_AXIS_LENGTH = 4096
-MAX_SEEDS = 2**31 - 1
-
-
-def param(default, *, choices=None, low=None, low_open=False, high=None, sweep=None, doc=""):
-    """A config field with its allowed values and how a sweep over it runs."""
-    meta = dict(choices=choices, low=low, low_open=low_open, high=high, sweep=sweep, doc=doc)
-    return field(default=default, metadata=meta)
-
-
-ACTIVATIONS = ("tanh", "relu", "leaky_relu", "gelu", "sigmoid", "linear")
-NORMS = ("none", "layernorm", "rmsnorm")
-INIT_SCHEMES = (
-    "zero", "normal", "lecun_normal", "lecun_uniform", "xavier_normal", "xavier_uniform",
-    "he_normal", "he_uniform", "orthogonal",
-)
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw", "adamw_decoupled")
-SCHEDULES = (
-    "constant", "cosine", "warmup_cosine", "exponential", "inverse_time", "step", "onecycle",
-    "sgdr", "linear",
-)
-CLIPPING = ("none", "global_norm", "value", "agc")
-TASKS = ("regression", "classification")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """A deep MLP: input projection, `depth` hidden blocks of `width`, linear readout."""
-
-    depth: int = param(8, low=1, sweep="max", doc="hidden blocks (a mask makes it vmappable)")
-    width: int = param(128, low=1)
-    activation: str = param("tanh", choices=ACTIVATIONS)
-    residual: bool = param(False, sweep="traced", doc="h + f(h) instead of f(h)")
-    norm: str = param("none", choices=NORMS)
-    norm_position: str = param("pre", choices=("pre", "post"))
-    init: str = param("lecun_normal", choices=INIT_SCHEMES, sweep="choice")
-    init_std: float = param(0.01, low=0.0, doc="std of the 'normal' init scheme")
-    init_gain: float = param(1.0, low=0.0, doc="multiplies every init scheme's std")
-    bias_std: float = param(0.0, low=0.0)
-    leaky_slope: float = param(0.01, low=0.0)
-    dtype: str = param("float32", choices=DTYPES, doc="compute dtype; params stay float32")
-    unroll: int = param(
-        0, low=0, doc="hidden layers per lax.scan iteration; >= depth: no scan, straight-line blocks; "
-        "0: straight-line up to 16 hidden layers, a scan of one layer deeper")
-    final_norm: bool = param(False, doc="normalise the last hidden state before the readout (Pre-LN transformers)")
-    remat: bool = param(False, doc="jax.checkpoint each hidden block: recompute activations in the backward pass")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """An optax chain: optional clipping, then the optimizer under a learning-rate schedule."""
-
-    name: str = param("sgd", choices=OPTIMIZERS)
-    lr: float = param(0.01, low=0.0, low_open=True)
-    momentum: float = param(0.9, low=0.0, high=1.0)
-    b1: float = param(0.9, low=0.0, high=1.0)
-    b2: float = param(0.999, low=0.0, high=1.0, doc="Adam second-moment decay; RMSProp decay")
-    eps: float = param(1e-8, low=0.0, low_open=True)
-    weight_decay: float = param(0.0, low=0.0)
-    schedule: str = param("constant", choices=SCHEDULES)
-    warmup_steps: int = param(0, low=0)
-    final_lr_fraction: float = param(0.0, low=0.0, high=1.0, sweep="static")
-    decay_rate: float = param(0.1, low=0.0, low_open=True, sweep="static")
-    cycles: int = param(2, low=1, doc="SGDR restarts / step-schedule drops")
-    clip: str = param("none", choices=CLIPPING)
-    clip_threshold: float = param(1.0, low=0.0, low_open=True)
-    accumulate_steps: int = param(1, low=1, doc="optax.MultiSteps: one update per this many averaged gradients")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """A synthetic task; `seed` fixes the data, the run's `seed` axis varies the init."""
-
-    task: str = param("regression", choices=TASKS)
-    examples: int = param(256, low=1)
-    batch_size: int = param(0, low=0, doc="0: full batch")
-    input_dim: int = param(64, low=1)
-    output_dim: int = param(1, low=1)
-    noise: float = param(0.0, low=0.0)
-    seed: int = param(0, low=0)
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """What every experiment's config has; experiments subclass it to add their own fields."""
-
-    seed: int = param(0, low=0, high=MAX_SEEDS, sweep="traced")
-    seeds: int = param(1, low=1, high=MAX_SEEDS, doc="shorthand: a seed axis seed..seed+seeds-1")
-    steps: int = param(100, low=1)
-    chunk_steps: int = param(100, low=1, doc="steps per compiled chunk; a checkpoint after each")
-    telemetry: str = param("layers", choices=("layers", "loss"), doc="per-layer statistics, or the loss alone")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-
-
-# ----------------------------------------------------------------------------- resolved spec
-
-
-@dataclass(frozen=True)
-class Axis:
-    """One sweep axis: a dotted config path and its values."""
-
-    path: str
-    values: tuple
-    mode: str  # static | traced | max | choice
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """A resolved run: the config (axes hold their first value), its sweep axes, its origin."""
-
-    experiment: str
-    config: Any
-    axes: tuple[Axis, ...]
-    source: str
-    scale: str
-
-    def to_dict(self) -> dict:
-        return {
-            "experiment": self.experiment,
-            "scale": self.scale,
-            "config": _jsonable(dataclasses.asdict(self.config)),
-            "axes": {a.path: list(a.values) for a in self.axes},
-        }
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @property
-    def hash(self) -> str:
-        """A stable name for the resolved config (the run folder's name)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    def axis(self, path: str) -> Axis | None:
-        return next((a for a in self.axes if a.path == path), None)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
-# ----------------------------------------------------------------------------- schema walking
-
-
-class FieldInfo(typing.NamedTuple):
-    type: type
-    metadata: typing.Mapping
-
-
-def field_info(schema: type) -> dict[str, FieldInfo]:
-    """Every scalar field of a (nested) config dataclass, by dotted path."""
-    out: dict[str, FieldInfo] = {}
-    hints = typing.get_type_hints(schema)
-    for f in dataclasses.fields(schema):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.update({f"{f.name}.{k}": v for k, v in field_info(tp).items()})
-        else:
-            out[f.name] = FieldInfo(tp, f.metadata)
-    return out
-
-
-def sweep_mode(f: FieldInfo) -> str:
-    mode = f.metadata.get("sweep")
-    if mode:
-        return mode
-    return "traced" if f.type is float else "static"
-
-
-def get_path(cfg, path: str):
-    for part in path.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def replace_path(cfg, path: str, value):
-    """A copy of a frozen (nested) dataclass with one dotted field replaced."""
-    head, _, rest = path.partition(".")
-    if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    return dataclasses.replace(cfg, **{head: replace_path(getattr(cfg, head), rest, value)})
-
-
-# ----------------------------------------------------------------------------- loading
 
 
 def config_path(name: str) -> Path:
@@ -269,12 +81,20 @@ def load(
         raise ConfigError(f"{where}: scales.{scale}: must be a mapping of dotted keys to values")
     for key, value in preset.items():
         _set_dotted(raw, str(key), value, f"{where}: scales.{scale}")
-    for item in overrides:
-        key, value = parse_override(item) if isinstance(item, str) else item
+    pairs = [parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides]
+    for key, value in pairs:
         _set_dotted(raw, key, value, f"override {key}")
+    return resolve(experiment, schema, raw, Origin(where, frozenset(key for key, _ in pairs)), scale)
 
-    cli_keys = {parse_override(i)[0] if isinstance(i, str) else i[0] for i in overrides}
-    where = Origin(where, frozenset(cli_keys))
+
+def resolve(experiment: str, schema: type, raw: dict, where: str, scale: str = "default") -> RunSpec:
+    """A RunSpec from a mapping as a config file holds it (sweep specs included), fully checked.
+
+    Args:
+      raw: nested {key: value or sweep spec}; not modified.
+      where: what error messages name as the source (an Origin also knows the CLI's keys).
+    """
+    raw = copy.deepcopy(raw)
     fields = field_info(schema)
     axes_raw = _extract_axes(raw, fields, "", where)
     config = _structured(schema, raw, where)
@@ -288,13 +108,14 @@ def load(
             _check_value(fields[key], key, v, where)
         axes.append(Axis(key, values, sweep_mode(fields[key])))
         config = replace_path(config, key, values[0])
-    if config.seeds > 1:
+    if "seeds" in fields and config.seeds > 1:
         if any(a.path == "seed" for a in axes):
             raise ConfigError(f"{where}: seeds: give either a seed list or a seeds count, not both")
         if config.seed + config.seeds - 1 > MAX_SEEDS:
             raise ConfigError(f"{where}: seeds: seed + seeds must stay below 2**31 (the PRNG's seed range)")
         axes.append(Axis("seed", tuple(range(config.seed, config.seed + config.seeds)), "traced"))
     _check_relations(config, axes, where)
+    _validate(config, axes, where)
     order = {k: i for i, k in enumerate(fields)}
     axes.sort(key=lambda a: (a.path == "seed", order[a.path]))
     return RunSpec(experiment, config, tuple(axes), where, scale)
@@ -487,17 +308,28 @@ def _coerce(schema: type, path: str, value, where: str):
 
 
 def _check_relations(config, axes: list, where: str) -> None:
-    """Constraints between fields, over every value a swept field takes."""
+    """Constraints between fields of every optimizer section, over every value a swept field takes."""
     swept = {a.path: a.values for a in axes}
 
     def values(path):
         return swept.get(path, (get_path(config, path),))
 
-    if "inverse_time" in values("optim.schedule"):
-        bad = [r for r in values("optim.decay_rate") if r > 1]
-        if bad:
-            _raise(where, "optim.decay_rate", f"the inverse_time schedule ends at decay_rate x lr, so it must be "
-                   f"in (0, 1], got {bad[0]}")
+    for prefix in sections_of(type(config), OptimConfig):
+        if "inverse_time" in values(f"{prefix}schedule"):
+            bad = [r for r in values(f"{prefix}decay_rate") if r > 1]
+            if bad:
+                _raise(where, f"{prefix}decay_rate", f"the inverse_time schedule ends at decay_rate x lr, so it "
+                       f"must be in (0, 1], got {bad[0]}")
+
+
+def _validate(config, axes: list, where: str) -> None:
+    """The config's own validate(): on the resolved config, then with each swept value in turn."""
+    candidates = [config] + [replace_path(config, a.path, v) for a in axes for v in a.values[1:]]
+    for candidate in candidates:
+        try:
+            candidate.validate()
+        except ConfigError as e:
+            _raise(where, e.key or "", str(e))
 
 
 def _check_constraints(config, fields: dict, where: str) -> None:
@@ -522,62 +354,3 @@ def _check_value(f: FieldInfo, path: str, value, where: str) -> None:
             _raise(where, path, f"must be >= {low}, got {value}")
     if high is not None and not value <= high:
         _raise(where, path, f"must be <= {high}, got {value}")
-
-
-# ----------------------------------------------------------------------------- sweep plan
-
-
-@dataclass(frozen=True)
-class Group:
-    """One compiled program: a config for its static values and the traced points it vmaps."""
-
-    index: tuple[int, ...]  # position along the static axes
-    config: Any  # static axes at this group's values; `max` fields at their largest value
-    hp: dict[str, np.ndarray]  # every traced field, one entry per point: shape (points,)
-    points: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    static_axes: tuple[Axis, ...]
-    traced_axes: tuple[Axis, ...]
-    groups: tuple[Group, ...]
-
-    @property
-    def points(self) -> int:
-        return sum(g.points for g in self.groups)
-
-
-def plan(spec: RunSpec) -> Plan:
-    """Split the sweep into static groups (one compile each) of vmapped points."""
-    fields = field_info(type(spec.config))
-    static = tuple(a for a in spec.axes if a.mode == "static")
-    traced = tuple(a for a in spec.axes if a.mode != "static")
-    traced_paths = [p for p, f in fields.items() if sweep_mode(f) != "static"]
-    groups = []
-    for index in itertools.product(*(range(len(a.values)) for a in static)):
-        cfg = spec.config
-        for axis, i in zip(static, index):
-            cfg = replace_path(cfg, axis.path, axis.values[i])
-        for axis in traced:
-            if axis.mode == "max":
-                cfg = replace_path(cfg, axis.path, max(axis.values))
-        points = list(itertools.product(*(a.values for a in traced)))
-        hp = {}
-        for path in traced_paths:
-            f = fields[path]
-            axis_i = next((i for i, a in enumerate(traced) if a.path == path), None)
-            values = [p[axis_i] for p in points] if axis_i is not None else [get_path(spec.config, path)] * len(points)
-            hp[path] = _encode(f, values)
-        groups.append(Group(index, cfg, hp, len(points)))
-    return Plan(static, traced, tuple(groups))
-
-
-def _encode(f: FieldInfo, values: list) -> np.ndarray:
-    if sweep_mode(f) == "choice":
-        return np.asarray([f.metadata["choices"].index(v) for v in values], np.int32)
-    if f.type is bool:
-        return np.asarray(values, np.bool_)
-    if f.type is int:
-        return np.asarray(values, np.int32)
-    return np.asarray(values, np.float32)

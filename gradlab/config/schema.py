@@ -1,0 +1,216 @@
+"""The config schema: fields with their allowed values and sweep modes, and the resolved RunSpec.
+
+Every field says how a sweep over it runs (`sweep` in its metadata):
+  static  each value is its own compiled program (shapes, code paths)
+  traced  a vmapped number inside one compiled program
+  max     traced, and the program is built for the largest value (depth under a mask)
+  choice  a string traced as its index into `choices` (an init scheme as numbers)
+
+The lists of choices belong to the modules that implement them; this module only imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from gradlab.data import TASKS
+from gradlab.inits import INIT_SCHEMES
+from gradlab.models import ACTIVATIONS, DTYPES
+from gradlab.norms import NORMS
+from gradlab.transforms import CLIPPING, OPTIMIZERS, SCHEDULES
+
+MAX_SEEDS = 2**31 - 1
+
+
+def param(default, *, choices=None, low=None, low_open=False, high=None, sweep=None, doc=""):
+    """A config field with its allowed values and how a sweep over it runs."""
+    meta = dict(choices=choices, low=low, low_open=low_open, high=high, sweep=sweep, doc=doc)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A deep MLP: input projection, `depth` hidden blocks of `width`, linear readout."""
+
+    depth: int = param(8, low=1, sweep="max", doc="hidden blocks (a mask makes it vmappable)")
+    width: int = param(128, low=1)
+    activation: str = param("tanh", choices=ACTIVATIONS)
+    residual: bool = param(False, sweep="traced", doc="h + f(h) instead of f(h)")
+    norm: str = param("none", choices=NORMS)
+    norm_position: str = param("pre", choices=("pre", "post"))
+    init: str = param("lecun_normal", choices=INIT_SCHEMES, sweep="choice")
+    init_std: float = param(0.01, low=0.0, doc="std of the 'normal' init scheme")
+    init_gain: float = param(1.0, low=0.0, doc="multiplies every init scheme's std")
+    bias_std: float = param(0.0, low=0.0)
+    leaky_slope: float = param(0.01, low=0.0)
+    dtype: str = param("float32", choices=DTYPES, doc="compute dtype; params stay float32")
+    unroll: int = param(
+        0, low=0, doc="hidden layers per lax.scan iteration; >= depth: no scan, straight-line blocks; "
+        "0: straight-line up to 16 hidden layers, a scan of one layer deeper")
+    final_norm: bool = param(False, doc="normalise the last hidden state before the readout (Pre-LN transformers)")
+    remat: bool = param(False, doc="jax.checkpoint each hidden block: recompute activations in the backward pass")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """An optax chain: optional clipping, then the optimizer under a learning-rate schedule."""
+
+    name: str = param("sgd", choices=OPTIMIZERS)
+    lr: float = param(0.01, low=0.0, low_open=True)
+    momentum: float = param(0.9, low=0.0, high=1.0)
+    b1: float = param(0.9, low=0.0, high=1.0, doc="Adam first-moment decay; Lion's update interpolation")
+    b2: float = param(0.999, low=0.0, high=1.0, doc="Adam second-moment decay; RMSProp decay; Lion's momentum decay")
+    eps: float = param(1e-8, low=0.0, low_open=True)
+    weight_decay: float = param(0.0, low=0.0)
+    schedule: str = param("constant", choices=SCHEDULES)
+    warmup_steps: int = param(0, low=0)
+    final_lr_fraction: float = param(0.0, low=0.0, high=1.0, sweep="static")
+    decay_rate: float = param(0.1, low=0.0, low_open=True, sweep="static")
+    cycles: int = param(2, low=1, doc="SGDR restarts / step-schedule drops")
+    clip: str = param("none", choices=CLIPPING)
+    clip_threshold: float = param(1.0, low=0.0, low_open=True)
+    accumulate_steps: int = param(1, low=1, doc="optax.MultiSteps: one update per this many averaged gradients")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A synthetic task; `seed` fixes the data, the run's `seed` axis varies the init."""
+
+    task: str = param("regression", choices=TASKS)
+    examples: int = param(256, low=1)
+    batch_size: int = param(0, low=0, doc="0: full batch")
+    input_dim: int = param(64, low=1)
+    output_dim: int = param(1, low=1)
+    noise: float = param(0.0, low=0.0)
+    seed: int = param(0, low=0)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """What every experiment's config has; experiments subclass it to add their own fields."""
+
+    seed: int = param(0, low=0, high=MAX_SEEDS, sweep="traced")
+    seeds: int = param(1, low=1, high=MAX_SEEDS, doc="shorthand: a seed axis seed..seed+seeds-1")
+    steps: int = param(100, low=1)
+    chunk_steps: int = param(100, low=1, doc="steps per compiled chunk; a checkpoint after each")
+    telemetry: str = param("layers", choices=("layers", "loss"), doc="per-layer statistics, or the loss alone")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        """Check relations between fields; raise ConfigError(message, key=...) on a bad one.
+
+        config.load calls it on the resolved config and once per swept value (one axis at a
+        time), before anything runs. Experiments override it; the base accepts everything.
+        """
+
+
+# ----------------------------------------------------------------------------- resolved spec
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One sweep axis: a dotted config path and its values."""
+
+    path: str
+    values: tuple
+    mode: str  # static | traced | max | choice
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A resolved run: the config (axes hold their first value), its sweep axes, its origin."""
+
+    experiment: str
+    config: Any
+    axes: tuple[Axis, ...]
+    source: str
+    scale: str
+
+    def to_dict(self) -> dict:
+        return {
+            "experiment": self.experiment,
+            "scale": self.scale,
+            "config": _jsonable(dataclasses.asdict(self.config)),
+            "axes": {a.path: list(a.values) for a in self.axes},
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def hash(self) -> str:
+        """A stable name for the resolved config (the run folder's name)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def axis(self, path: str) -> Axis | None:
+        return next((a for a in self.axes if a.path == path), None)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------- schema walking
+
+
+class FieldInfo(typing.NamedTuple):
+    type: type
+    metadata: typing.Mapping
+
+
+def field_info(schema: type) -> dict[str, FieldInfo]:
+    """Every scalar field of a (nested) config dataclass, by dotted path."""
+    out: dict[str, FieldInfo] = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{f.name}.{k}": v for k, v in field_info(tp).items()})
+        else:
+            out[f.name] = FieldInfo(tp, f.metadata)
+    return out
+
+
+def sections_of(schema: type, kind: type, prefix: str = "") -> list[str]:
+    """The dotted prefixes ("" for the schema itself, "optim." ...) of every `kind` section."""
+    found = [prefix] if issubclass(schema, kind) else []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += sections_of(hints[f.name], kind, f"{prefix}{f.name}.")
+    return found
+
+
+def sweep_mode(f: FieldInfo) -> str:
+    mode = f.metadata.get("sweep")
+    if mode:
+        return mode
+    return "traced" if f.type is float else "static"
+
+
+def get_path(cfg, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def replace_path(cfg, path: str, value):
+    """A copy of a frozen (nested) dataclass with one dotted field replaced."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: replace_path(getattr(cfg, head), rest, value)})
