@@ -7,7 +7,7 @@ nothing: runs set up XLA flags, devices and the compilation cache in `gradlab.ru
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it)
 
 _EXPORTS = {
     "run": "gradlab.api", "execute": "gradlab.api", "resolve": "gradlab.api", "load": "gradlab.api",

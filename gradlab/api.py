@@ -27,10 +27,22 @@ class Outcome:
     measured: Any = None  # the experiment's measure(ds): every number its checks and figures read
 
 
+def target(experiment: str, config_file=None) -> tuple[str, str | os.PathLike | None]:
+    """(experiment name, user config file) for what a command names: an experiment, or a config
+    file that names one in its `experiment:` key (then `config_file` must not be given too)."""
+    path = Path(experiment)
+    if experiment in experiments.names() or not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        return experiment, config_file
+    if config_file is not None:
+        raise GradlabError(f"{experiment}: give one config file, not also --config {config_file}")
+    return config.experiment_of(path), path
+
+
 def resolve(experiment: str, overrides=(), scale: str | None = None, config_file=None) -> config.RunSpec:
-    """The resolved config of an experiment (what `gradlab show` prints)."""
-    module = experiments.get(experiment)
-    return config.load(experiment, module.Config, list(overrides), scale, config_file)
+    """The resolved config of an experiment or a config file (what `gradlab show` prints)."""
+    name, config_file = target(experiment, config_file)
+    module = experiments.get(name)
+    return config.load(name, module.Config, list(overrides), scale, config_file)
 
 
 def execute(
@@ -58,8 +70,8 @@ def execute(
     from gradlab import runtime
 
     runtime.setup()  # XLA flags and host devices unless jax's backend has started; compilation cache
-    module = experiments.get(experiment)
-    spec = config.load(experiment, module.Config, list(overrides), scale, config_file)
+    spec = resolve(experiment, overrides, scale, config_file)
+    experiment, module = spec.experiment, experiments.get(spec.experiment)
     run = results.run_dir(out, experiment, spec.hash)
     results_path = run / results.RESULTS_FILE
     writer = jax.process_index() == 0
@@ -67,14 +79,23 @@ def execute(
         results.clear_checkpoints(run)
     cached = results_path.exists() and not fresh
     if cached:
-        ds = results.load(run)
-    else:
+        try:
+            ds = results.load(run)
+        except results.OtherFormatError as e:  # older results cannot be read: make them again
+            cached = False
+            if on_note is not None and writer:
+                on_note(f"{e}; running it again")
+        else:
+            note = results.version_note(ds)
+            if note and on_note is not None and writer:
+                on_note(note)
+    if not cached:
         ckpt = run / "ckpt"
         if writer:
             results.ensure_dir(run)
             results.ensure_dir(ckpt)
             results.remove_stale_temporaries(run)
-            results.write_text(run / "config.yaml", spec.to_yaml())
+            results.write_text(run / "config.yaml", config.runnable_yaml(spec))
         sweep = engine.run_sweep(module.trial, config.plan(spec), checkpoint_dir=ckpt, progress=progress and writer,
                                  devices=devices, stop=stop, memory=memory, on_note=on_note if writer else None)
         reference = module.reference(spec.config) if hasattr(module, "reference") else None
@@ -94,8 +115,8 @@ def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_f
     """Compile every static group without running a step; a table of the sweep's cost."""
     import jax
 
-    module = experiments.get(experiment)
-    spec = config.load(experiment, module.Config, list(overrides), scale, config_file)
+    spec = resolve(experiment, overrides, scale, config_file)
+    experiment, module = spec.experiment, experiments.get(spec.experiment)
     plan = config.plan(spec)
     devices = list(devices) if devices is not None else jax.devices()
     steps, chunk = spec.config.steps, min(spec.config.chunk_steps, spec.config.steps)
@@ -195,7 +216,7 @@ def reproduce(
     on_done: Callable[[int, int, Reproduced], None] | None = None,
     memory: int | None = None,
 ) -> list[Reproduced]:
-    """Run every experiment of the catalog (or `only` those), reusing stored results of the same
+    """Run every experiment of the catalog (or `only` those: names or config files), reusing stored results of the same
     config hash, redraw every figure into OUT/figures and evaluate every check.
 
     An experiment that fails with a gradlab error is reported as failed and the others go on; an
@@ -213,7 +234,7 @@ def reproduce(
         if on_start is not None:
             on_start(i, len(names), name)
         start = time.perf_counter()
-        module = experiments.get(name)
+        module = experiments.get(target(name)[0])
         try:
             outcome = execute(name, (), scale, out=out, progress=progress, stop=stop, memory=memory)
             row = Reproduced(name, module.CLAIM, outcome.checks, time.perf_counter() - start, outcome.cached)

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.depth=32 seeds=8; a list or {logspace: [lo, hi, n]} sweeps")
     r.add_argument("--scale", help="a preset of the config (quick, paper)")
-    r.add_argument("--config", dest="config_file", help="a config file instead of the experiment's own")
+    r.add_argument("--config", dest="config_file", help=argparse.SUPPRESS)  # the same as `gradlab run FILE`
     r.add_argument("--out", default=".", help="folder for runs/ and figures/ (default: .)")
     r.add_argument("--fresh", action="store_true", help="recompute, ignoring stored results and checkpoints (old results are kept until the new ones land)")
     r.add_argument("--no-figure", action="store_true", help="store results only")
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reproduce", help="run every experiment (stored results reused), redraw every figure, "
                                           "print one table of checks")
     rp.add_argument("--scale", help="a preset every config defines (quick, paper)")
-    rp.add_argument("--only", nargs="+", metavar="NAME", help="these experiments only")
+    rp.add_argument("--only", nargs="+", metavar="NAME|FILE", help="these experiments (or config files) only")
     rp.add_argument("--out", default=".", help="folder for runs/ and figures/ (default: .)")
     rp.add_argument("--check", action="store_true", help="exit 1 if any check fails")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -305,10 +305,27 @@ def _list(args) -> int:
 def _show(args) -> int:
     from gradlab import api
 
+    from gradlab import config, experiments
+
     spec = api.resolve(args.experiment, args.overrides, args.scale, args.config_file)
-    print(f"# {spec.source} (scale {spec.scale}), hash {spec.hash}")
-    print(spec.to_yaml(), end="")
+    if not args.doc:
+        print(config.runnable_yaml(spec), end="")
+        return 0
+    print(f"# {spec.experiment}: every key, its type and value here (a list is a sweep axis), how a sweep over it")
+    print("# runs, what it means and what is allowed")
+    for d in config.describe(experiments.get(spec.experiment).Config):
+        print(f"{d.key} ({d.type}) = {_value(spec, d.key)}    [{d.sweep}]")
+        print(f"    {d.meaning or '-'}" + (f"; allowed: {d.allowed}" if d.allowed else ""))
     return 0
+
+
+def _value(spec, key: str):
+    axis = spec.axis(key)
+    if axis is not None:
+        return list(axis.values) if len(axis.values) <= 6 else f"[{axis.values[0]} .. {axis.values[-1]}] ({len(axis.values)})"
+    from gradlab import config
+
+    return config.get_path(spec.config, key)
 
 
 def _plot(args) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -47,7 +48,8 @@ def band(ax, x, samples, label: str, color=None, log: bool = True):
     samples = np.asarray(samples, float)
     if log:
         samples = np.where(samples > 0, samples, np.nan)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # a step no sample reached: a gap, quietly
+        warnings.filterwarnings("ignore", "All-NaN", RuntimeWarning)
         mid = np.nanmedian(samples, axis=0)
         lo, hi = np.nanmin(samples, axis=0), np.nanmax(samples, axis=0)
     (line,) = ax.plot(x, mid, label=label, color=color)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -103,17 +104,20 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as f:
+    try:  # our own handle: np.load leaks its file when the zip is damaged (a ResourceWarning)
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated checkpoint
         raise ResultsError(f"{path}: checkpoint is unreadable ({e}); rerun with --fresh") from None
 
 
 def provenance(command: str | None = None) -> dict[str, str]:
     """Versions, command line, git commit: what makes a result reproducible."""
     info = {"command": command if command is not None else " ".join(sys.argv), "python": platform.python_version()}
-    for package in ("gradlab", "jax", "jaxlib", "optax", "numpy", "xarray"):
+    from gradlab import __version__
+
+    info["version_gradlab"] = __version__
+    for package in ("jax", "jaxlib", "optax", "numpy", "xarray"):
         try:
             info[f"version_{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -207,10 +211,27 @@ def load(run: str | os.PathLike) -> xr.Dataset:
         raise ResultsError(f"{path}: results file is corrupt or truncated ({type(e).__name__}); rerun with --fresh") from None
     version = ds.attrs.get("results_format")
     if version != RESULTS_FORMAT:
-        raise ResultsError(
+        raise OtherFormatError(
             f"{path}: results format {version} was written by another gradlab (this one reads {RESULTS_FORMAT}); rerun with --fresh"
         )
     return ds
+
+
+class OtherFormatError(ResultsError):
+    """A results file of another results format (made by an older or newer gradlab)."""
+
+
+VERSIONED = ("gradlab", "jax", "jaxlib")  # a stored result made under others is reused with a note
+
+
+def version_note(ds: xr.Dataset) -> str:
+    """One line when ds was made by another gradlab, jax or jaxlib than this one; "" otherwise."""
+    now = provenance("")
+    moved = [f"{p} {ds.attrs.get(f'version_{p}', 'unknown')} (now {now[f'version_{p}']})" for p in VERSIONED
+             if ds.attrs.get(f"version_{p}") != now[f"version_{p}"]]
+    if not moved:
+        return ""
+    return f"reusing results stored by {', '.join(moved)}; --fresh runs it again"
 
 
 def config_of(ds: xr.Dataset) -> dict:

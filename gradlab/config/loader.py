@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -33,11 +32,10 @@ from gradlab.config.schema import (
     sections_of,
     sweep_mode,
 )
+from gradlab.config.files import MAX_CONFIG_BYTES, MAX_YAML_NODES, flatten, parse_override, read_yaml
 from gradlab.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-MAX_CONFIG_BYTES = 256 * 1024
-MAX_YAML_NODES = 20_000
 MAX_AXIS_LENGTH = 4096
 
 
@@ -52,39 +50,71 @@ def load(
     scale: str | None = None,
     path: str | os.PathLike | None = None,
 ) -> RunSpec:
-    """Read `configs/<experiment>.yaml` (or `path`), apply the scale preset and overrides.
+    """The experiment's config, layered: its own file `configs/<experiment>.yaml`, then the scale
+    preset, then a user's config file (`path`: only the keys it changes), then the overrides.
 
     Args:
       experiment: the experiment's name.
       schema: its config dataclass (a subclass of ExperimentConfig).
-      overrides: `key=value` strings, values parsed as YAML (`model.depth=32`,
-        `optim.lr='{logspace: [-4, -1, 16]}'`), or (key, value) pairs.
-      scale: a preset under the file's `scales:` key; default its first one.
-      path: a config file other than the experiment's own.
+      overrides: `key=value` strings, values read as YAML with numbers as numbers
+        (`model.depth=32`, `optim.lr=1e-4`, `optim.lr='{logspace: [-4, -1, 16]}'`), or (key, value)
+        pairs.
+      scale: a preset under `scales:` (the user file may add presets); default the user file's
+        `scale:` key, else the experiment's first preset.
+      path: a user's config file; its `experiment:` key, if present, must name this experiment.
 
     Raises:
       ConfigError: one line naming the file, the key and what is allowed.
     """
-    src = Path(path) if path is not None else config_path(experiment)
-    raw = read_yaml(src)
-    where = str(src)
-    scales = raw.pop("scales", None) or {}
-    if not isinstance(scales, dict):
-        raise ConfigError(f"{where}: scales: must be a mapping of preset name to overrides")
+    own = config_path(experiment)
+    if path is not None and not own.exists():  # an experiment with no file of its own: the file is its config
+        own, path = Path(path), None
+    raw = read_yaml(own)
+    scales = _scales(raw.pop("scales", None), str(own))
+    user: dict = {}
+    where, flag = str(own), "--scale"
+    if path is not None:
+        where = str(path)
+        user = read_yaml(Path(path))
+        named = user.pop("experiment", experiment)
+        if named != experiment:
+            raise ConfigError(f"{where}: experiment: this file is for {named!r}, not {experiment!r}")
+        scales.update(_scales(user.pop("scales", None), where))
+        named_scale = user.pop("scale", None)
+        if scale is None and named_scale is not None:
+            scale, flag = str(named_scale), "scale:"
     if scale is None:
         scale = next(iter(scales), "default")
     elif scale not in scales:
         allowed = ", ".join(scales) or "none defined"
-        raise ConfigError(f"{where}: --scale {scale!r} is not a preset of this config (allowed: {allowed})")
+        raise ConfigError(f"{where}: {flag} {scale!r} is not a preset of this config (allowed: {allowed})")
     preset = scales.get(scale) or {}
     if not isinstance(preset, dict):
         raise ConfigError(f"{where}: scales.{scale}: must be a mapping of dotted keys to values")
-    for key, value in preset.items():
-        _set_dotted(raw, str(key), value, f"{where}: scales.{scale}")
+    _layer(raw, preset, f"{where}: scales.{scale}")
+    user_values = flatten(user)
+    _layer(raw, user_values, where)
     pairs = [parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides]
-    for key, value in pairs:
-        _set_dotted(raw, key, value, f"override {key}")
-    return resolve(experiment, schema, raw, Origin(where, frozenset(key for key, _ in pairs)), scale)
+    _layer(raw, dict(pairs), "override")
+    origin = Origin(where, frozenset(key for key, _ in pairs), str(own), frozenset(user_values) if path else None)
+    return resolve(experiment, schema, raw, origin, scale)
+
+
+def _scales(scales, where: str) -> dict:
+    if scales is None:
+        return {}
+    if not isinstance(scales, dict):
+        raise ConfigError(f"{where}: scales: must be a mapping of preset name to overrides")
+    return dict(scales)
+
+
+def _layer(raw: dict, values: dict, where: str) -> None:
+    """Set dotted `values` over `raw`. A seed list given here replaces a lower layer's seeds count."""
+    for key, value in values.items():
+        key = str(key)
+        _set_dotted(raw, key, value, f"{where}: {key}" if where == "override" else where)
+    if "seed" in values and isinstance(values["seed"], (list, dict)) and "seeds" not in values:
+        raw["seeds"] = 1
 
 
 def resolve(experiment: str, schema: type, raw: dict, where: str, scale: str = "default") -> RunSpec:
@@ -119,54 +149,6 @@ def resolve(experiment: str, schema: type, raw: dict, where: str, scale: str = "
     order = {k: i for i, k in enumerate(fields)}
     axes.sort(key=lambda a: (a.path == "seed", order[a.path]))
     return RunSpec(experiment, config, tuple(axes), where, scale)
-
-
-def read_yaml(src: Path) -> dict:
-    """Read a config file with the safe loader, bounded in size and in aliases."""
-    where = str(src)
-    if not src.exists():
-        raise ConfigError(f"{where}: no such config file")
-    if src.is_dir():
-        raise ConfigError(f"{where}: is a directory, not a config file")
-    try:
-        size = src.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{where}: {size} bytes; a config file is at most {MAX_CONFIG_BYTES}")
-        text = src.read_text()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot be read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: is not UTF-8 text") from None
-    try:
-        nodes = sum(1 for _ in yaml.parse(text, Loader=yaml.SafeLoader))
-        if nodes > MAX_YAML_NODES:
-            raise ConfigError(f"{where}: too many YAML nodes ({nodes} > {MAX_YAML_NODES})")
-        if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise ConfigError(f"{where}: YAML anchors and aliases are not allowed in configs")
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "malformed YAML"
-        raise ConfigError(f"{where}: malformed YAML{at}: {problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
-    return raw
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`model.depth=32` -> ("model.depth", 32); the value is parsed as YAML."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. model.depth=32")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"override {item!r}: {key}: the value is not valid YAML") from None
-    return key, value
 
 
 def _set_dotted(raw: dict, key: str, value, where: str) -> None:
@@ -277,15 +259,24 @@ def _unknown_key_message(schema: type, key: str) -> str:
 
 
 class Origin(str):
-    """The config file's name, which also knows which keys came from the command line."""
+    """The config file's name, which also knows where each key came from: the command line, the
+    user's file (`file_keys`) or, for the rest, the experiment's own file (`own`)."""
 
-    def __new__(cls, path: str, cli_keys: frozenset = frozenset()):
+    cli_keys: frozenset
+    own: str
+    file_keys: frozenset | None
+
+    def __new__(cls, path: str, cli_keys: frozenset = frozenset(), own: str = "", file_keys: frozenset | None = None):
         obj = super().__new__(cls, path)
-        obj.cli_keys = cli_keys
+        obj.cli_keys, obj.own, obj.file_keys = cli_keys, own or path, file_keys
         return obj
 
     def of(self, key: str) -> str:
-        return f"{self} (overridden on the command line)" if key in self.cli_keys else str(self)
+        if key in self.cli_keys:
+            return f"{self} (overridden on the command line)"
+        if self.file_keys is not None and key not in self.file_keys and key.split(".")[0] not in self.file_keys:
+            return self.own
+        return str(self)
 
 
 def _raise(where: str, key: str, msg: str):

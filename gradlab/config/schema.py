@@ -40,16 +40,16 @@ class ModelConfig:
     """A deep MLP: input projection, `depth` hidden blocks of `width`, linear readout."""
 
     depth: int = param(8, low=1, sweep="max", doc="hidden blocks (a mask makes it vmappable)")
-    width: int = param(128, low=1)
-    activation: str = param("tanh", choices=ACTIVATIONS)
+    width: int = param(128, low=1, doc="units per hidden layer")
+    activation: str = param("tanh", choices=ACTIVATIONS, doc="nonlinearity of every hidden block")
     residual: bool = param(False, sweep="traced", doc="h + f(h) instead of f(h)")
-    norm: str = param("none", choices=NORMS)
-    norm_position: str = param("pre", choices=("pre", "post"))
-    init: str = param("lecun_normal", choices=INIT_SCHEMES, sweep="choice")
+    norm: str = param("none", choices=NORMS, doc="normalisation in every hidden block")
+    norm_position: str = param("pre", choices=("pre", "post"), doc="norm before the block's layer (Pre-LN) or after the residual sum (Post-LN)")
+    init: str = param("lecun_normal", choices=INIT_SCHEMES, sweep="choice", doc="weight init scheme (gain, fan mode, distribution)")
     init_std: float = param(0.01, low=0.0, doc="std of the 'normal' init scheme")
     init_gain: float = param(1.0, low=0.0, doc="multiplies every init scheme's std")
-    bias_std: float = param(0.0, low=0.0)
-    leaky_slope: float = param(0.01, low=0.0)
+    bias_std: float = param(0.0, low=0.0, doc="std of the Gaussian bias init (sigma_b)")
+    leaky_slope: float = param(0.01, low=0.0, doc="negative-side slope of leaky_relu")
     dtype: str = param("float32", choices=DTYPES, doc="compute dtype; params stay float32")
     unroll: int = param(
         0, low=0, doc="hidden layers per lax.scan iteration; >= depth: no scan, straight-line blocks; "
@@ -62,20 +62,20 @@ class ModelConfig:
 class OptimConfig:
     """An optax chain: optional clipping, then the optimizer under a learning-rate schedule."""
 
-    name: str = param("sgd", choices=OPTIMIZERS)
-    lr: float = param(0.01, low=0.0, low_open=True)
-    momentum: float = param(0.9, low=0.0, high=1.0)
+    name: str = param("sgd", choices=OPTIMIZERS, doc="optimizer family (optax)")
+    lr: float = param(0.01, low=0.0, low_open=True, doc="peak learning rate; the schedule scales it")
+    momentum: float = param(0.9, low=0.0, high=1.0, doc="momentum of momentum/nesterov SGD")
     b1: float = param(0.9, low=0.0, high=1.0, doc="Adam first-moment decay; Lion's update interpolation")
     b2: float = param(0.999, low=0.0, high=1.0, doc="Adam second-moment decay; RMSProp decay; Lion's momentum decay")
-    eps: float = param(1e-8, low=0.0, low_open=True)
-    weight_decay: float = param(0.0, low=0.0)
-    schedule: str = param("constant", choices=SCHEDULES)
-    warmup_steps: int = param(0, low=0)
-    final_lr_fraction: float = param(0.0, low=0.0, high=1.0, sweep="static")
-    decay_rate: float = param(0.1, low=0.0, low_open=True, sweep="static")
+    eps: float = param(1e-8, low=0.0, low_open=True, doc="added to the denominator of adaptive optimizers")
+    weight_decay: float = param(0.0, low=0.0, doc="L2 coefficient (adam: in the gradient; adamw: decoupled)")
+    schedule: str = param("constant", choices=SCHEDULES, doc="learning-rate schedule (optax.schedules)")
+    warmup_steps: int = param(0, low=0, doc="linear warmup from 0, in optimizer updates")
+    final_lr_fraction: float = param(0.0, low=0.0, high=1.0, sweep="static", doc="where cosine/linear schedules end, as a fraction of lr")
+    decay_rate: float = param(0.1, low=0.0, low_open=True, sweep="static", doc="exponential/inverse_time/step decay: lr factor over the run or per drop")
     cycles: int = param(2, low=1, doc="SGDR restarts / step-schedule drops")
-    clip: str = param("none", choices=CLIPPING)
-    clip_threshold: float = param(1.0, low=0.0, low_open=True)
+    clip: str = param("none", choices=CLIPPING, doc="gradient clipping before the optimizer")
+    clip_threshold: float = param(1.0, low=0.0, low_open=True, doc="clipping threshold (global norm, value, or AGC ratio)")
     accumulate_steps: int = param(1, low=1, doc="optax.MultiSteps: one update per this many averaged gradients")
 
 
@@ -83,22 +83,22 @@ class OptimConfig:
 class DataConfig:
     """A synthetic task; `seed` fixes the data, the run's `seed` axis varies the init."""
 
-    task: str = param("regression", choices=TASKS)
-    examples: int = param(256, low=1)
+    task: str = param("regression", choices=TASKS, doc="synthetic teacher task")
+    examples: int = param(256, low=1, doc="training set size")
     batch_size: int = param(0, low=0, doc="0: full batch")
-    input_dim: int = param(64, low=1)
-    output_dim: int = param(1, low=1)
-    noise: float = param(0.0, low=0.0)
-    seed: int = param(0, low=0)
+    input_dim: int = param(64, low=1, doc="input features")
+    output_dim: int = param(1, low=1, doc="regression outputs, or classes")
+    noise: float = param(0.0, low=0.0, doc="std of the label noise")
+    seed: int = param(0, low=0, doc="fixes the data; the run's seed axis varies the init")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     """What every experiment's config has; experiments subclass it to add their own fields."""
 
-    seed: int = param(0, low=0, high=MAX_SEEDS, sweep="traced")
+    seed: int = param(0, low=0, high=MAX_SEEDS, sweep="traced", doc="PRNG seed of the init and the batches")
     seeds: int = param(1, low=1, high=MAX_SEEDS, doc="shorthand: a seed axis seed..seed+seeds-1")
-    steps: int = param(100, low=1)
+    steps: int = param(100, low=1, doc="training steps")
     chunk_steps: int = param(100, low=1, doc="steps per compiled chunk; a checkpoint after each")
     telemetry: str = param("layers", choices=("layers", "loss"), doc="per-layer statistics, or the loss alone")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -182,6 +182,39 @@ def field_info(schema: type) -> dict[str, FieldInfo]:
             out.update({f"{f.name}.{k}": v for k, v in field_info(tp).items()})
         else:
             out[f.name] = FieldInfo(tp, f.metadata)
+    return out
+
+
+class KeyDoc(typing.NamedTuple):
+    """One config key as `gradlab show NAME --doc` prints it."""
+
+    key: str
+    type: str
+    default: Any
+    allowed: str  # the choices or the bounds ("" where any value of the type goes)
+    sweep: str  # how a sweep over it runs: vmapped, compiled per value, ...
+    meaning: str
+
+
+SWEEP_WORDS = {"static": "compiled per value", "traced": "vmapped", "max": "vmapped (under a mask)",
+               "choice": "vmapped (as an index)"}
+
+
+def describe(schema: type) -> list[KeyDoc]:
+    """Every key of a config class: its type, default, allowed values or bounds, and meaning."""
+    defaults = schema()
+    out = []
+    for path, f in field_info(schema).items():
+        meta = f.metadata
+        if meta.get("choices") is not None:
+            allowed = ", ".join(map(str, meta["choices"]))
+        else:
+            low = "" if meta.get("low") is None else f"{'>' if meta.get('low_open') else '>='} {meta['low']}"
+            high = "" if meta.get("high") is None else f"<= {meta['high']}"
+            allowed = " and ".join(b for b in (low, high) if b)
+        kind = getattr(f.type, "__name__", str(f.type))
+        out.append(KeyDoc(path, kind, get_path(defaults, path), allowed, SWEEP_WORDS[sweep_mode(f)],
+                          meta.get("doc", "")))
     return out
 
 

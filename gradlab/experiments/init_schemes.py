@@ -71,10 +71,11 @@ TRAIN_STEPS = 100  # the training checks need at least this many steps
 class Config(ExperimentConfig):
     """ExperimentConfig plus the traced scheme and optimizer axes (they replace model.init, optim.name)."""
 
-    scheme: str = param("he_normal", choices=tuple(SCHEMES), sweep="choice")
+    scheme: str = param("he_normal", choices=tuple(SCHEMES), sweep="choice",
+                         doc="init scheme of the net (a named scheme: distribution, fan mode, gain)")
     optimizer: str = param("momentum", choices=OPTIMIZERS, sweep="choice",
                            doc="SGD with momentum at optim.lr, or Adam at adam_lr")
-    adam_lr: float = param(1e-3, low=0.0, low_open=True)
+    adam_lr: float = param(1e-3, low=0.0, low_open=True, doc="learning rate of the Adam runs")
 
     def validate(self) -> None:
         super().validate()

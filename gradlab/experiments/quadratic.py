@@ -50,7 +50,7 @@ LABELS = {"sgd": "GD", "momentum": "momentum", "nesterov": "Nesterov", "rmsprop"
 class Config(ExperimentConfig):
     """ExperimentConfig plus the surface and where the optimizers start."""
 
-    surface: str = param("bowl", choices=SURFACES, sweep="static")
+    surface: str = param("bowl", choices=SURFACES, sweep="static", doc="the loss surface the optimizers descend")
     start: tuple[float, float] = param((3.0, 2.0), doc="start on the bowl (w0, w1)")
     rosenbrock_start: tuple[float, float] = param((-1.2, 1.0), doc="start on Rosenbrock (w0, w1)")
 
@@ -273,7 +273,7 @@ def _contour_panel(ax, surface: str, chosen: dict[str, Path2D | None], start):
     levels = np.geomspace(max(z.min(), 1e-2), z.max(), 14)
     ax.contour(x, y, z, levels=levels, colors="0.7", linewidths=0.6)
     for name, p in chosen.items():
-        color = plotting.COLORS[list(LABELS).index(name)]
+        color = plotting.COLORS[list(LABELS).index(name) % len(plotting.COLORS)]
         if p is None:
             ax.plot([], [], color=color, ls=":", label=f"{LABELS[name]}: diverged at every η of the sweep")
             continue
