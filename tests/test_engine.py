@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import config, engine, results, trials
+from gradlab import config, engine, programs, results, trials
 from gradlab.config import ExperimentConfig
 
 BASE = """
@@ -80,13 +80,13 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
 
 def test_all_finite_sees_one_bad_entry_in_any_leaf():
     tree = {"w": jnp.ones((70, 70)), "b": jnp.zeros(3), "n": jnp.int32(7)}
-    assert bool(engine._all_finite(tree))
+    assert bool(programs._all_finite(tree))
     for leaf, index, bad in (("w", (69, 3), jnp.nan), ("w", (0, 0), jnp.inf), ("b", 2, -jnp.inf)):
         broken = dict(tree)
         broken[leaf] = tree[leaf].at[index].set(bad)
-        assert not bool(engine._all_finite(broken)), (leaf, bad)
+        assert not bool(programs._all_finite(broken)), (leaf, bad)
     # +inf in one leaf and -inf in another must not cancel
-    assert not bool(engine._all_finite({"a": jnp.array([jnp.inf]), "b": jnp.array([-jnp.inf])}))
+    assert not bool(programs._all_finite({"a": jnp.array([jnp.inf]), "b": jnp.array([-jnp.inf])}))
 
 
 def test_a_cpu_sweep_that_calls_lapack_is_warned_of_and_one_that_does_not_is_not():

@@ -14,7 +14,6 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -32,7 +31,7 @@ from gradlab.config.schema import (
     sections_of,
     sweep_mode,
 )
-from gradlab.config.files import MAX_CONFIG_BYTES, MAX_YAML_NODES, flatten, parse_override, read_yaml
+from gradlab.config.files import flatten, parse_override, read_yaml
 from gradlab.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
