@@ -5,174 +5,28 @@ Every error a user can cause is one line on stderr and exit code 2; Ctrl-C exits
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from gradlab import runtime
+from gradlab.cli_parser import UsageError, build_parser, overrides_first
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 CLAIM_WIDTH = 60  # `gradlab list` prints the claims in full
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise _UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
-
-
-class _UsageError(Exception):
-    pass
-
-
-SWEEP_EXAMPLES = """\
-examples:
-  gradlab run gradient_flow                              the experiment's default (quick) scale
-  gradlab run gradient_flow --scale paper                a preset of its config
-  gradlab run gradient_flow model.depth=32 seeds=8       key=value overrides (values read as YAML)
-  gradlab run gradient_flow 'model.activation=[tanh, relu]'        a list: a sweep axis
-  gradlab run lr_sweep 'optim.lr={logspace: [-4, -1, 16]}'         16 rates 1e-4..1e-1, one compile
-  gradlab run lr_sweep 'optim.lr={linspace: [0.01, 0.1, 10]}'      10 evenly spaced
-  gradlab run mine.yaml optim.lr=3e-4                    a config file of your own (see configs/)
-  gradlab show gradient_flow > mine.yaml                 a file that runs again unchanged
-  gradlab show gradient_flow --doc                       every key: type, default, allowed, meaning
-
-Values that only change numbers (rates, gains, init scheme, depth under a mask, seeds) are vmapped
-in one compiled program; values that change shapes or code (width, activation, norm, optimizer)
-compile once each."""
-
-
-def _environment_help() -> str:
-    width = max(len(name) for name, _ in runtime.ENVIRONMENT)
-    lines = [f"  {name:<{width}}  {meaning}" for name, meaning in runtime.ENVIRONMENT]
-    return "environment variables:\n" + "\n".join(lines)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def of(dist):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
-
-    from gradlab import __version__
-
-    return f"gradlab {__version__} (jax {of('jax')}, jaxlib {of('jaxlib')}, optax {of('optax')}, flax {of('flax')})"
-
-
-def _parser() -> argparse.ArgumentParser:
-    from gradlab import experiments
-
-    raw = argparse.RawDescriptionHelpFormatter
-    p = _Parser(prog="gradlab", description="Experiments on training dynamics, in JAX and Optax.",
-                epilog=f"{SWEEP_EXAMPLES}\n\n{_environment_help()}", formatter_class=raw)
-    p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    catalog = "experiments: " + ", ".join(experiments.names())
-    r = sub.add_parser("run", help="run an experiment: results, figure, checks", formatter_class=raw,
-                       description="Run an experiment or a config file, store its results, draw its figures and "
-                                   f"print its checks.\n\n{catalog}",
-                       epilog=f"{SWEEP_EXAMPLES}\n\n{_environment_help()}")
-    r.add_argument("experiment", metavar="EXPERIMENT|FILE",
-                   help="an experiment's name (`gradlab list`) or a config file naming one (`experiment: NAME`)")
-    r.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. model.depth=32 seeds=8; a list or {logspace: [lo, hi, n]} sweeps")
-    r.add_argument("--scale", help="a preset of the config (quick, paper)")
-    r.add_argument("--config", dest="config_file", help=argparse.SUPPRESS)  # the same as `gradlab run FILE`
-    r.add_argument("--out", default=".", help="folder for runs/ and figures/ (default: .)")
-    r.add_argument("--fresh", action="store_true", help="recompute, ignoring stored results and checkpoints (old results are kept until the new ones land)")
-    r.add_argument("--no-figure", action="store_true", help="store results only")
-    r.add_argument("--check", action="store_true", help="exit 1 if a check fails")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--dry-run", action="store_true",
-                   help="compile only: print sweep size, compiles, FLOPs and memory per device, then exit")
-    r.add_argument("--devices", type=int, metavar="N",
-                   help="CPU only: split the host into N devices to shard the sweep over "
-                        f"(default {runtime.DEFAULT_HOST_DEVICES})")
-    _scale_options(r)
-
-    rp = sub.add_parser("reproduce", help="run every experiment (stored results reused), redraw every figure, "
-                                          "print one table of checks")
-    rp.add_argument("--scale", help="a preset every config defines (quick, paper)")
-    rp.add_argument("--only", nargs="+", metavar="NAME|FILE", help="these experiments (or config files) only")
-    rp.add_argument("--out", default=".", help="folder for runs/ and figures/ (default: .)")
-    rp.add_argument("--check", action="store_true", help="exit 1 if any check fails")
-    rp.add_argument("--quiet", action="store_true", help="no progress bars")
-    rp.add_argument("--devices", type=int, metavar="N",
-                    help=f"CPU only: split the host into N devices (default {runtime.DEFAULT_HOST_DEVICES})")
-    _scale_options(rp)
-
-    sub.add_parser("list", help="the experiments and their claims")
-
-    c = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
-                       description="Print a completion script: experiments, config files and config keys.\n"
-                                   "  bash: gradlab completion bash > ~/.local/share/bash-completion/completions/gradlab\n"
-                                   "  zsh:  gradlab completion zsh > ~/.zfunc/_gradlab   (with ~/.zfunc on fpath)",
-                       formatter_class=raw)
-    c.add_argument("shell", choices=("bash", "zsh"))
-
-    s = sub.add_parser("show", help="print the resolved config, as a file `gradlab run` takes",
-                       description=f"Print the resolved config as a config file that runs again unchanged.\n\n{catalog}",
-                       formatter_class=raw)
-    s.add_argument("experiment", metavar="EXPERIMENT|FILE")
-    s.add_argument("overrides", nargs="*", metavar="key=value")
-    s.add_argument("--scale", help="a preset of the config (quick, paper, tiny)")
-    s.add_argument("--config", dest="config_file", help=argparse.SUPPRESS)
-    s.add_argument("--doc", action="store_true",
-                   help="every key instead: its type, default, allowed values or bounds and meaning")
-
-    pl = sub.add_parser("plot", help="redraw the figures of a stored run")
-    pl.add_argument("run_dir")
-    pl.add_argument("--out", default=".", help="figures go to OUT/figures (default: .)")
-    return p
-
-
-def _scale_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", type=float, metavar="GIB",
-                   help="GiB per device a sweep may use (default: what is free); a larger sweep runs in batches")
-    hosts = p.add_argument_group("several hosts (jax.distributed; run the same command on every host)")
-    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, the same on every host")
-    hosts.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
-    hosts.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1; process 0 writes the results")
-
-
 def _memory(args) -> int | None:
     if args.max_memory is None:
         return None
     if not args.max_memory > 0 or args.max_memory == float("inf"):
-        raise _UsageError(f"gradlab: error: --max-memory must be a positive number of GiB, got {args.max_memory}")
+        raise UsageError(f"gradlab: error: --max-memory must be a positive number of GiB, got {args.max_memory}")
     return int(args.max_memory * 2**30)
 
 
 def _distributed(args) -> None:
     """Join a jax.distributed cluster when --coordinator is given (before jax touches a device)."""
     runtime.distributed(args.coordinator, args.num_processes, args.process_id)
-
-
-def _overrides_first(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """`gradlab run NAME --out DIR key=value` means the same as `gradlab run NAME key=value --out DIR`."""
-    if len(argv) < 2 or argv[0] not in ("run", "show"):
-        return argv
-    sub = parser._subparsers._group_actions[0].choices[argv[0]]  # noqa: SLF001 (argparse has no public way)
-    takes_value = {s for a in sub._actions for s in a.option_strings if a.nargs is None}
-    head, overrides, options = [argv[0]], [], []
-    rest = iter(argv[1:])
-    for token in rest:
-        if token.startswith("-"):
-            options.append(token)
-            value = next(rest, None) if token in takes_value else None
-            if value is not None:
-                options.append(value)
-        elif "=" in token:
-            overrides.append(token)
-        elif len(head) == 1:
-            head.append(token)
-        else:
-            options.append(token)
-    return head + overrides + options
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -290,7 +144,7 @@ def _completion(args) -> int:
 
     names = experiments.names()
     keys = [key for name in names for key in config.field_info(experiments.get(name).Config)]
-    print(completion.script(_parser(), args.shell, names, keys))
+    print(completion.script(build_parser(), args.shell, names, keys))
     return 0
 
 
@@ -360,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _one_line_warnings()
     try:
-        parser = _parser()
-        args = parser.parse_args(_overrides_first(list(sys.argv[1:] if argv is None else argv), parser))
+        parser = build_parser()
+        args = parser.parse_args(overrides_first(list(sys.argv[1:] if argv is None else argv), parser))
         commands = {"run": _run, "reproduce": _reproduce, "list": _list, "show": _show, "plot": _plot,
                     "completion": _completion}
         return commands[args.command](args)
-    except (GradlabError, _UsageError) as e:
+    except (GradlabError, UsageError) as e:
         print(f"gradlab: error: {e}" if isinstance(e, GradlabError) else f"{e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
