@@ -28,12 +28,26 @@ from gradlab.experiments import gradient_flow
 from gradlab.trials import supervised_mlp
 
 
-def measure(depth: int, unroll: int, lrs: int, steps: int, repeats: int, telemetry: str = "loss") -> tuple[float, float]:
+def measure(
+    depth: int, unroll: int, lrs: int, steps: int, repeats: int, telemetry: str = "loss"
+) -> tuple[float, float]:
     overrides = [
-        f"model.depth={depth}", f"model.unroll={unroll}", "model.width=128", "model.activation=tanh",
-        "model.norm=none", "model.residual=false", "data.examples=256", "data.input_dim=128",
-        "optim.name=adamw", "optim.weight_decay=1e-4", "optim.clip=global_norm", "optim.clip_threshold=1.0",
-        f"optim.lr={{logspace: [-4, -1, {lrs}]}}", "seeds=1", f"steps={steps}", f"chunk_steps={steps}",
+        f"model.depth={depth}",
+        f"model.unroll={unroll}",
+        "model.width=128",
+        "model.activation=tanh",
+        "model.norm=none",
+        "model.residual=false",
+        "data.examples=256",
+        "data.input_dim=128",
+        "optim.name=adamw",
+        "optim.weight_decay=1e-4",
+        "optim.clip=global_norm",
+        "optim.clip_threshold=1.0",
+        f"optim.lr={{logspace: [-4, -1, {lrs}]}}",
+        "seeds=1",
+        f"steps={steps}",
+        f"chunk_steps={steps}",
         f"telemetry={telemetry}",
     ]
     spec = config.load("gradient_flow", gradient_flow.Config, overrides)
@@ -58,24 +72,35 @@ def measure(depth: int, unroll: int, lrs: int, steps: int, repeats: int, telemet
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--unrolls", type=int, nargs="+", default=[1, 2, 4, 0], help="0: straight-line layers (unroll = depth)")
+    parser.add_argument(
+        "--unrolls", type=int, nargs="+", default=[1, 2, 4, 0], help="0: straight-line layers (unroll = depth)"
+    )
     parser.add_argument("--lrs", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--telemetry", choices=["loss", "layers"], default="loss",
-                        help="what each step records (layers: gradlab's per-layer statistics, the experiments' default)")
+    parser.add_argument(
+        "--telemetry",
+        choices=["loss", "layers"],
+        default="loss",
+        help="what each step records (layers: gradlab's per-layer statistics, the experiments' default)",
+    )
     args = parser.parse_args()
     runtime.setup(cache=False)  # XLA as `gradlab run` sets it up; no cache, since compiles are timed
-    print(f"device: {jax.local_devices()[0].device_kind} x {len(jax.local_devices())}; "
-          f"{args.lrs} lrs x {args.steps} steps, width 128, telemetry={args.telemetry}, median of {args.repeats} runs")
+    print(
+        f"device: {jax.local_devices()[0].device_kind} x {len(jax.local_devices())}; "
+        f"{args.lrs} lrs x {args.steps} steps, width 128, telemetry={args.telemetry}, median of {args.repeats} runs"
+    )
     print(f"{'depth':>6}{'unroll':>8}{'compile s':>11}{'run s':>9}")
     table = {}
     for depth in args.depths:
         for unroll in args.unrolls:
             u = unroll or depth
             table[depth, unroll] = measure(depth, u, args.lrs, args.steps, args.repeats, args.telemetry)
-            print(f"{depth:>6}{('full' if unroll == 0 else unroll):>8}{table[depth, unroll][0]:>11.2f}"
-                  f"{table[depth, unroll][1]:>9.2f}", flush=True)
+            print(
+                f"{depth:>6}{('full' if unroll == 0 else unroll):>8}{table[depth, unroll][0]:>11.2f}"
+                f"{table[depth, unroll][1]:>9.2f}",
+                flush=True,
+            )
     lo, hi = min(args.depths), max(args.depths)
     for unroll in args.unrolls:
         growth = table[hi, unroll][0] / table[lo, unroll][0]
@@ -83,8 +108,10 @@ def main() -> None:
             print(f"full: compile({hi}) / compile({lo}) = {growth:.2f}")
             continue
         slower = max(table[d, unroll][1] / table[d, 0][1] for d in args.depths) if 0 in args.unrolls else float("nan")
-        print(f"unroll {unroll}: compile({hi}) / compile({lo}) = {growth:.2f} (target <= 2); "
-              f"worst run time vs fully unrolled = {slower:.2f} (target <= 1.10)")
+        print(
+            f"unroll {unroll}: compile({hi}) / compile({lo}) = {growth:.2f} (target <= 2); "
+            f"worst run time vs fully unrolled = {slower:.2f} (target <= 1.10)"
+        )
 
 
 if __name__ == "__main__":

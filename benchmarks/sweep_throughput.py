@@ -60,7 +60,9 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self._wall
         own = time.process_time() - self._cpu
         busy = busy_seconds()
-        self.others = float("nan") if busy is None or self._busy is None else max(0.0, (busy - self._busy - own) / self.seconds)
+        self.others = (
+            float("nan") if busy is None or self._busy is None else max(0.0, (busy - self._busy - own) / self.seconds)
+        )
         return False
 
 
@@ -83,13 +85,27 @@ def learning_rates(w: dict) -> np.ndarray:
 
 def overrides(w: dict) -> list[str]:
     return [
-        f"model.depth={w['layers'] - 1}", f"model.width={w['width']}", "model.activation=tanh",
-        "model.norm=none", "model.residual=false", "model.init=lecun_normal",
-        f"data.examples={w['batch']}", f"data.input_dim={w['width']}", "data.output_dim=1",
-        "optim.name=adamw", "optim.b1=0.9", "optim.b2=0.999", "optim.eps=1e-8", "optim.weight_decay=1e-4",
-        "optim.clip=global_norm", "optim.clip_threshold=1.0",
-        f"optim.lr={{logspace: [-4, -1, {w['lrs']}]}}", "seeds=1", f"steps={w['steps']}",
-        f"chunk_steps={w['steps']}", "telemetry=loss",
+        f"model.depth={w['layers'] - 1}",
+        f"model.width={w['width']}",
+        "model.activation=tanh",
+        "model.norm=none",
+        "model.residual=false",
+        "model.init=lecun_normal",
+        f"data.examples={w['batch']}",
+        f"data.input_dim={w['width']}",
+        "data.output_dim=1",
+        "optim.name=adamw",
+        "optim.b1=0.9",
+        "optim.b2=0.999",
+        "optim.eps=1e-8",
+        "optim.weight_decay=1e-4",
+        "optim.clip=global_norm",
+        "optim.clip_threshold=1.0",
+        f"optim.lr={{logspace: [-4, -1, {w['lrs']}]}}",
+        "seeds=1",
+        f"steps={w['steps']}",
+        f"chunk_steps={w['steps']}",
+        "telemetry=loss",
     ]
 
 
@@ -106,18 +122,28 @@ def run_gradlab(w: dict, shared: Path) -> dict:
     spec = config.load("gradient_flow", gradient_flow.Config, overrides(w))
     cfg = spec.config
     k_params, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))  # as trials.supervised_mlp's init does
-    params = models.init(k_params, models.MLPSpec.from_config(cfg.model, cfg.data.input_dim, 1),
-                         models.MLPHyper.from_config(cfg.model))
+    params = models.init(
+        k_params, models.MLPSpec.from_config(cfg.model, cfg.data.input_dim, 1), models.MLPHyper.from_config(cfg.model)
+    )
     task = data.make(cfg.data)
-    np.savez(shared, x=np.asarray(task.x), y=np.asarray(task.y),
-             w_in=np.asarray(params["input"]["w"]), w_hidden=np.asarray(params["hidden"]["w"]),
-             w_out=np.asarray(params["output"]["w"]))
+    np.savez(
+        shared,
+        x=np.asarray(task.x),
+        y=np.asarray(task.y),
+        w_in=np.asarray(params["input"]["w"]),
+        w_hidden=np.asarray(params["hidden"]["w"]),
+        w_out=np.asarray(params["output"]["w"]),
+    )
     with tempfile.TemporaryDirectory() as out, Stopwatch() as watch:
         outcome = gradlab.execute("gradient_flow", overrides(w), out=out, progress=False, draw=False)
     ds = outcome.dataset
-    return dict(seconds=float(ds.attrs["run_seconds"]), compile=float(ds.attrs["compile_seconds"]), others=watch.others,
-                losses=ds["loss"].transpose("optim.lr", "step").values.tolist(),
-                device=f"{ds.attrs['device_count']} x {ds.attrs['device_kind']}")
+    return dict(
+        seconds=float(ds.attrs["run_seconds"]),
+        compile=float(ds.attrs["compile_seconds"]),
+        others=watch.others,
+        losses=ds["loss"].transpose("optim.lr", "step").values.tolist(),
+        device=f"{ds.attrs['device_count']} x {ds.attrs['device_kind']}",
+    )
 
 
 def _torch_setup(shared: Path):
@@ -147,8 +173,12 @@ def run_torch_loop(w: dict, shared: Path) -> dict:
             net = torch.nn.Sequential(*layers)
             decay = [m.weight for m in net if isinstance(m, torch.nn.Linear)]
             keep = [m.bias for m in net if isinstance(m, torch.nn.Linear)]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4}, {"params": keep, "weight_decay": 0.0}],
-                                    lr=float(lr), betas=(0.9, 0.999), eps=1e-8)
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": 1e-4}, {"params": keep, "weight_decay": 0.0}],
+                lr=float(lr),
+                betas=(0.9, 0.999),
+                eps=1e-8,
+            )
             curve = []
             for _ in range(w["steps"]):
                 opt.zero_grad(set_to_none=True)
@@ -215,8 +245,9 @@ def run_torch_batched(w: dict, shared: Path) -> dict:
         for t in range(1, w["steps"] + 1):
             curves.append(compiled(params, m, v, torch.tensor(float(t))))
         losses = torch.stack(curves, dim=1).tolist()
-    return dict(seconds=watch.seconds, compile=compile_seconds, others=watch.others, losses=losses,
-                device="cpu (torch.compile)")
+    return dict(
+        seconds=watch.seconds, compile=compile_seconds, others=watch.others, losses=losses, device="cpu (torch.compile)"
+    )
 
 
 def run_peak(w: dict, shared: Path) -> dict:
@@ -240,8 +271,12 @@ def run_peak(w: dict, shared: Path) -> dict:
     return dict(gflops=best / 1e9)
 
 
-CONTENDERS = {"gradlab": run_gradlab, "torch_loop": run_torch_loop, "torch_batched": run_torch_batched,
-              "peak": run_peak}
+CONTENDERS = {
+    "gradlab": run_gradlab,
+    "torch_loop": run_torch_loop,
+    "torch_batched": run_torch_batched,
+    "peak": run_peak,
+}
 
 
 def child_env(name: str) -> dict:
@@ -267,17 +302,28 @@ def summarize(runs: list[dict]) -> dict:
     alone = [r for r in runs if not r["others"] > CONTENDED]
     kept = alone or runs
     times = sorted(r["seconds"] for r in kept)
-    return dict(best=times[0], median=float(np.median(times)), kept=len(kept), runs=len(runs),
-                compile=min(r["compile"] for r in runs),
-                peak_rss_mib=max(r["peak_rss_mib"] for r in runs), losses=runs[-1]["losses"])
+    return dict(
+        best=times[0],
+        median=float(np.median(times)),
+        kept=len(kept),
+        runs=len(runs),
+        compile=min(r["compile"] for r in runs),
+        peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
+        losses=runs[-1]["losses"],
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, metavar="N",
-                        help="rounds of every contender, each in a fresh process (default 3)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        metavar="N",
+        help="rounds of every contender, each in a fresh process (default 3)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=list(CONTENDERS))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--shared", help=argparse.SUPPRESS)
@@ -304,35 +350,56 @@ def main() -> None:
                 if name in args.skip:
                     continue
                 result_file = Path(tmp) / f"{name}.json"
-                proc = subprocess.run([sys.executable, __file__, *flags, "--child", name, "--shared", str(shared),
-                                       "--result", str(result_file)], env=child_env(name))
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        *flags,
+                        "--child",
+                        name,
+                        "--shared",
+                        str(shared),
+                        "--result",
+                        str(result_file),
+                    ],
+                    env=child_env(name),
+                )
                 if proc.returncode != 0:
                     print(f"{name}: failed (exit {proc.returncode})")
                     continue
                 result = json.loads(result_file.read_text())
                 runs.setdefault(name, []).append(result)
                 if "seconds" in result:
-                    print(f"  round {round_ + 1}: {name} {result['seconds']:.2f} s, other processes "
-                          f"kept {result['others']:.2f} cores busy", flush=True)
+                    print(
+                        f"  round {round_ + 1}: {name} {result['seconds']:.2f} s, other processes "
+                        f"kept {result['others']:.2f} cores busy",
+                        flush=True,
+                    )
     peak = max((r["gflops"] for r in runs.get("peak", [])), default=float("nan"))
     results = {name: summarize(r) for name, r in runs.items() if name != "peak"}
     print(f"\nrun s: best and median of the rounds in which other processes kept under {CONTENDED} cores busy")
-    print(f"{'contender':<16}{'best s':>9}{'median s':>10}{'rounds':>8}{'compile s':>11}{'GFLOP/s':>10}"
-          f"{'of peak':>9}{'peak RSS MiB':>14}")
+    print(
+        f"{'contender':<16}{'best s':>9}{'median s':>10}{'rounds':>8}{'compile s':>11}{'GFLOP/s':>10}"
+        f"{'of peak':>9}{'peak RSS MiB':>14}"
+    )
     for name in ("torch_loop", "torch_batched", "gradlab"):
         if name in results:
             r = results[name]
             rate = total / r["best"] / 1e9
-            print(f"{name:<16}{r['best']:>9.2f}{r['median']:>10.2f}{r['kept']:>4}/{r['runs']:<3}{r['compile']:>11.1f}"
-                  f"{rate:>10.1f}{rate / peak:>9.0%}{r['peak_rss_mib']:>14.0f}")
+            print(
+                f"{name:<16}{r['best']:>9.2f}{r['median']:>10.2f}{r['kept']:>4}/{r['runs']:<3}{r['compile']:>11.1f}"
+                f"{rate:>10.1f}{rate / peak:>9.0%}{r['peak_rss_mib']:>14.0f}"
+            )
     print(f"{'fp32 GEMM peak':<16}{'':>38}{peak:>10.1f}")
     if "gradlab" in results:
         g = results["gradlab"]
         for name, label in (("torch_loop", "(a)/(c)"), ("torch_batched", "(b)/(c)")):
             if name in results:
                 r = results[name]
-                print(f"speed-up of gradlab over {name} {label}: {r['best'] / g['best']:.2f}x best to best, "
-                      f"{r['median'] / g['median']:.2f}x median to median")
+                print(
+                    f"speed-up of gradlab over {name} {label}: {r['best'] / g['best']:.2f}x best to best, "
+                    f"{r['median'] / g['median']:.2f}x median to median"
+                )
         ref = np.asarray(g["losses"])
         for name in ("torch_loop", "torch_batched"):
             if name in results:
@@ -341,10 +408,12 @@ def main() -> None:
                 # steps), so the curves are compared where they should agree: early, and at small lr.
                 rel = np.abs(other - ref) / np.abs(ref)
                 low = slice(0, w["lrs"] // 2)
-                print(f"loss curves, {name} vs gradlab, max relative difference: {rel[low, :10].max():.1e} over the "
-                      f"first 10 steps of the low-lr half, {rel[0].max():.1e} over the whole curve at lr "
-                      f"{learning_rates(w)[0]:.0e}, {np.median(rel[low].max(axis=1)):.1e} median over the low-lr half; "
-                      f"final losses agree to {np.median(rel[:, -1]):.1e} (median over all lrs)")
+                print(
+                    f"loss curves, {name} vs gradlab, max relative difference: {rel[low, :10].max():.1e} over the "
+                    f"first 10 steps of the low-lr half, {rel[0].max():.1e} over the whole curve at lr "
+                    f"{learning_rates(w)[0]:.0e}, {np.median(rel[low].max(axis=1)):.1e} median over the low-lr half; "
+                    f"final losses agree to {np.median(rel[:, -1]):.1e} (median over all lrs)"
+                )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def mean_squared_output(out, batch) -> jax.Array:
     """The default loss: the mean of out ** 2 over every element of the output (all its leaves)."""
     del batch
     leaves = [telemetry.at_least_f32(jnp.asarray(o)) for o in jax.tree.leaves(out)]
-    total = sum(jnp.sum(jnp.square(o)) for o in leaves)
+    total = sum((jnp.sum(jnp.square(o)) for o in leaves), jnp.float32(0))  # starts from an array, not the int 0
     return total / sum(o.size for o in leaves)
 
 
@@ -174,7 +174,7 @@ def inputs(batch):
     raise ConfigError(f"batch: expected an array, a tuple (x, y, ...) or a dict with 'x', got {type(batch).__name__}")
 
 
-def loss_of(loss) -> Callable:
+def loss_of(loss: Callable | None) -> Callable:
     """loss(out, batch), checked to be a scalar and returned in float32; None: mean_squared_output."""
     if loss is None:
         return mean_squared_output

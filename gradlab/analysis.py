@@ -74,6 +74,12 @@ def inf_if_bad(x) -> np.ndarray:
     return np.where(np.isfinite(x), x, np.inf)
 
 
+def nan_if_bad(x) -> np.ndarray:
+    """x as floats with every non-finite entry set to NaN: a gap in a drawn line or bar, not a point."""
+    x = np.asarray(x, float)
+    return np.where(np.isfinite(x), x, np.nan)
+
+
 def tail_mean(x, tail: int, axis: int = -1) -> np.ndarray:
     """Mean over the last `tail` entries along `axis` (a step axis); non-finite means become +inf."""
     x = np.asarray(x, float)
@@ -106,3 +112,10 @@ def exponential_average(x, start: float, momentum: float) -> np.ndarray:
         s = momentum * s + (1.0 - momentum) * value
         out[k] = s
     return out
+
+
+def moving_average(x, window: int) -> np.ndarray:
+    """The running mean over `window` consecutive entries of the last axis (np.convolve's "valid"
+    part: window - 1 entries fewer), entry j averaging x[..., j : j + window]."""
+    kernel = np.ones(window) / window
+    return np.apply_along_axis(lambda row: np.convolve(row, kernel, mode="valid"), -1, np.asarray(x, float))

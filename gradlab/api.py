@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import xarray as xr
 
@@ -96,8 +97,16 @@ def execute(
             results.ensure_dir(ckpt)
             results.remove_stale_temporaries(run)
             results.write_text(run / "config.yaml", config.runnable_yaml(spec))
-        sweep = engine.run_sweep(module.trial, config.plan(spec), checkpoint_dir=ckpt, progress=progress and writer,
-                                 devices=devices, stop=stop, memory=memory, on_note=on_note if writer else None)
+        sweep = engine.run_sweep(
+            module.trial,
+            config.plan(spec),
+            checkpoint_dir=ckpt,
+            progress=progress and writer,
+            devices=devices,
+            stop=stop,
+            memory=memory,
+            on_note=on_note if writer else None,
+        )
         reference = module.reference(spec.config) if hasattr(module, "reference") else None
         ds = results.build_dataset(sweep, spec.to_dict(), spec.hash, reference=reference)
         if writer:
@@ -110,8 +119,15 @@ def execute(
     return Outcome(ds, run, found, figures, cached, measured)
 
 
-def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_file=None, devices=None,
-            memory: int | None = None) -> str:
+def dry_run(
+    experiment: str,
+    overrides=(),
+    scale: str | None = None,
+    *,
+    config_file=None,
+    devices=None,
+    memory: int | None = None,
+) -> str:
     """Compile every static group without running a step; a table of the sweep's cost."""
     import jax
 
@@ -121,11 +137,15 @@ def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_f
     devices = list(devices) if devices is not None else jax.devices()
     steps, chunk = spec.config.steps, min(spec.config.chunk_steps, spec.config.steps)
     chunks = -(-steps // chunk)
-    lines = [f"{experiment} (hash {spec.hash}): {plan.points} points in {len(plan.groups)} static groups "
-             f"(one compile each), {steps} steps in chunks of {chunk}, on {len(devices)} x {devices[0].device_kind}"]
+    lines = [
+        f"{experiment} (hash {spec.hash}): {plan.points} points in {len(plan.groups)} static groups "
+        f"(one compile each), {steps} steps in chunks of {chunk}, on {len(devices)} x {devices[0].device_kind}"
+    ]
     for axis in plan.static_axes + plan.traced_axes:
-        lines.append(f"  axis {axis.path} ({'compiled per value' if axis.mode == 'static' else 'vmapped'}): "
-                     f"{len(axis.values)} values")
+        lines.append(
+            f"  axis {axis.path} ({'compiled per value' if axis.mode == 'static' else 'vmapped'}): "
+            f"{len(axis.values)} values"
+        )
     header = f"  {'group':<40} {'points':>6} {'per device':>10} {'GFLOP':>10} {'memory/device':>14} {'compile s':>9}"
     lines.append(header)
     for group in plan.groups:
@@ -135,14 +155,18 @@ def dry_run(experiment: str, overrides=(), scale: str | None = None, *, config_f
         cost = cost[0] if isinstance(cost, list) else cost
         flops = float(cost.get("flops", 0.0)) * chunks * compiled.batches
         width = -(-group.points // len(devices))
-        lines.append(f"  {label[:40]:<40} {group.points:>6} {width:>10} {flops / 1e9:>10.2f} "
-                     f"{engine.group_bytes(compiled) / 2**20:>11.1f} MiB {compiled.compile_seconds:>9.1f}")
+        lines.append(
+            f"  {label[:40]:<40} {group.points:>6} {width:>10} {flops / 1e9:>10.2f} "
+            f"{engine.group_bytes(compiled) / 2**20:>11.1f} MiB {compiled.compile_seconds:>9.1f}"
+        )
         if compiled.batches > 1:
             lines.append(f"    {engine.split_note(compiled)}")
     return "\n".join(lines)
 
 
-def run(experiment: str, scale: str | None = None, *, overrides=(), out=".", fresh=False, progress=True, **kwargs) -> xr.Dataset:
+def run(
+    experiment: str, scale: str | None = None, *, overrides=(), out=".", fresh=False, progress=True, **kwargs
+) -> xr.Dataset:
     """Run an experiment and return its labelled results; draws nothing.
 
     Keyword arguments are overrides, `__` standing for a dot:

@@ -19,7 +19,8 @@ Reducing Internal Covariate Shift", Algorithms 1 and 2.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -91,11 +92,13 @@ def apply(params, stats, x, mask, spec: models.MLPSpec, hyper: models.MLPHyper, 
 
     def body(h, layer):
         index, p, s = layer
-        variables = {"params": {"dense": {"kernel": p["w"], "bias": p["b"]},
-                                "bn": {"scale": p["scale"], "bias": p["bias"]}},
-                     "batch_stats": {"bn": s}}
+        variables = {
+            "params": {"dense": {"kernel": p["w"], "bias": p["b"]}, "bn": {"scale": p["scale"], "bias": p["bias"]}},
+            "batch_stats": {"bn": s},
+        }
         result = block.apply(variables, h, residual, hyper.leaky_slope, mask, mutable=mutable)
-        (new, bn_in, bn_out), updated = result if train else (result, {"batch_stats": {"bn": s}})
+        # flax types apply's result as one union of `out` and `(out, updated)`; `mutable` decides which.
+        (new, bn_in, bn_out), updated = result if train else (cast(tuple, result), {"batch_stats": {"bn": s}})
         active = index < hyper.depth
         new = jnp.where(active, new, h)
         s = jax.tree.map(lambda n, o: jnp.where(active, n, o), updated["batch_stats"]["bn"], s)
@@ -136,8 +139,10 @@ def net(spec: models.MLPSpec, momentum: float) -> Net:
     for spec.norm == "batchnorm", else models.py's with no statistics ({}) and no moments (None),
     the same in training and inference."""
     if spec.norm == "batchnorm":
-        return Net(lambda key, hyper: init(key, spec, hyper),
-                   lambda p, s, x, mask, hyper, train: apply(p, s, x, mask, spec, hyper, train, momentum))
+        return Net(
+            lambda key, hyper: init(key, spec, hyper),
+            lambda p, s, x, mask, hyper, train: apply(p, s, x, mask, spec, hyper, train, momentum),
+        )
 
     def per_example(p, s, x, mask, hyper, train):
         del mask, train  # per-example norms: no batch statistics

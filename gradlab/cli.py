@@ -75,18 +75,31 @@ def _run(args) -> int:
 
     start = time.perf_counter()
     outcome = api.execute(
-        args.experiment, args.overrides, args.scale, out=args.out, fresh=args.fresh,
-        progress=not args.quiet, draw=not args.no_figure, config_file=args.config_file,
-        stop=_stop_on_ctrl_c(), memory=memory, on_note=lambda note: print(f"note: {note}", flush=True),
+        args.experiment,
+        args.overrides,
+        args.scale,
+        out=args.out,
+        fresh=args.fresh,
+        progress=not args.quiet,
+        draw=not args.no_figure,
+        config_file=args.config_file,
+        stop=_stop_on_ctrl_c(),
+        memory=memory,
+        on_note=lambda note: print(f"note: {note}", flush=True),
     )
     if jax.process_index() != 0:
-        print(f"process {jax.process_index()} of {jax.process_count()}: done in {time.perf_counter() - start:.1f} s; "
-              "process 0 writes the results")
+        print(
+            f"process {jax.process_index()} of {jax.process_count()}: done in {time.perf_counter() - start:.1f} s; "
+            "process 0 writes the results"
+        )
         return 0
     ds = outcome.dataset
-    print(f"{args.experiment}: {'reused stored results' if outcome.cached else 'ran'} in {time.perf_counter() - start:.1f} s"
-          f" ({ds.attrs['static_groups']} compiled groups, compile {ds.attrs['compile_seconds']:.1f} s,"
-          f" run {ds.attrs['run_seconds']:.1f} s on {ds.attrs['device_count']} x {ds.attrs['device_kind']})")
+    print(
+        f"{args.experiment}: {'reused stored results' if outcome.cached else 'ran'}"
+        f" in {time.perf_counter() - start:.1f} s"
+        f" ({ds.attrs['static_groups']} compiled groups, compile {ds.attrs['compile_seconds']:.1f} s,"
+        f" run {ds.attrs['run_seconds']:.1f} s on {ds.attrs['device_count']} x {ds.attrs['device_kind']})"
+    )
     diverged = int(ds["diverged"].sum())
     if diverged:
         print(f"diverged points: {diverged} of {ds['diverged'].size} (marked in the results and figures)")
@@ -109,8 +122,9 @@ def reproduce_table(rows) -> str:
             table.append([head[0], head[1], "error: " + r.error, "", "", "FAIL", head[2]])
         for k, c in enumerate(r.checks):
             first = head if k == 0 else ["", "", ""]
-            table.append([first[0], first[1], c.name, f"{c.measured:.4g}", c.expected,
-                          "pass" if c.passed else "FAIL", first[2]])
+            table.append(
+                [first[0], first[1], c.name, f"{c.measured:.4g}", c.expected, "pass" if c.passed else "FAIL", first[2]]
+            )
     return _table(table, ["experiment", "claim", "check", "measured", "expected", "result", "time"])
 
 
@@ -130,12 +144,22 @@ def _reproduce(args) -> int:
         how = "stored results" if row.cached else "ran"
         print(f"[{i + 1}/{n}] {row.experiment}: {state} ({how}, {row.seconds:.0f} s)", flush=True)
 
-    rows = api.reproduce(args.scale, args.only, out=args.out, progress=not args.quiet, stop=_stop_on_ctrl_c(),
-                         on_start=started, on_done=finished, memory=memory)
+    rows = api.reproduce(
+        args.scale,
+        args.only,
+        out=args.out,
+        progress=not args.quiet,
+        stop=_stop_on_ctrl_c(),
+        on_start=started,
+        on_done=finished,
+        memory=memory,
+    )
     print(reproduce_table(rows))
     failed = [r.experiment for r in rows if not r.passed]
-    print(f"{len(rows) - len(failed)} of {len(rows)} experiments pass all checks in {time.perf_counter() - start:.0f} s"
-          + (f"; failing: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{len(rows) - len(failed)} of {len(rows)} experiments pass all checks in {time.perf_counter() - start:.0f} s"
+        + (f"; failing: {', '.join(failed)}" if failed else "")
+    )
     return 1 if (args.check and failed) else 0
 
 
@@ -157,9 +181,7 @@ def _list(args) -> int:
 
 
 def _show(args) -> int:
-    from gradlab import api
-
-    from gradlab import config, experiments
+    from gradlab import api, config, experiments
 
     spec = api.resolve(args.experiment, args.overrides, args.scale, args.config_file)
     if not args.doc:
@@ -176,7 +198,11 @@ def _show(args) -> int:
 def _value(spec, key: str):
     axis = spec.axis(key)
     if axis is not None:
-        return list(axis.values) if len(axis.values) <= 6 else f"[{axis.values[0]} .. {axis.values[-1]}] ({len(axis.values)})"
+        return (
+            list(axis.values)
+            if len(axis.values) <= 6
+            else f"[{axis.values[0]} .. {axis.values[-1]}] ({len(axis.values)})"
+        )
     from gradlab import config
 
     return config.get_path(spec.config, key)
@@ -216,8 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(overrides_first(list(sys.argv[1:] if argv is None else argv), parser))
-        commands = {"run": _run, "reproduce": _reproduce, "list": _list, "show": _show, "plot": _plot,
-                    "completion": _completion}
+        commands = {
+            "run": _run,
+            "reproduce": _reproduce,
+            "list": _list,
+            "show": _show,
+            "plot": _plot,
+            "completion": _completion,
+        }
         return commands[args.command](args)
     except (GradlabError, UsageError) as e:
         print(f"gradlab: error: {e}" if isinstance(e, GradlabError) else f"{e}", file=sys.stderr)

@@ -52,7 +52,7 @@ def script(parser: argparse.ArgumentParser, shell: str, names: list[str], keys: 
             action.complete = {"bash": "_gradlab_keys", "zsh": "_gradlab_keys"}  # type: ignore[attr-defined]
         elif action.dest in ("run_dir", "out", "config_file"):
             action.complete = shtab.DIRECTORY if action.dest != "config_file" else shtab.FILE  # type: ignore[attr-defined]
-    return shtab.complete(parser, shell=shell, preamble=_preamble(names, keys))
+    return shtab.complete(parser, shell=shell, preamble=_preamble(names, keys).get(shell, ""))
 
 
 def _actions(parser: argparse.ArgumentParser):

@@ -13,9 +13,10 @@ reports NaN metrics from then on; the other points are untouched.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +26,21 @@ from gradlab import results
 from gradlab.config import Plan
 from gradlab.errors import ResultsError, SweepTooLarge  # noqa: F401 (SweepTooLarge is re-exported)
 from gradlab.programs import (  # noqa: F401 (re-exported: the engine's public names)
-    _put,
-    _get,
-    _same_on_every_process,
-    default_dims,
+    LANE_MULTIPLE,
     CompiledGroup,
-    fit_group,
-    split_note,
+    _get,
+    _put,
+    _same_on_every_process,
+    available_bytes,
     compile_group,
+    default_dims,
+    device_bytes,
+    fit_group,
     group_bytes,
+    lanes_per_device,
     program_bytes,
     size,
-    lanes_per_device,
-    LANE_MULTIPLE,
-    available_bytes,
-    device_bytes,
+    split_note,
 )
 
 
@@ -89,7 +90,7 @@ def _restore(path: Path, group: CompiledGroup):
     if any(a is None or a.shape != s.shape for a, s in zip(leaves, leaves_shape)):
         raise ResultsError(f"{path}: checkpoint does not match this program; rerun with --fresh")
     carry = _put(jax.tree.unflatten(treedef, leaves), group.sharding)
-    metrics = {k[len("metric."):]: [v] for k, v in arrays.items() if k.startswith("metric.")}
+    metrics = {k[len("metric.") :]: [v] for k, v in arrays.items() if k.startswith("metric.")}
     return int(arrays["t"]), carry, metrics
 
 
@@ -207,6 +208,7 @@ def run_sweep(
         bar.set_description(f"group {g + 1}/{len(plan.groups)}")
         ckpt = checkpoint_dir / f"group-{g:04d}.ckpt.npz" if checkpoint_dir is not None else None
         trial = trial_fn(group.config)
+
         def tick(n):
             bar.update(n)
             if stop is not None and stop():

@@ -86,8 +86,9 @@ def weight_from_normal(z, scheme, init_std, init_gain):
         unit = units[int(_TABLE[scheme, 2])]()
     else:
         distribution = jnp.asarray(_TABLE)[scheme, 2]
-        unit = jnp.select([distribution == NORMAL, distribution == UNIFORM], [units[NORMAL](), units[UNIFORM]()],
-                          units[ORTHOGONAL]())
+        unit = jnp.select(
+            [distribution == NORMAL, distribution == UNIFORM], [units[NORMAL](), units[UNIFORM]()], units[ORTHOGONAL]()
+        )
     return weight_std(scheme, fan_in, fan_out, init_std, init_gain) * unit
 
 

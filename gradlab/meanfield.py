@@ -19,7 +19,8 @@ weight exp(-z^2/2)); every function broadcasts over numpy arrays of sigma_w^2, s
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from numpy.polynomial.hermite_e import hermegauss
@@ -47,7 +48,10 @@ ACTIVATIONS = {
 }
 
 
-def activation(name_or_fns) -> Activation:
+ActivationLike = str | Activation | tuple[Callable, Callable, Callable]  # a name in ACTIVATIONS, or the functions
+
+
+def activation(name_or_fns: ActivationLike) -> Activation:
     """An Activation from its name in ACTIVATIONS, or the (phi, dphi, d2phi) given."""
     if isinstance(name_or_fns, Activation):
         return name_or_fns
@@ -58,7 +62,7 @@ def activation(name_or_fns) -> Activation:
     return Activation(*name_or_fns)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gauss_hermite(degree: int = DEGREE) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights with sum(w f(z)) ~ E[f(z)], z ~ N(0, 1)."""
     nodes, weights = hermegauss(degree)
@@ -85,13 +89,13 @@ def expect_pair(f: Callable, g: Callable, q, c, degree: int = DEGREE_2D) -> np.n
     return np.sum(w2 * f(u1) * g(u2), axis=(-2, -1))
 
 
-def q_map(q, sigma_w2, sigma_b2, act="tanh") -> np.ndarray:
+def q_map(q, sigma_w2, sigma_b2, act: ActivationLike = "tanh") -> np.ndarray:
     """The length map q -> sigma_w^2 E[phi(sqrt(q) z)^2] + sigma_b^2."""
     phi = activation(act).phi
     return sigma_w2 * expect(lambda u: phi(u) ** 2, q) + sigma_b2
 
 
-def q_profile(q0, sigma_w2, sigma_b2, layers: int, act="tanh") -> np.ndarray:
+def q_profile(q0, sigma_w2, sigma_b2, layers: int, act: ActivationLike = "tanh") -> np.ndarray:
     """q^0, q^1, ..., q^layers under the length map: shape (layers + 1, *broadcast shape)."""
     q = np.broadcast_arrays(np.asarray(q0, float), np.asarray(sigma_w2, float), np.asarray(sigma_b2, float))[0]
     out = [q]
@@ -100,13 +104,15 @@ def q_profile(q0, sigma_w2, sigma_b2, layers: int, act="tanh") -> np.ndarray:
     return np.stack(out)
 
 
-def q_map_slope(q, sigma_w2, act="tanh") -> np.ndarray:
+def q_map_slope(q, sigma_w2, act: ActivationLike = "tanh") -> np.ndarray:
     """d q_map / dq = sigma_w^2 E[phi'^2 + phi phi''] (Stein's lemma twice)."""
     a = activation(act)
     return sigma_w2 * expect(lambda u: a.dphi(u) ** 2 + a.phi(u) * a.d2phi(u), q)
 
 
-def q_star(sigma_w2, sigma_b2, act="tanh", q0=1.0, tol=1e-12, max_iter=300, newton_iter=200) -> np.ndarray:
+def q_star(
+    sigma_w2, sigma_b2, act: ActivationLike = "tanh", q0=1.0, tol=1e-12, max_iter=300, newton_iter=200
+) -> np.ndarray:
     """The stable fixed point of the length map, by fixed-point iteration from q0.
 
     Points still moving after max_iter iterations (near sigma_w^2 = 1, sigma_b^2 = 0, where
@@ -141,19 +147,19 @@ def q_star(sigma_w2, sigma_b2, act="tanh", q0=1.0, tol=1e-12, max_iter=300, newt
     return q.reshape(shape)
 
 
-def chi_1(sigma_w2, q, act="tanh") -> np.ndarray:
+def chi_1(sigma_w2, q, act: ActivationLike = "tanh") -> np.ndarray:
     """sigma_w^2 E[phi'(sqrt(q) z)^2]: the per-layer factor of the squared gradient at length q."""
     dphi = activation(act).dphi
     return sigma_w2 * expect(lambda u: dphi(u) ** 2, q)
 
 
-def c_map(c, q, sigma_w2, sigma_b2, act="tanh") -> np.ndarray:
+def c_map(c, q, sigma_w2, sigma_b2, act: ActivationLike = "tanh") -> np.ndarray:
     """The correlation map at the fixed length q (= q*)."""
     phi = activation(act).phi
     return (sigma_w2 * expect_pair(phi, phi, q, c) + sigma_b2) / q
 
 
-def c_star(sigma_w2, sigma_b2, act="tanh", q=None, iters: int = 40) -> np.ndarray:
+def c_star(sigma_w2, sigma_b2, act: ActivationLike = "tanh", q=None, iters: int = 40) -> np.ndarray:
     """The stable fixed point of the correlation map: 1 where chi_1 <= 1 (ordered), otherwise
     the root of c_map(c) - c in [0, 1) by bisection (c_map(0) - c >= 0 > c_map(1-) - c there)."""
     q = q_star(sigma_w2, sigma_b2, act) if q is None else np.asarray(q, float)
@@ -170,7 +176,7 @@ def c_star(sigma_w2, sigma_b2, act="tanh", q=None, iters: int = 40) -> np.ndarra
     return out
 
 
-def chi_c(sigma_w2, sigma_b2, act="tanh", q=None, c=None) -> np.ndarray:
+def chi_c(sigma_w2, sigma_b2, act: ActivationLike = "tanh", q=None, c=None) -> np.ndarray:
     """sigma_w^2 E[phi'(u1) phi'(u2)] at (q*, c*): the slope of the correlation map at c*."""
     q = q_star(sigma_w2, sigma_b2, act) if q is None else np.asarray(q, float)
     c = c_star(sigma_w2, sigma_b2, act, q) if c is None else np.asarray(c, float)
@@ -178,12 +184,12 @@ def chi_c(sigma_w2, sigma_b2, act="tanh", q=None, c=None) -> np.ndarray:
     return sigma_w2 * expect_pair(dphi, dphi, q, c)
 
 
-def xi_c(sigma_w2, sigma_b2, act="tanh", q=None, c=None) -> np.ndarray:
+def xi_c(sigma_w2, sigma_b2, act: ActivationLike = "tanh", q=None, c=None) -> np.ndarray:
     """The correlation depth scale -1 / ln chi_c (Schoenholz et al. 2017, eq. 9)."""
     return -1.0 / np.log(chi_c(sigma_w2, sigma_b2, act, q, c))
 
 
-def xi_q(sigma_w2, sigma_b2, act="tanh", q=None) -> np.ndarray:
+def xi_q(sigma_w2, sigma_b2, act: ActivationLike = "tanh", q=None) -> np.ndarray:
     """The length depth scale (Schoenholz et al. 2017, eq. 7)."""
     q = q_star(sigma_w2, sigma_b2, act) if q is None else np.asarray(q, float)
     a = activation(act)
@@ -191,13 +197,13 @@ def xi_q(sigma_w2, sigma_b2, act="tanh", q=None) -> np.ndarray:
     return -1.0 / np.log(slope)
 
 
-def dphi2_moment(q, k: int, act="tanh") -> np.ndarray:
+def dphi2_moment(q, k: int, act: ActivationLike = "tanh") -> np.ndarray:
     """E[phi'(sqrt(q) z)^(2k)]: the k-th moment of the squared diagonal D^2 of a layer's Jacobian."""
     dphi = activation(act).dphi
     return expect(lambda u: dphi(u) ** (2 * k), q)
 
 
-def critical_line(q, act="tanh") -> tuple[np.ndarray, np.ndarray]:
+def critical_line(q, act: ActivationLike = "tanh") -> tuple[np.ndarray, np.ndarray]:
     """(sigma_w^2, sigma_b^2) of the edge of chaos parametrised by its fixed point q*: chi_1 = 1
     gives sigma_w^2 = 1 / E[phi'(sqrt(q) z)^2], and q = q_map(q) then gives
     sigma_b^2 = q - sigma_w^2 E[phi(sqrt(q) z)^2] (Poole et al. 2016, Fig. 2)."""
@@ -206,12 +212,14 @@ def critical_line(q, act="tanh") -> tuple[np.ndarray, np.ndarray]:
     return sigma_w2, np.asarray(q, float) - sigma_w2 * expect(lambda u: a.phi(u) ** 2, q)
 
 
-def critical_sigma_w2(sigma_b2=0.0, act="tanh", lo: float = 0.5, hi: float = 4.0, iters: int = 40) -> np.ndarray:
+def critical_sigma_w2(
+    sigma_b2=0.0, act: ActivationLike = "tanh", lo: float = 0.5, hi: float = 4.0, iters: int = 40
+) -> np.ndarray:
     """The sigma_w^2 in [lo, hi] where chi_1 at the fixed point q* crosses 1, at each sigma_b^2, by bisection."""
     sigma_b2 = np.asarray(sigma_b2, float)
-    lo, hi = np.full(sigma_b2.shape, lo), np.full(sigma_b2.shape, hi)
+    below, above = np.full(sigma_b2.shape, lo), np.full(sigma_b2.shape, hi)
     for _ in range(iters):
-        mid = 0.5 * (lo + hi)
+        mid = 0.5 * (below + above)
         chaotic = chi_1(mid, q_star(mid, sigma_b2, act), act) > 1.0
-        lo, hi = np.where(chaotic, lo, mid), np.where(chaotic, mid, hi)
-    return 0.5 * (lo + hi)
+        below, above = np.where(chaotic, below, mid), np.where(chaotic, mid, above)
+    return 0.5 * (below + above)

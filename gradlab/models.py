@@ -27,7 +27,6 @@ import numpy as np
 from gradlab import inits, sums
 from gradlab.norms import apply_norm, at_least_f32
 
-
 STRAIGHT_LINE_DEPTH = 16
 ACTIVATIONS = ("tanh", "relu", "leaky_relu", "gelu", "sigmoid", "linear")  # activation_fn's names
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes of apply; params stay float32
@@ -63,11 +62,18 @@ class MLPSpec:
     remat: bool = False
 
     @classmethod
-    def from_config(cls, model, in_dim: int, out_dim: int) -> "MLPSpec":
+    def from_config(cls, model, in_dim: int, out_dim: int) -> MLPSpec:
         return cls(
-            in_dim=in_dim, out_dim=out_dim, depth=model.depth, width=model.width,
-            activation=model.activation, norm=model.norm, norm_position=model.norm_position,
-            dtype=model.dtype, unroll=model.unroll or auto_unroll(model.depth), final_norm=model.final_norm,
+            in_dim=in_dim,
+            out_dim=out_dim,
+            depth=model.depth,
+            width=model.width,
+            activation=model.activation,
+            norm=model.norm,
+            norm_position=model.norm_position,
+            dtype=model.dtype,
+            unroll=model.unroll or auto_unroll(model.depth),
+            final_norm=model.final_norm,
             remat=model.remat,
         )
 
@@ -99,11 +105,11 @@ class MLPHyper(NamedTuple):
     leaky_slope: jax.Array | float
 
     @classmethod
-    def from_hp(cls, hp: dict, prefix: str = "model.") -> "MLPHyper":
+    def from_hp(cls, hp: dict, prefix: str = "model.") -> MLPHyper:
         return cls(*(hp[prefix + name] for name in cls._fields))
 
     @classmethod
-    def from_config(cls, model) -> "MLPHyper":
+    def from_config(cls, model) -> MLPHyper:
         values = {name: getattr(model, name) for name in cls._fields}
         values["init"] = inits.scheme_index(model.init)
         return cls(**values)
@@ -125,7 +131,7 @@ def _unstack(tree, n: int) -> list:
     return [treedef.unflatten([jnp.squeeze(part[i], 0) for part in parts]) for i in range(n)]
 
 
-def activation_fn(name: str, leaky_slope=0.01):
+def activation_fn(name: str, leaky_slope: jax.Array | float = 0.01):
     table = {
         "tanh": jnp.tanh,
         "relu": jax.nn.relu,
@@ -262,9 +268,7 @@ def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None =
     if probed:
         out = out + probes["output"].astype(dtype)
     taps_out = _layer_taps(out, out)
-    taps = {
-        k: jnp.concatenate([taps_in[k][None], taps_hidden[k], taps_out[k][None]]) for k in taps_in
-    }
+    taps = {k: jnp.concatenate([taps_in[k][None], taps_hidden[k], taps_out[k][None]]) for k in taps_in}
     return at_least_f32(out), taps
 
 
@@ -289,6 +293,7 @@ def layer_mask(spec: MLPSpec, hyper: MLPHyper) -> jax.Array:
 
 def probe_rms(probe_grads: dict) -> jax.Array:
     """RMS of dL/dh per layer from the gradient w.r.t. `zero_probes`: shape (layers,)."""
+
     def rms(stack):
         return jnp.sqrt(sums.row_means(jnp.square(at_least_f32(stack))))
 

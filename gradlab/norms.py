@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 NORMS = ("none", "layernorm", "rmsnorm")  # the kinds apply_norm knows
 
+
 def at_least_f32(x):
     """x in float32, or in float64 if it already is: reductions never run in half precision."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
+from matplotlib.rcsetup import cycler  # matplotlib.cycler, which the stubs do not export
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType  # for the checker only: recent matplotlib releases alone define it
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -14,7 +19,7 @@ import numpy as np  # noqa: E402
 from gradlab.results import atomic_write  # noqa: E402
 
 COLORS = ["#1b6ca8", "#d1495b", "#66a182", "#edae49", "#8d6a9f", "#2e4057", "#00798c", "#a05a2c"]
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 9,
     "axes.titlesize": 10,
     "axes.labelsize": 9,
@@ -24,7 +29,7 @@ STYLE = {
     "axes.grid": True,
     "grid.alpha": 0.25,
     "lines.linewidth": 1.4,
-    "axes.prop_cycle": matplotlib.cycler(color=COLORS),
+    "axes.prop_cycle": cycler(color=COLORS),
     "savefig.bbox": "tight",
 }
 
@@ -61,8 +66,22 @@ def note(ax, text: str, loc: str = "upper left"):
     """A small boxed annotation in a panel corner: where the measured number goes."""
     x, ha = (0.03, "left") if "left" in loc else (0.97, "right")
     y, va = (0.97, "top") if "upper" in loc else (0.03, "bottom")
-    ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, fontsize=7.5,
-            bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="0.8", alpha=0.9))
+    ax.text(
+        x,
+        y,
+        text,
+        transform=ax.transAxes,
+        ha=ha,
+        va=va,
+        fontsize=7.5,
+        bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="0.8", alpha=0.9),
+    )
+
+
+def value_ticks(ax, values):
+    """x ticks at exactly `values`, labelled with them, no minor ticks: a log axis over a few swept values."""
+    ax.set_xticks(values, [str(v) for v in values])
+    ax.minorticks_off()
 
 
 def legend_outside(fig, ax, **kw):

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 # ----------------------------------------------------------------------------- number formats
 
@@ -56,8 +57,12 @@ def format_range(exponent_bits: int, mantissa_bits: int) -> FloatRange:
     """The range an IEEE-754-style format has by construction: bias b = 2^(e-1) - 1, smallest
     normal 2^(1-b), smallest subnormal 2^(1-b-m), largest (2 - 2^-m) 2^b, eps 2^-m."""
     bias = 2 ** (exponent_bits - 1) - 1
-    return FloatRange(2.0 ** (1 - bias - mantissa_bits), 2.0 ** (1 - bias), (2.0 - 2.0**-mantissa_bits) * 2.0**bias,
-                      2.0**-mantissa_bits)
+    return FloatRange(
+        2.0 ** (1 - bias - mantissa_bits),
+        2.0 ** (1 - bias),
+        (2.0 - 2.0**-mantissa_bits) * 2.0**bias,
+        2.0**-mantissa_bits,
+    )
 
 
 def flushes_to_zero(g, dtype=jnp.float16) -> jax.Array:
@@ -130,7 +135,7 @@ def _cat(tree) -> jax.Array:
     return jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
 
 
-def gradient_stats(grads: dict, act_grads: dict, dtype=jnp.float16) -> dict:
+def gradient_stats(grads, act_grads, dtype=jnp.float16) -> dict:
     """What rounding float32 gradients to `dtype` does: the fractions of weight-gradient ("grad_") and
     activation-gradient dL/dh ("act_grad_") entries that are zero, flush to zero and land subnormal,
     and their log2 histograms over GRAD_BINS (as fractions of all entries)."""
@@ -146,11 +151,12 @@ def gradient_stats(grads: dict, act_grads: dict, dtype=jnp.float16) -> dict:
     return out
 
 
-def update_stats(w32: dict, w16: dict, updates: dict) -> dict:
+def update_stats(params32, params16, updates) -> dict:
     """What adding `updates` loses on float32 and on float16 weights (w + u == w), measured and in
     closed form (`update_lost`), as sums of |u|; and the histograms of |u| / (gap / 2) over
-    HALF_GAP_BINS (u in float32 for both: below 1 an update is lost)."""
-    w32, w16, u = _cat(w32), _cat(w16), _cat(updates)
+    HALF_GAP_BINS (u in float32 for both: below 1 an update is lost). Each argument a pytree of
+    arrays, the three of one structure."""
+    w32, w16, u = _cat(params32), _cat(params16), _cat(updates)
     u16 = u.astype(jnp.float16)
     moved = u != 0
     mass = jnp.abs(u)
@@ -187,7 +193,7 @@ class LossScalingState(NamedTuple):
     inner: Any
 
 
-def init(initial_scale) -> LossScaleState:
+def init(initial_scale: ArrayLike) -> LossScaleState:
     """A fresh loss scale (a number or a traced scalar)."""
     return LossScaleState(jnp.asarray(initial_scale, jnp.float32), jnp.int32(0), jnp.int32(0))
 
@@ -211,11 +217,11 @@ def unscale(grads, state: LossScaleState):
 
 def adjust(
     state: LossScaleState,
-    finite,
-    growth_interval,
-    growth_factor=2.0,
-    backoff_factor=0.5,
-    min_scale=1.0,
+    finite: ArrayLike,
+    growth_interval: ArrayLike,
+    growth_factor: ArrayLike = 2.0,
+    backoff_factor: ArrayLike = 0.5,
+    min_scale: ArrayLike = 1.0,
 ) -> LossScaleState:
     """The scale after a step whose gradients were `finite` (or not).
 
@@ -253,12 +259,12 @@ def replay_dynamic_scale(first: float, nonfinite: np.ndarray, growth_interval: i
 
 def loss_scaling(
     inner: optax.GradientTransformation,
-    initial_scale=2.0**15,
-    growth_interval=2000,
-    growth_factor=2.0,
-    backoff_factor=0.5,
-    min_scale=1.0,
-    skip_nonfinite=True,
+    initial_scale: ArrayLike = 2.0**15,
+    growth_interval: ArrayLike = 2000,
+    growth_factor: ArrayLike = 2.0,
+    backoff_factor: ArrayLike = 0.5,
+    min_scale: ArrayLike = 1.0,
+    skip_nonfinite: ArrayLike = True,
 ) -> optax.GradientTransformation:
     """Wrap `inner` so it takes gradients of the scaled loss.
 
@@ -278,11 +284,13 @@ def loss_scaling(
     Raises:
       ValueError: a Python-number argument out of range (checked when built).
     """
-    for name, value, ok in (("initial_scale", initial_scale, lambda v: v > 0),
-                            ("growth_interval", growth_interval, lambda v: v >= 1),
-                            ("growth_factor", growth_factor, lambda v: v >= 1),
-                            ("backoff_factor", backoff_factor, lambda v: 0 < v <= 1),
-                            ("min_scale", min_scale, lambda v: v > 0)):
+    for name, value, ok in (
+        ("initial_scale", initial_scale, lambda v: v > 0),
+        ("growth_interval", growth_interval, lambda v: v >= 1),
+        ("growth_factor", growth_factor, lambda v: v >= 1),
+        ("backoff_factor", backoff_factor, lambda v: 0 < v <= 1),
+        ("min_scale", min_scale, lambda v: v > 0),
+    ):
         if isinstance(value, (int, float)) and not ok(value):
             raise ValueError(f"loss_scaling requires a valid {name}, got {name}={value}")
 

@@ -37,7 +37,9 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _silence(metrics: dict, healthy) -> dict:
-    return jax.tree.map(lambda m: jnp.where(healthy, m, jnp.nan) if jnp.issubdtype(m.dtype, jnp.inexact) else m, metrics)
+    return jax.tree.map(
+        lambda m: jnp.where(healthy, m, jnp.nan) if jnp.issubdtype(m.dtype, jnp.inexact) else m, metrics
+    )
 
 
 def split_hp(hp_host: dict) -> tuple[dict, dict]:
@@ -135,8 +137,10 @@ def _same_on_every_process(value: int, what: str) -> None:
 
         seen = np.asarray(multihost_utils.process_allgather(np.int64(value)))
         if np.any(seen != seen[0]):
-            raise ResultsError(f"the processes disagree on {what} ({sorted(set(seen.tolist()))}); "
-                               "--out must be a folder every host sees, or rerun with --fresh")
+            raise ResultsError(
+                f"the processes disagree on {what} ({sorted(set(seen.tolist()))}); "
+                "--out must be a folder every host sees, or rerun with --fresh"
+            )
 
 
 def default_dims(name: str, shape: tuple) -> tuple[str, ...]:
@@ -173,11 +177,13 @@ class CompiledGroup(NamedTuple):
 
     def hp(self, b: int = 0):
         """The (padded, sharded) swept values of batch b."""
-        part = {k: v[b * self.batch:(b + 1) * self.batch] for k, v in self.varying.items()}
+        part = {k: v[b * self.batch : (b + 1) * self.batch] for k, v in self.varying.items()}
         return _put(_pad(part, self.batch), self.sharding)
 
 
-def compile_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices, lanes: int | None = None) -> CompiledGroup:
+def compile_group(
+    trial: Trial, hp_host: dict, steps: int, chunk: int, devices, lanes: int | None = None
+) -> CompiledGroup:
     """Lower and compile a group's init and chunk programs for `lanes` points per device (no step is run)."""
     mesh = jax.sharding.Mesh(np.asarray(devices), ("sweep",))
     sharding = NamedSharding(mesh, PartitionSpec("sweep"))
@@ -205,10 +211,14 @@ def _warn_of_lapack(*programs) -> None:
     """LapackOnCpuWarning, naming the kernels, if a compiled CPU program calls LAPACK."""
     kernels = sorted({k for p in programs for k in re.findall(r'custom_call_target="(lapack_\w+)"', p.as_text())})
     if kernels:
-        warnings.warn(LapackOnCpuWarning(
-            f"the sweep calls LAPACK on the CPU ({', '.join(kernels)}), whose batched kernels can hang two at a "
-            "time in jaxlib 0.10; for orthogonal weights (flax's default recurrent init) pass "
-            "gradlab.inits.orthogonal as the initializer"), stacklevel=3)
+        warnings.warn(
+            LapackOnCpuWarning(
+                f"the sweep calls LAPACK on the CPU ({', '.join(kernels)}), whose batched kernels can hang two at a "
+                "time in jaxlib 0.10; for orthogonal weights (flax's default recurrent init) pass "
+                "gradlab.inits.orthogonal as the initializer"
+            ),
+            stacklevel=3,
+        )
 
 
 def program_bytes(compiled) -> int:
@@ -282,7 +292,12 @@ def size(n: float) -> str:
 
 
 def split_note(group: CompiledGroup) -> str:
-    exact = "bit-identical to one batch" if group.lanes % LANE_MULTIPLE == 0 else (
-        f"{group.lanes} lanes per device, so the last bits may differ from an unsplit run")
-    return (f"{group.points} points do not fit in memory at once: running {group.batches} batches of "
-            f"{group.batch} points ({size(group_bytes(group))} per device each; {exact})")
+    exact = (
+        "bit-identical to one batch"
+        if group.lanes % LANE_MULTIPLE == 0
+        else (f"{group.lanes} lanes per device, so the last bits may differ from an unsplit run")
+    )
+    return (
+        f"{group.points} points do not fit in memory at once: running {group.batches} batches of "
+        f"{group.batch} points ({size(group_bytes(group))} per device each; {exact})"
+    )

@@ -98,7 +98,8 @@ def write_text(path: Path, text: str) -> None:
 def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            # numpy's stub matches **arrays against savez's allow_pickle: bool.
+            np.savez(f, **arrays)  # pyright: ignore[reportArgumentType]
 
     atomic_write(path, write)
 
@@ -142,16 +143,15 @@ def _git_commit() -> str:
     if not (here / ".git").exists():
         return ""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def build_dataset(sweep, spec_dict: dict, config_hash: str, extra_attrs: dict | None = None,
-                  reference: dict | None = None) -> xr.Dataset:
+def build_dataset(
+    sweep, spec_dict: dict, config_hash: str, extra_attrs: dict | None = None, reference: dict | None = None
+) -> xr.Dataset:
     """An xarray Dataset with dims (*sweep axes, step, ...), provenance in its attrs.
 
     `reference` holds numbers computed once for the whole run (an experiment's `reference(cfg)`),
@@ -208,11 +208,14 @@ def load(run: str | os.PathLike) -> xr.Dataset:
     try:
         ds = xr.load_dataset(path, engine="h5netcdf")
     except Exception as e:  # h5py/netCDF raise many types for a damaged file
-        raise ResultsError(f"{path}: results file is corrupt or truncated ({type(e).__name__}); rerun with --fresh") from None
+        raise ResultsError(
+            f"{path}: results file is corrupt or truncated ({type(e).__name__}); rerun with --fresh"
+        ) from None
     version = ds.attrs.get("results_format")
     if version != RESULTS_FORMAT:
         raise OtherFormatError(
-            f"{path}: results format {version} was written by another gradlab (this one reads {RESULTS_FORMAT}); rerun with --fresh"
+            f"{path}: results format {version} was written by another gradlab"
+            f" (this one reads {RESULTS_FORMAT}); rerun with --fresh"
         )
     return ds
 
@@ -227,8 +230,11 @@ VERSIONED = ("gradlab", "jax", "jaxlib")  # a stored result made under others is
 def version_note(ds: xr.Dataset) -> str:
     """One line when ds was made by another gradlab, jax or jaxlib than this one; "" otherwise."""
     now = provenance("")
-    moved = [f"{p} {ds.attrs.get(f'version_{p}', 'unknown')} (now {now[f'version_{p}']})" for p in VERSIONED
-             if ds.attrs.get(f"version_{p}") != now[f"version_{p}"]]
+    moved = [
+        f"{p} {ds.attrs.get(f'version_{p}', 'unknown')} (now {now[f'version_{p}']})"
+        for p in VERSIONED
+        if ds.attrs.get(f"version_{p}") != now[f"version_{p}"]
+    ]
     if not moved:
         return ""
     return f"reusing results stored by {', '.join(moved)}; --fresh runs it again"

@@ -169,8 +169,10 @@ def host_devices(n: int | None = None) -> None:
         return
     if backend_started():
         if n is not None and n != _cpu_device_count():
-            raise SetupError(f"{n} host devices asked for after jax's backend started; call "
-                             f"gradlab.runtime.host_devices({n}) before any jax computation")
+            raise SetupError(
+                f"{n} host devices asked for after jax's backend started; call "
+                f"gradlab.runtime.host_devices({n}) before any jax computation"
+            )
         return  # too late to change; the caller's process chose
     count = n if n is not None else DEFAULT_HOST_DEVICES
     os.environ["XLA_FLAGS"] = f"{flags} --{DEVICE_COUNT_FLAG}={count}".strip()
@@ -230,9 +232,11 @@ def compilation_cache(folder: str | os.PathLike | None = None) -> Path | None:
     import jax
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-    if not jax.config.jax_enable_compilation_cache:
+    # jax.config's options are attributes it sets at runtime, which its stubs cannot name.
+    if not jax.config.jax_enable_compilation_cache:  # pyright: ignore[reportAttributeAccessIssue]
         return None
-    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+    configured = jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
+    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or configured
     if chosen:
         return Path(chosen)
     folder = Path(folder) if folder is not None else cache_folder()
@@ -249,8 +253,9 @@ def compilation_cache(folder: str | os.PathLike | None = None) -> Path | None:
     return folder
 
 
-def distributed(coordinator: str | None = None, num_processes: int | None = None,
-                process_id: int | None = None) -> bool:
+def distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Join a jax.distributed cluster when a coordinator is given (before jax touches a device).
 
     Args:
@@ -267,10 +272,11 @@ def distributed(coordinator: str | None = None, num_processes: int | None = None
     given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     if all(v is None for v in given.values()):
         return False
-    missing = [k for k, v in given.items() if v is None]
-    if missing:
-        raise SetupError("several hosts need --coordinator, --num-processes and --process-id together; "
-                         f"missing {', '.join(missing)}")
+    if coordinator is None or num_processes is None or process_id is None:
+        missing = [k for k, v in given.items() if v is None]
+        raise SetupError(
+            f"several hosts need --coordinator, --num-processes and --process-id together; missing {', '.join(missing)}"
+        )
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SetupError(f"--coordinator must be HOST:PORT (e.g. 10.0.0.1:8476), got {coordinator!r}")
@@ -285,8 +291,9 @@ def distributed(coordinator: str | None = None, num_processes: int | None = None
     except (AttributeError, ValueError):
         pass
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=DISTRIBUTED_TIMEOUT_SECONDS)
+        jax.distributed.initialize(
+            coordinator, num_processes, process_id, initialization_timeout=DISTRIBUTED_TIMEOUT_SECONDS
+        )
     except Exception as e:  # jaxlib raises its own runtime errors; the first line says what went wrong
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SetupError(f"could not join the coordinator at {coordinator}: {first}") from None

@@ -20,8 +20,15 @@ if TYPE_CHECKING:
     from gradlab.config import OptimConfig
 
 SCHEDULES = (
-    "constant", "cosine", "warmup_cosine", "exponential", "inverse_time", "step", "onecycle",
-    "sgdr", "linear",
+    "constant",
+    "cosine",
+    "warmup_cosine",
+    "exponential",
+    "inverse_time",
+    "step",
+    "onecycle",
+    "sgdr",
+    "linear",
 )
 CLIPPING = ("none", "global_norm", "value", "agc")
 
@@ -76,8 +83,7 @@ def schedule_shape(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         period = max(1, n // cfg.cycles)
         spans = [period] * (cfg.cycles - 1) + [max(1, n - period * (cfg.cycles - 1))]
         base = optax.sgdr_schedule(
-            [dict(init_value=1.0, peak_value=1.0, decay_steps=span, warmup_steps=0, end_value=end)
-             for span in spans]
+            [dict(init_value=1.0, peak_value=1.0, decay_steps=span, warmup_steps=0, end_value=end) for span in spans]
         )
     else:  # config validation lists the allowed names; this is a programming error
         raise ValueError(f"unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
@@ -139,14 +145,16 @@ def _sgd(cfg, h, lr, shape):
 def _momentum(cfg, h, lr, shape):
     del shape
     return _inject(optax.sgd, static_args=("nesterov",))(
-        learning_rate=lr, momentum=h["momentum"], nesterov=cfg.name == "nesterov")
+        learning_rate=lr, momentum=h["momentum"], nesterov=cfg.name == "nesterov"
+    )
 
 
 def _rmsprop(cfg, h, lr, shape):
     del cfg, shape
     # eps outside the square root, as PyTorch and Adam do (optax's default puts it inside).
     return _inject(optax.rmsprop, static_args=("eps_in_sqrt",))(
-        learning_rate=lr, decay=h["b2"], eps=h["eps"], eps_in_sqrt=False)
+        learning_rate=lr, decay=h["b2"], eps=h["eps"], eps_in_sqrt=False
+    )
 
 
 def _adam(cfg, h, lr, shape):
@@ -163,21 +171,28 @@ def _adagrad(cfg, h, lr, shape):
 def _adamw(cfg, h, lr, shape):
     del cfg, shape
     return _inject(optax.adamw, static_args=("mask",))(
-        learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"], mask=_matrices)
+        learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"], mask=_matrices
+    )
 
 
 def _adamw_decoupled(cfg, h, lr, shape):
     del cfg
     return _inject(adamw_decoupled, static_args=("mask",))(
-        learning_rate=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"],
-        weight_decay=lambda count: h["weight_decay"] * shape(count), mask=_matrices)
+        learning_rate=lr,
+        b1=h["b1"],
+        b2=h["b2"],
+        eps=h["eps"],
+        weight_decay=lambda count: h["weight_decay"] * shape(count),
+        mask=_matrices,
+    )
 
 
 def _lion(cfg, h, lr, shape):
     """optax.lion (Chen et al. 2023), its decay decoupled and scaled by the learning rate as adamw's."""
     del cfg, shape
     return _inject(optax.lion, static_args=("mask",))(
-        learning_rate=lr, b1=h["b1"], b2=h["b2"], weight_decay=h["weight_decay"], mask=_matrices)
+        learning_rate=lr, b1=h["b1"], b2=h["b2"], weight_decay=h["weight_decay"], mask=_matrices
+    )
 
 
 _OPTIMIZERS = {  # name: (builder, whether L2 is added to the gradient first)
@@ -242,10 +257,14 @@ def layerwise_agc(threshold) -> optax.GradientTransformation:
     layer for a weight, one layer's vector for a bias or norm scale. Other leaves keep optax's
     convention (a weight's output unit, a bias's whole vector).
     """
+
+    def fill(tree, label: str):
+        return jax.tree.map(lambda _: label, tree)
+
     def labels(params):
         if isinstance(params, dict) and "hidden" in params:
-            return {k: jax.tree.map(lambda _: "stacked" if k == "hidden" else "plain", v) for k, v in params.items()}
-        return jax.tree.map(lambda _: "plain", params)
+            return {k: fill(v, "stacked" if k == "hidden" else "plain") for k, v in params.items()}
+        return fill(params, "plain")
 
     return optax.multi_transform(
         {"stacked": optax.adaptive_grad_clip(threshold, axis=1), "plain": optax.adaptive_grad_clip(threshold)}, labels

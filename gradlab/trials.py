@@ -18,7 +18,8 @@ it through hooks rather than retyping it:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -102,18 +103,22 @@ def supervised_mlp(
         probes = models.zero_probes(spec, batch.x.shape[0], jnp.dtype(spec.dtype)) if layers else None
         (loss, taps), (grads, probe_grads) = loss_and_grad(state.params, batch, hyper, probes)
         updates, opt_state = optimizer(hp).update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # optax types updates and parameters as any pytree; both have the structure of params: a dict.
+        updates = cast(dict, updates)
+        params = cast(dict, optax.apply_updates(state.params, updates))
         new_state = TrainState(params, opt_state, state.data, state.step + 1, state.key)
         out = {"loss": loss}
         if layers:
             mask = models.layer_mask(spec, hyper)
-            out.update({
-                "grad_global_norm": telemetry.global_norm(grads),
-                "lr": transforms.learning_rate(cfg.optim, hp["optim.lr"], total)(state.step),
-                **telemetry.mlp_layer_stats(state.params, grads, updates, mask),
-                **{name: jnp.where(mask, value, jnp.nan) for name, value in taps.items()},
-                "delta_rms": jnp.where(mask, models.probe_rms(probe_grads), jnp.nan),
-            })
+            out.update(
+                {
+                    "grad_global_norm": telemetry.global_norm(grads),
+                    "lr": transforms.learning_rate(cfg.optim, hp["optim.lr"], total)(state.step),
+                    **telemetry.mlp_layer_stats(state.params, grads, updates, mask),
+                    **{name: jnp.where(mask, value, jnp.nan) for name, value in taps.items()},
+                    "delta_rms": jnp.where(mask, models.probe_rms(probe_grads), jnp.nan),
+                }
+            )
         if metrics is not None:
             view = StepView(hp, hyper, state, batch, loss, grads, updates, params, taps or {}, probe_grads)
             out.update(metrics(view))

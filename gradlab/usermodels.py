@@ -45,6 +45,7 @@ from gradlab.config import MAX_SEEDS, OptimConfig, param
 from gradlab.errors import ConfigError
 
 FACTORY = "factory"  # SweepConfig.name when `optimizer` is an optax factory, not a name
+OptimizerFactory = Callable[..., optax.GradientTransformation]  # e.g. optax.adam: learning_rate -> optimizer
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,11 @@ class SweepConfig(OptimConfig):
     """What sweep trains under: OptimConfig's keys at the top level (so dims read lr, seed, ...)
     and the run's length. Resolved, planned and run like an experiment's config."""
 
-    name: str = param("adam", choices=transforms.OPTIMIZERS + (FACTORY,),
-                      doc=f"an optimizer of gradlab.transforms; {FACTORY!r}: an optax factory (attrs['optimizer'])")
+    name: str = param(
+        "adam",
+        choices=transforms.OPTIMIZERS + (FACTORY,),
+        doc=f"an optimizer of gradlab.transforms; {FACTORY!r}: an optax factory (attrs['optimizer'])",
+    )
     seed: int = param(0, low=0, high=MAX_SEEDS, sweep="traced")
     steps: int = param(100, low=1)
     chunk_steps: int = param(100, low=1, doc="steps per compiled chunk; a checkpoint after each")
@@ -120,10 +124,14 @@ def probe(model, params, batch, loss: Callable | None = None, *, has_aux: bool =
 
     stats = jax.device_get(jax.jit(measure)(trainable, fixed, batch))
     activations = list(stats["act_rms"])
-    per_act = {name: ("activation", np.asarray([stats[name][a] for a in activations], np.float32))
-               for name in ("act_rms", "act_std", "act_nonfinite")}
-    per_param = {name: ("param", np.asarray(stats[name]))
-                 for name in ("grad_norm", "param_norm", "grad_param_ratio", "grad_nonfinite")}
+    per_act = {
+        name: ("activation", np.asarray([stats[name][a] for a in activations], np.float32))
+        for name in ("act_rms", "act_std", "act_nonfinite")
+    }
+    per_param = {
+        name: ("param", np.asarray(stats[name]))
+        for name in ("grad_norm", "param_norm", "grad_param_ratio", "grad_nonfinite")
+    }
     sizes = [int(np.size(leaf)) for leaf in jax.tree.leaves(trainable)]
     return xr.Dataset(
         {
@@ -150,12 +158,14 @@ class SweepState(NamedTuple):
     data_key: jax.Array
 
 
-def _optimizer_factory(optimizer) -> Callable[..., optax.GradientTransformation] | None:
+def _optimizer_factory(optimizer: str | OptimizerFactory) -> OptimizerFactory | None:
     """None for a name of gradlab.transforms' optimizers; the factory itself, checked, otherwise."""
     allowed = ", ".join(transforms.OPTIMIZERS)
     if isinstance(optimizer, str):
         if optimizer not in transforms.OPTIMIZERS:
-            raise ConfigError(f"optimizer: unknown {optimizer!r}; allowed: {allowed}, or an optax factory such as optax.adam")
+            raise ConfigError(
+                f"optimizer: unknown {optimizer!r}; allowed: {allowed}, or an optax factory such as optax.adam"
+            )
         return None
     if isinstance(optimizer, optax.GradientTransformation):
         raise ConfigError(
@@ -194,8 +204,10 @@ def _lrs(lr) -> np.ndarray:
 def _seeds(seeds) -> np.ndarray:
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
         if not 1 <= seeds <= config.MAX_AXIS_LENGTH:
-            raise ConfigError(f"seeds: an integer means that many seeds (0, 1, ...) and must be in "
-                              f"1..{config.MAX_AXIS_LENGTH}, got {seeds}")
+            raise ConfigError(
+                f"seeds: an integer means that many seeds (0, 1, ...) and must be in "
+                f"1..{config.MAX_AXIS_LENGTH}, got {seeds}"
+            )
         return np.arange(seeds)
     values = np.asarray(list(seeds) if isinstance(seeds, Sequence) else seeds)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer) or np.any(values < 0):
@@ -216,16 +228,19 @@ def _spec(name: str, lrs: np.ndarray, seeds: np.ndarray, steps: int, chunk: int,
     if optim is None:
         optim = {}
     if not isinstance(optim, Mapping):
-        raise ConfigError(f"optim: expected a dict of optimizer settings, e.g. {{'weight_decay': [0, 1e-4]}}, got "
-                          f"{type(optim).__name__}")
-    own = {"name": "optimizer", "lr": "lr", "seed": "seeds", "seeds": "seeds", "steps": "steps",
-           "chunk_steps": "chunk_steps"}
+        raise ConfigError(
+            f"optim: expected a dict of optimizer settings, e.g. {{'weight_decay': [0, 1e-4]}}, got "
+            f"{type(optim).__name__}"
+        )
+    own = dict(name="optimizer", lr="lr", seed="seeds", seeds="seeds", steps="steps", chunk_steps="chunk_steps")
     for key in optim:
         if key in own:
             raise ConfigError(f"optim: {key}: set it with sweep's own argument {own[key]}=...")
     if optim and name == FACTORY:
-        raise ConfigError("optim: applies to a named optimizer; give a factory its settings, "
-                          "e.g. optimizer=lambda learning_rate: optax.adam(learning_rate, b1=0.95)")
+        raise ConfigError(
+            "optim: applies to a named optimizer; give a factory its settings, "
+            "e.g. optimizer=lambda learning_rate: optax.adam(learning_rate, b1=0.95)"
+        )
     raw = {str(k): _plain(v) for k, v in optim.items()}
     raw.update(name=name, lr=[float(v) for v in lrs], seed=[int(s) for s in seeds], steps=steps, chunk_steps=chunk)
     return config.resolve("gradlab.sweep", SweepConfig, raw, "sweep")
@@ -242,6 +257,7 @@ def _plain(value):
 
 def _starts(adapter: adapters.Model, batch_at, init, params) -> Callable:
     """(params key, data key) -> (trainable, fixed): how each seed's run begins."""
+    default_init = adapter.default_init
     if init is not None:
         if not callable(init):
             raise ConfigError(f"init: expected a function key -> params, got {type(init).__name__}")
@@ -249,15 +265,17 @@ def _starts(adapter: adapters.Model, batch_at, init, params) -> Callable:
         def start(key, data_key):
             del data_key
             return adapter.split(init(key))
-    elif params is not None or adapter.default_init is None:
+    elif params is not None or default_init is None:
         trainable, fixed = adapter.split(params)  # a function without params fails here
 
         def start(key, data_key):
             del key, data_key  # every seed starts from the same params; seeds vary the data only
             return trainable, fixed
     else:
+
         def start(key, data_key):
-            return adapter.default_init(key, adapters.inputs(batch_at(jnp.int32(0), data_key)))
+            return default_init(key, adapters.inputs(batch_at(jnp.int32(0), data_key)))
+
     return start
 
 
@@ -303,7 +321,7 @@ def sweep(
     loss: Callable | None,
     data,
     *,
-    optimizer: str | Callable = "adam",
+    optimizer: str | OptimizerFactory = "adam",
     lr=(1e-3,),
     seeds=(0,),
     steps: int = 100,
@@ -355,7 +373,7 @@ def sweep(
     steps = _positive_int("steps", steps)
     chunk = steps if chunk_steps is None else min(_positive_int("chunk_steps", chunk_steps), steps)
     factory = _optimizer_factory(optimizer)
-    spec = _spec(optimizer if factory is None else FACTORY, lrs, seed_values, steps, chunk, optim)
+    spec = _spec(optimizer if isinstance(optimizer, str) else FACTORY, lrs, seed_values, steps, chunk, optim)
     adapter = adapters.adapt(model, has_aux)
     loss_fn = adapters.loss_of(loss)
     batch_at = data if callable(data) else (lambda step, key: data)
@@ -364,12 +382,10 @@ def sweep(
     start = _starts(adapter, batch_at, init, params)
     shapes = jax.eval_shape(lambda key: start(*jax.random.split(key))[0], jax.random.PRNGKey(0))
 
-    folder = None
-    if checkpoint_dir is not None:
-        folder = results.ensure_dir(Path(checkpoint_dir) / f"sweep-{spec.hash}")
+    folder = None if checkpoint_dir is None else results.ensure_dir(Path(checkpoint_dir) / f"sweep-{spec.hash}")
+    trial = _trial_fn(adapter, loss_fn, batch_at, start, factory)
     devices = list(devices) if devices is not None else jax.local_devices()
-    swept = engine.run_sweep(_trial_fn(adapter, loss_fn, batch_at, start, factory), config.plan(spec),
-                             checkpoint_dir=folder, progress=progress, devices=devices)
+    swept = engine.run_sweep(trial, config.plan(spec), checkpoint_dir=folder, progress=progress, devices=devices)
     if folder is not None and jax.process_index() == 0:
         shutil.rmtree(folder, ignore_errors=True)
     attrs = {

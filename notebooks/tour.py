@@ -24,8 +24,15 @@ OUT = Path(os.environ.get("GRADLAB_TOUR_OUT") or tempfile.mkdtemp(prefix="gradla
 # at initialisation of a deep tanh/ReLU/sigmoid net, plain and residual, with 2 seeds.
 
 # %%
-ds = gradlab.run("gradient_flow", out=OUT, progress=False, seeds=2, model__width=64,
-                 model__norm="none", model__activation=["tanh", "sigmoid"])
+ds = gradlab.run(
+    "gradient_flow",
+    out=OUT,
+    progress=False,
+    seeds=2,
+    model__width=64,
+    model__norm="none",
+    model__activation=["tanh", "sigmoid"],
+)
 print(ds["grad_norm"].dims, dict(ds["grad_norm"].sizes))
 
 # %% [markdown]
@@ -52,8 +59,14 @@ fig.savefig(OUT / "gradient_flow.png", dpi=80)
 # marked, not fatal.
 
 # %%
-SWEEP = dict(surface="bowl", steps=400, chunk_steps=400, optim__name="sgd", optim__weight_decay=0.0,
-             optim__lr=[0.05, 0.1, 0.2, 0.3])  # GD on w0^2 + 4 w1^2 diverges past lr = 2/8
+SWEEP = dict(
+    surface="bowl",
+    steps=400,
+    chunk_steps=400,
+    optim__name="sgd",
+    optim__weight_decay=0.0,
+    optim__lr=[0.05, 0.1, 0.2, 0.3],
+)  # GD on w0^2 + 4 w1^2 diverges past lr = 2/8
 ds = gradlab.run("quadratic", out=OUT, progress=False, **SWEEP)
 print("diverged per lr:", dict(zip(ds["optim.lr"].values.round(3).tolist(), ds["diverged"].values.ravel().tolist())))
 assert bool(ds["diverged"].sel({"optim.lr": 0.3}).any()) and not bool(ds["diverged"].sel({"optim.lr": 0.1}).any())

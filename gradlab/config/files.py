@@ -90,8 +90,10 @@ def experiment_of(src: Path) -> str:
     """The experiment a user's config file names (its `experiment:` key)."""
     name = read_yaml(src).get("experiment")
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{src}: experiment: a config file names its experiment, e.g. `experiment: gradient_flow` "
-                          "(`gradlab list` shows them)")
+        raise ConfigError(
+            f"{src}: experiment: a config file names its experiment, e.g. `experiment: gradient_flow` "
+            "(`gradlab list` shows them)"
+        )
     return name
 
 
@@ -115,7 +117,8 @@ def runnable(spec: RunSpec) -> dict:
     values = dataclasses.asdict(spec.config)
     seed_axis = spec.axis("seed")
     from_count = seed_axis is not None and list(seed_axis.values) == list(
-        range(spec.config.seed, spec.config.seed + spec.config.seeds))
+        range(spec.config.seed, spec.config.seed + spec.config.seeds)
+    )
     for axis in spec.axes:
         if axis.path == "seed" and from_count:
             continue
@@ -133,18 +136,21 @@ class _Dumper(yaml.SafeDumper):
     """Mappings as blocks, lists on one line: `activation: [tanh, relu]`."""
 
 
-_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data,
-                                                                              flow_style=True))
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
 
 
 def runnable_yaml(spec: RunSpec) -> str:
     """`runnable(spec)` as YAML, under a comment naming the run."""
-    head = (f"# {spec.experiment} at scale {spec.scale}, config hash {spec.hash}\n"
-            "# `gradlab run THIS_FILE` runs it again; a key you delete takes the experiment's own value.\n")
+    head = (
+        f"# {spec.experiment} at scale {spec.scale}, config hash {spec.hash}\n"
+        "# `gradlab run THIS_FILE` runs it again; a key you delete takes the experiment's own value.\n"
+    )
     return head + yaml.dump(runnable(spec), Dumper=_Dumper, sort_keys=False, width=100)
 
 
-def _plain(x):
+def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -19,6 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gradlab.config.files import flatten, parse_override, read_yaml
 from gradlab.config.schema import (
     MAX_SEEDS,
     Axis,
@@ -31,7 +32,6 @@ from gradlab.config.schema import (
     sections_of,
     sweep_mode,
 )
-from gradlab.config.files import flatten, parse_override, read_yaml
 from gradlab.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -236,12 +236,16 @@ def _omegaconf_message(e: OmegaConfBaseException) -> tuple[str, str]:
     return str(key), msg
 
 
-def _structured(schema: type, raw: dict, where: str):
+_Config = typing.TypeVar("_Config")
+
+
+def _structured(schema: type[_Config], raw: dict, where: str) -> _Config:
     base = OmegaConf.structured(schema)
     OmegaConf.set_readonly(base, False)
     try:
         merged = OmegaConf.merge(base, raw)
-        return OmegaConf.to_object(merged)
+        # to_object of a structured config is an instance of its dataclass; omegaconf types it as any container.
+        return typing.cast(_Config, OmegaConf.to_object(merged))
     except OmegaConfBaseException as e:
         key, msg = _omegaconf_message(e)
         if "not in" in msg:
@@ -278,7 +282,7 @@ class Origin(str):
         return str(self)
 
 
-def _raise(where: str, key: str, msg: str):
+def _raise(where: str, key: str, msg: str) -> typing.NoReturn:
     origin = where.of(key) if isinstance(where, Origin) else where
     raise ConfigError(f"{origin}: {key}: {msg}" if key else f"{origin}: {msg}") from None
 
@@ -308,8 +312,11 @@ def _check_relations(config, axes: list, where: str) -> None:
         if "inverse_time" in values(f"{prefix}schedule"):
             bad = [r for r in values(f"{prefix}decay_rate") if r > 1]
             if bad:
-                _raise(where, f"{prefix}decay_rate", f"the inverse_time schedule ends at decay_rate x lr, so it "
-                       f"must be in (0, 1], got {bad[0]}")
+                _raise(
+                    where,
+                    f"{prefix}decay_rate",
+                    f"the inverse_time schedule ends at decay_rate x lr, so it must be in (0, 1], got {bad[0]}",
+                )
 
 
 def _validate(config, axes: list, where: str) -> None:

@@ -44,16 +44,23 @@ class ModelConfig:
     activation: str = param("tanh", choices=ACTIVATIONS, doc="nonlinearity of every hidden block")
     residual: bool = param(False, sweep="traced", doc="h + f(h) instead of f(h)")
     norm: str = param("none", choices=NORMS, doc="normalisation in every hidden block")
-    norm_position: str = param("pre", choices=("pre", "post"), doc="norm before the block's layer (Pre-LN) or after the residual sum (Post-LN)")
-    init: str = param("lecun_normal", choices=INIT_SCHEMES, sweep="choice", doc="weight init scheme (gain, fan mode, distribution)")
+    norm_position: str = param(
+        "pre", choices=("pre", "post"), doc="norm before the block's layer (Pre-LN) or after the residual sum (Post-LN)"
+    )
+    init: str = param(
+        "lecun_normal", choices=INIT_SCHEMES, sweep="choice", doc="weight init scheme (gain, fan mode, distribution)"
+    )
     init_std: float = param(0.01, low=0.0, doc="std of the 'normal' init scheme")
     init_gain: float = param(1.0, low=0.0, doc="multiplies every init scheme's std")
     bias_std: float = param(0.0, low=0.0, doc="std of the Gaussian bias init (sigma_b)")
     leaky_slope: float = param(0.01, low=0.0, doc="negative-side slope of leaky_relu")
     dtype: str = param("float32", choices=DTYPES, doc="compute dtype; params stay float32")
     unroll: int = param(
-        0, low=0, doc="hidden layers per lax.scan iteration; >= depth: no scan, straight-line blocks; "
-        "0: straight-line up to 16 hidden layers, a scan of one layer deeper")
+        0,
+        low=0,
+        doc="hidden layers per lax.scan iteration; >= depth: no scan, straight-line blocks; "
+        "0: straight-line up to 16 hidden layers, a scan of one layer deeper",
+    )
     final_norm: bool = param(False, doc="normalise the last hidden state before the readout (Pre-LN transformers)")
     remat: bool = param(False, doc="jax.checkpoint each hidden block: recompute activations in the backward pass")
 
@@ -71,11 +78,21 @@ class OptimConfig:
     weight_decay: float = param(0.0, low=0.0, doc="L2 coefficient (adam: in the gradient; adamw: decoupled)")
     schedule: str = param("constant", choices=SCHEDULES, doc="learning-rate schedule (optax.schedules)")
     warmup_steps: int = param(0, low=0, doc="linear warmup from 0, in optimizer updates")
-    final_lr_fraction: float = param(0.0, low=0.0, high=1.0, sweep="static", doc="where cosine/linear schedules end, as a fraction of lr")
-    decay_rate: float = param(0.1, low=0.0, low_open=True, sweep="static", doc="exponential/inverse_time/step decay: lr factor over the run or per drop")
+    final_lr_fraction: float = param(
+        0.0, low=0.0, high=1.0, sweep="static", doc="where cosine/linear schedules end, as a fraction of lr"
+    )
+    decay_rate: float = param(
+        0.1,
+        low=0.0,
+        low_open=True,
+        sweep="static",
+        doc="exponential/inverse_time/step decay: lr factor over the run or per drop",
+    )
     cycles: int = param(2, low=1, doc="SGDR restarts / step-schedule drops")
     clip: str = param("none", choices=CLIPPING, doc="gradient clipping before the optimizer")
-    clip_threshold: float = param(1.0, low=0.0, low_open=True, doc="clipping threshold (global norm, value, or AGC ratio)")
+    clip_threshold: float = param(
+        1.0, low=0.0, low_open=True, doc="clipping threshold (global norm, value, or AGC ratio)"
+    )
     accumulate_steps: int = param(1, low=1, doc="optax.MultiSteps: one update per this many averaged gradients")
 
 
@@ -178,7 +195,7 @@ def field_info(schema: type) -> dict[str, FieldInfo]:
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out.update({f"{f.name}.{k}": v for k, v in field_info(tp).items()})
         else:
             out[f.name] = FieldInfo(tp, f.metadata)
@@ -196,8 +213,12 @@ class KeyDoc(typing.NamedTuple):
     meaning: str
 
 
-SWEEP_WORDS = {"static": "compiled per value", "traced": "vmapped", "max": "vmapped (under a mask)",
-               "choice": "vmapped (as an index)"}
+SWEEP_WORDS = {
+    "static": "compiled per value",
+    "traced": "vmapped",
+    "max": "vmapped (under a mask)",
+    "choice": "vmapped (as an index)",
+}
 
 
 def describe(schema: type) -> list[KeyDoc]:
@@ -213,8 +234,9 @@ def describe(schema: type) -> list[KeyDoc]:
             high = "" if meta.get("high") is None else f"<= {meta['high']}"
             allowed = " and ".join(b for b in (low, high) if b)
         kind = getattr(f.type, "__name__", str(f.type))
-        out.append(KeyDoc(path, kind, get_path(defaults, path), allowed, SWEEP_WORDS[sweep_mode(f)],
-                          meta.get("doc", "")))
+        out.append(
+            KeyDoc(path, kind, get_path(defaults, path), allowed, SWEEP_WORDS[sweep_mode(f)], meta.get("doc", ""))
+        )
     return out
 
 

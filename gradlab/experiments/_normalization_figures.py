@@ -24,10 +24,12 @@ def draw(ds, m: N.Measured) -> dict:
     _warmup_panel(axes[1, 0], ds, m)
     _finals_panel(axes[1, 1], ds, m)
     _bn_gap_panel(axes[1, 2], m)
-    fig.suptitle(f"Normalization: residual {cfg['model']['activation']} MLP, width {cfg['model']['width']}, "
-                 f"final norm {'on' if cfg['model']['final_norm'] else 'off'}; "
-                 f"{ds.sizes['seed'] * cfg['probe_seeds']} inits per depth at init, {ds.sizes['seed']} seeds trained",
-                 fontsize=10)
+    fig.suptitle(
+        f"Normalization: residual {cfg['model']['activation']} MLP, width {cfg['model']['width']}, "
+        f"final norm {'on' if cfg['model']['final_norm'] else 'off'}; "
+        f"{ds.sizes['seed'] * cfg['probe_seeds']} inits per depth at init, {ds.sizes['seed']} seeds trained",
+        fontsize=10,
+    )
     return {"": fig, "batchnorm": _bn_figure(ds, m)} if m.bn_errors else {"": fig}
 
 
@@ -39,8 +41,12 @@ def _profile_panel(ax, ds, depths, sel, title):
         g = profile[:, i, :].copy()
         g[:, depth + 1] = g[:, -1]  # the readout sits after the last active block
         plotting.band(ax, np.arange(depth + 2) / (depth + 1), g[:, : depth + 2], f"L = {depth}", color=colors[i])
-    ax.set(yscale="log", xlabel="layer l / (L + 1)   (0: input projection, 1: readout)",
-           ylabel=r"$\|\partial L/\partial W_l\|_F$ at init", title=title)
+    ax.set(
+        yscale="log",
+        xlabel="layer l / (L + 1)   (0: input projection, 1: readout)",
+        ylabel=r"$\|\partial L/\partial W_l\|_F$ at init",
+        title=title,
+    )
 
 
 def _last_block_panel(ax, ds, m: N.Measured):
@@ -50,10 +56,14 @@ def _last_block_panel(ax, ds, m: N.Measured):
         plotting.band(ax, depths, N.probe_table(ds, "init_last_grad", sel), label, color=plotting.COLORS[i % 8])
     first = N.probe_table(ds, "init_last_grad", labels.get("pre-LN", next(iter(labels.values()))))
     ax.plot(depths, np.median(first[:, 0]) * np.sqrt((depths[0] + 1) / (depths + 1)), "k--", lw=0.9, label="(L+1)^-1/2")
-    ax.set(xscale="log", yscale="log", xlabel="depth L", ylabel=r"last block $\|\partial L/\partial W_L\|_F$ at init",
-           title="last block's gradient against depth")
-    ax.set_xticks(depths, [str(d) for d in depths])
-    ax.minorticks_off()
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="depth L",
+        ylabel=r"last block $\|\partial L/\partial W_L\|_F$ at init",
+        title="last block's gradient against depth",
+    )
+    plotting.value_ticks(ax, depths)
     lines = []
     for label, (mean, se) in m.slopes.items():
         if label.startswith("post"):
@@ -75,17 +85,26 @@ def _warmup_panel(ax, ds, m: N.Measured):
     for i, label in enumerate(("pre-LN", "post-LN")):
         for warm in sorted({bool(w) for w in ds["warmup"].values}) if label in m.variants else ():
             loss = ds["loss"].sel({**m.variants[label], "warmup": warm}).isel({"model.depth": 0})
-            ax.plot(np.median(loss.transpose("seed", "step").values.astype(float), axis=0), color=plotting.COLORS[i],
-                    ls="-" if warm else ":", label=f"{label}, {'warmup' if warm else 'no warmup'}")
+            ax.plot(
+                np.median(loss.transpose("seed", "step").values.astype(float), axis=0),
+                color=plotting.COLORS[i],
+                ls="-" if warm else ":",
+                label=f"{label}, {'warmup' if warm else 'no warmup'}",
+            )
     if np.isfinite(m.constant_loss):
         ax.axhline(m.constant_loss, color="0.4", lw=0.8, ls="--", label="best constant")
-    ax.set(yscale="log", xlabel="step", ylabel="training loss (median over seeds)",
-           title=f"{optim['name']} lr {optim['lr']:g}, depth {int(ds['model.depth'].values[0])}, "
-                 f"warmup {optim['warmup_steps']} steps")
+    ax.set(
+        yscale="log",
+        xlabel="step",
+        ylabel="training loss (median over seeds)",
+        title=f"{optim['name']} lr {optim['lr']:g}, depth {int(ds['model.depth'].values[0])}, "
+        f"warmup {optim['warmup_steps']} steps",
+    )
     ax.legend(fontsize=6.5, frameon=False, loc="lower left")
     if m.warmup_gain is not None:
-        plotting.note(ax, f"Post-LN final loss\nno warmup / warmup = {m.warmup_gain:.2g}\n(>= {N.WORSE:g})",
-                      loc="upper right")
+        plotting.note(
+            ax, f"Post-LN final loss\nno warmup / warmup = {m.warmup_gain:.2g}\n(>= {N.WORSE:g})", loc="upper right"
+        )
 
 
 def _finals_panel(ax, ds, m: N.Measured):
@@ -94,8 +113,13 @@ def _finals_panel(ax, ds, m: N.Measured):
     for j, warm in enumerate(sorted({bool(w) for w in ds["warmup"].values})):
         finals = np.asarray([m.finals[(label, warm)] for label in labels])
         x = np.arange(len(labels)) + (j - 0.5) * width
-        ax.bar(x, np.where(np.isfinite(finals), finals, np.nan), width, color=plotting.COLORS[2 + j],
-               label="warmup" if warm else "no warmup")
+        ax.bar(
+            x,
+            analysis.nan_if_bad(finals),
+            width,
+            color=plotting.COLORS[2 + j],
+            label="warmup" if warm else "no warmup",
+        )
         for xi in x[~np.isfinite(finals)]:
             ax.text(xi, 1.0, "x", ha="center", color="#d1495b")
     if np.isfinite(m.constant_loss):
@@ -116,10 +140,14 @@ def _bn_gap_panel(ax, m: N.Measured):
         ax.plot(sizes, train, "o-", color=color, label=f"{label} train (batch stats)")
         ax.plot(sizes, evals, "s--", color=color, label=f"{label} eval (running stats)")
         ax.text(sizes[0], evals[0], f" x{evals[0] / train[0]:.2g}", fontsize=7, color=color, va="bottom")
-    ax.set(xscale="log", yscale="log", xlabel="batch size B (BatchNorm statistics over B rows)",
-           ylabel=f"final loss (last {N.TAIL} steps)", title="BatchNorm: train vs eval by batch size")
-    ax.set_xticks(sizes, [str(b) for b in sizes])
-    ax.minorticks_off()
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size B (BatchNorm statistics over B rows)",
+        ylabel=f"final loss (last {N.TAIL} steps)",
+        title="BatchNorm: train vs eval by batch size",
+    )
+    plotting.value_ticks(ax, sizes)
     ax.legend(fontsize=6.5, frameon=False, loc="upper right")
     plotting.note(ax, "x: eval / train at the smallest B", loc="lower left")
 
@@ -131,15 +159,18 @@ def _bn_figure(ds, m: N.Measured):
     label = "pre-BN" if "pre-BN" in m.bn_errors else "post-BN"
     closed, err, ema, rel = m.bn_errors[label]
     sel = {**m.variants[label], "warmup": bool(np.max(ds["warmup"].values))}
-    at = lambda name, **i: ds[name].sel(sel).isel({"model.depth": 0, **i})  # noqa: E731
+    at = lambda name, **i: ds[name].sel(sel).isel({"model.depth": 0, **i})
     colors = plotting.matplotlib.colormaps["plasma"](np.linspace(0.0, 0.8, len(sizes)))
-    smooth = np.ones(N.TAIL // 2) / (N.TAIL // 2)
     ax = axes[0, 0]
     for j, b in enumerate(sizes):
         for name, ls in (("bn_loss", "-"), ("bn_eval_loss", "--")):
             x = at(name, bn_batch=j).transpose("seed", "step").values.astype(float)
-            ax.plot(np.convolve(np.median(x, axis=0), smooth, mode="valid"), color=colors[j], ls=ls,
-                    label=f"B={b}" if name == "bn_loss" else None)
+            ax.plot(
+                analysis.moving_average(np.median(x, axis=0), N.TAIL // 2),
+                color=colors[j],
+                ls=ls,
+                label=f"B={b}" if name == "bn_loss" else None,
+            )
     ax.set(yscale="log", xlabel="step", ylabel="loss (moving average)", title=f"{label}: train (solid), eval (dashed)")
     ax.legend(fontsize=7, frameon=False)
     ax = axes[0, 1]  # one feature's running mean against the numpy average of the recorded batch means
@@ -149,10 +180,19 @@ def _bn_figure(ds, m: N.Measured):
         ref = analysis.exponential_average(batch_mean, 0.0, momentum)
         steps = np.arange(len(ref))
         ax.plot(steps, batch_mean, color=colors[j], lw=0.5, alpha=0.35)
-        ax.plot(steps, at("bn_running_mean", bn_batch=j, feature=0).sel(seed).values, color=colors[j], lw=1.3,
-                label=f"B={b}")
+        ax.plot(
+            steps,
+            at("bn_running_mean", bn_batch=j, feature=0).sel(seed).values,
+            color=colors[j],
+            lw=1.3,
+            label=f"B={b}",
+        )
         ax.plot(steps[::6], ref[::6], "o", color=colors[j], ms=2.5, mfc="none")
-    ax.set(xlabel="step", ylabel="block 1 BatchNorm input, feature 0", title=f"running mean vs numpy EMA (o), m={momentum:g}")
+    ax.set(
+        xlabel="step",
+        ylabel="block 1 BatchNorm input, feature 0",
+        title=f"running mean vs numpy EMA (o), m={momentum:g}",
+    )
     plotting.note(ax, f"faint: batch means\nmax rel. err {rel:.1e}\n(|err| / bound {ema:.2g} <= 1)", loc="lower left")
     ax.legend(fontsize=7, frameon=False, loc="upper right")
     ax = axes[0, 2]  # the training-mode output's batch variance against v / (v + eps) at init
@@ -160,11 +200,17 @@ def _bn_figure(ds, m: N.Measured):
         v = at("bn_in_var", bn_batch=j, step=0).values.astype(float).ravel()
         out = at("bn_out_var", bn_batch=j, step=0).values.astype(float).ravel()
         ax.plot(v, out - v / (v + N.batchnorm_net.EPS), ".", color=colors[j], ms=3, label=f"B={b}")
-    ax.set(xscale="log", xlabel="input batch variance v (per feature, step 0)",
-           ylabel="output batch var - v/(v+eps)", title="at init: var = v/(v+eps), mean 0")
-    plotting.note(ax, f"max |error| of mean and var: {err:.1e}\n(|err| / float32 bound {closed:.2g} <= 1)",
-                  loc="upper right")
+    ax.set(
+        xscale="log",
+        xlabel="input batch variance v (per feature, step 0)",
+        ylabel="output batch var - v/(v+eps)",
+        title="at init: var = v/(v+eps), mean 0",
+    )
+    plotting.note(
+        ax, f"max |error| of mean and var: {err:.1e}\n(|err| / float32 bound {closed:.2g} <= 1)", loc="upper right"
+    )
     ax.legend(fontsize=7, frameon=False, loc="lower right")
-    fig.suptitle(f"flax BatchNorm ({label}) with tiny batches: rows masked out of a minibatch of {sizes[-1]}",
-                 fontsize=10)
+    fig.suptitle(
+        f"flax BatchNorm ({label}) with tiny batches: rows masked out of a minibatch of {sizes[-1]}", fontsize=10
+    )
     return fig

@@ -25,7 +25,6 @@ to float rounding; the check compares their losses update by update.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import data, models, plotting, results, trials
+from gradlab import data, models, results, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -51,13 +50,17 @@ class Config(ExperimentConfig):
 
     base_batch: int = param(16, low=1, doc="the effective batch size at which the lr is optim.lr")
     lr_scaling: float = param(1.0, low=0.0, doc="lr x (B / base_batch)**lr_scaling: 1 linear, 0.5 sqrt, 0 none")
-    warmup_epochs: float = param(0.0, low=0.0,
-                                 doc="ramp the lr from optim.lr to its scaled value over this many epochs")
+    warmup_epochs: float = param(
+        0.0, low=0.0, doc="ramp the lr from optim.lr to its scaled value over this many epochs"
+    )
 
     def validate(self) -> None:
         if self.telemetry != "loss":
-            raise ConfigError(f"batch_size records per-example gradient statistics, not per-layer ones: telemetry "
-                              f"must be loss, got {self.telemetry}", key="telemetry")
+            raise ConfigError(
+                f"batch_size records per-example gradient statistics, not per-layer ones: telemetry "
+                f"must be loss, got {self.telemetry}",
+                key="telemetry",
+            )
 
 
 def effective_batch(cfg) -> int:
@@ -91,16 +94,24 @@ def trial(cfg) -> Trial:
 
         losses, per_example = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(params, batch.x, batch.y)
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example)
-        spread = sum(jnp.sum(jnp.square(g - m[None]))
-                     for g, m in zip(jax.tree.leaves(per_example), jax.tree.leaves(grads)))
+        spread = sum(
+            jnp.sum(jnp.square(g - m[None])) for g, m in zip(jax.tree.leaves(per_example), jax.tree.leaves(grads))
+        )
         return (jnp.mean(losses), {"trace_sigma": spread / max(batch.x.shape[0] - 1, 1)}), (grads, None)
 
     def noise_metrics(view: trials.StepView) -> dict:
-        return {"lr": view.hp["optim.lr"], "grad_sq": optax.tree.norm(view.grads, squared=True),
-                "trace_sigma": view.taps["trace_sigma"]}
+        return {
+            "lr": view.hp["optim.lr"],
+            "grad_sq": optax.tree.norm(view.grads, squared=True),
+            "trace_sigma": view.taps["trace_sigma"],
+        }
 
-    return trials.supervised_mlp(cfg, hp_map=lambda hp, step: {**hp, "optim.lr": learning_rate(cfg, hp, step)},
-                                 loss_and_grad=per_example_loss_and_grad, metrics=noise_metrics)
+    return trials.supervised_mlp(
+        cfg,
+        hp_map=lambda hp, step: {**hp, "optim.lr": learning_rate(cfg, hp, step)},
+        loss_and_grad=per_example_loss_and_grad,
+        metrics=noise_metrics,
+    )
 
 
 # ----------------------------------------------------------------------------- reading results
@@ -111,7 +122,7 @@ ACCUMULATION_RTOL = 1e-5  # k mean-of-means against one mean: float32 rounding, 
 ACCUMULATION_UPDATES = 10
 
 
-def _sel(ds, batch, k, **traced):
+def select(ds, batch, k, **traced):
     return ds.sel({"data.batch_size": batch, "optim.accumulate_steps": k, **traced})
 
 
@@ -141,14 +152,14 @@ def smoothed(loss: np.ndarray, batch: int) -> np.ndarray:
 def noise_scale(ds, batch: int, k: int, window: slice) -> float:
     """B_simple = mean tr(Sigma) / mean(|g_bar|^2 - tr(Sigma)/B) over the steps in `window`,
     pooled over seeds (McCandlish et al. 2018, App. A.1), from the first lane of the traced axes."""
-    p = _sel(ds, batch, k).isel({"lr_scaling": 0, "warmup_epochs": 0})
+    p = select(ds, batch, k).isel({"lr_scaling": 0, "warmup_epochs": 0})
     trace, sq = p["trace_sigma"].values[..., window], p["grad_sq"].values[..., window]
     return float(np.nanmean(trace) / np.nanmean(sq - trace / batch))
 
 
 def loss_at(ds, batch: int, k: int, examples: int, **traced) -> float:
     """Smoothed loss after `examples` examples (median over seeds; inf if that seed diverged first)."""
-    loss = _sel(ds, batch, k, **traced)["loss"].values
+    loss = select(ds, batch, k, **traced)["loss"].values
     t = examples // batch - 1
     if t >= loss.shape[-1]:
         return float("nan")
@@ -169,8 +180,8 @@ def scaling_table(ds) -> list[tuple[int, float, float, float]]:
         if b * k in seen or b * k == base:
             continue
         seen.add(b * k)
-        rows.append((b * k, *(loss_at(ds, b, k, examples, lr_scaling=s, warmup_epochs=w) / ref
-                               for s, w in ((1.0, warm), (1.0, 0.0), (0.0, 0.0)))))
+        lanes = ((1.0, warm), (1.0, 0.0), (0.0, 0.0))
+        rows.append((b * k, *(loss_at(ds, b, k, examples, lr_scaling=s, warmup_epochs=w) / ref for s, w in lanes)))
     return rows
 
 
@@ -185,9 +196,9 @@ def accumulation_error(ds) -> tuple[float, int]:
     for b, k in runs(ds):
         if k == 1 or (b * k, 1) not in runs(ds):
             continue
-        acc = per_update(_sel(ds, b, k)["loss"].values, k)[..., :ACCUMULATION_UPDATES]
-        big = _sel(ds, b * k, 1)["loss"].values[..., : acc.shape[-1]]
-        healthy = ~(_sel(ds, b, k)["diverged"].values | _sel(ds, b * k, 1)["diverged"].values)
+        acc = per_update(select(ds, b, k)["loss"].values, k)[..., :ACCUMULATION_UPDATES]
+        big = select(ds, b * k, 1)["loss"].values[..., : acc.shape[-1]]
+        healthy = ~(select(ds, b, k)["diverged"].values | select(ds, b * k, 1)["diverged"].values)
         worst = max(worst, float(np.max(np.abs(acc - big)[healthy] / np.abs(big)[healthy], initial=0.0)))
         pairs += 1
     return worst, pairs
@@ -208,126 +219,70 @@ def measure(ds) -> Measured:
     cfg = results.run_config(ds)
     base, steps = cfg["base_batch"], ds.sizes["step"]
     err, pairs = accumulation_error(ds)
-    has_base = base in [b * k for b, k in runs(ds)]
-    b_simple = noise_scale(ds, base, 1, slice(3 * steps // 4, None)) if has_base else None
+    if base not in [b * k for b, k in runs(ds)]:
+        return Measured(err, pairs, base, None, None)
+    b_simple = noise_scale(ds, base, 1, slice(3 * steps // 4, None))
     lanes = set(ds["lr_scaling"].values.tolist()) >= {0.0, 1.0} and (ds["warmup_epochs"].values > 0).any()
-    if not lanes or not has_base:
+    if not lanes:
         return Measured(err, pairs, base, b_simple, None)
     table = scaling_table(ds)
     below = [(b, r) for b, r, *_ in table if b <= b_simple]
     above = [(b, r) for b, r, *_ in table if b >= 2 * b_simple]
     finite = [(b, rw, r0) for b, rw, r0, _ in table if np.isfinite(rw)]
-    b, rw, r0 = max(finite) if finite else (None, None, None)
-    return Measured(err, pairs, base, b_simple, table, max(below, key=lambda x: x[1]) if below else None,
-                    min(above, key=lambda x: x[1]) if above else None, (b, r0 / rw) if finite else None)
+    warmup_gain = None
+    if finite:
+        b, rw, r0 = max(finite)
+        warmup_gain = (b, r0 / rw)
+    return Measured(
+        err,
+        pairs,
+        base,
+        b_simple,
+        table,
+        max(below, key=lambda x: x[1]) if below else None,
+        min(above, key=lambda x: x[1]) if above else None,
+        warmup_gain,
+    )
 
 
 def checks(m: Measured) -> list[Check]:
     out = []
     if m.accumulation_pairs:
-        out.append(Check.at_most(f"MultiSteps k x B vs batch kB: first {ACCUMULATION_UPDATES} updates' loss, "
-                                 "max rel. diff", m.accumulation_error, ACCUMULATION_RTOL, "float32 rounding"))
+        out.append(
+            Check.at_most(
+                f"MultiSteps k x B vs batch kB: first {ACCUMULATION_UPDATES} updates' loss, max rel. diff",
+                m.accumulation_error,
+                ACCUMULATION_RTOL,
+                "float32 rounding",
+            )
+        )
     if m.holds:
-        out.append(Check.at_most(f"linear rule + warmup, B <= B_simple = {m.noise_scale:.0f}: worst loss / "
-                                 f"base-batch loss (B={m.holds[0]})", m.holds[1], HOLDS))
+        out.append(
+            Check.at_most(
+                f"linear rule + warmup, B <= B_simple = {m.noise_scale:.0f}: worst loss / "
+                f"base-batch loss (B={m.holds[0]})",
+                m.holds[1],
+                HOLDS,
+            )
+        )
     if m.breaks:
-        out.append(Check.above(f"linear rule + warmup, B >= 2 B_simple: best loss / base-batch loss (B={m.breaks[0]})",
-                               m.breaks[1], HOLDS))
+        out.append(
+            Check.above(
+                f"linear rule + warmup, B >= 2 B_simple: best loss / base-batch loss (B={m.breaks[0]})",
+                m.breaks[1],
+                HOLDS,
+            )
+        )
     # Warmup: the largest batch where the warmed-up linear rule still holds finite, with against without.
     if m.warmup_gain:
-        out.append(Check.above(f"linear rule at B={m.warmup_gain[0]}: loss without / with warmup", m.warmup_gain[1],
-                               1.0))
+        out.append(
+            Check.above(f"linear rule at B={m.warmup_gain[0]}: loss without / with warmup", m.warmup_gain[1], 1.0)
+        )
     return out
 
 
-# ----------------------------------------------------------------------------- figure
-
-
 def figures(ds, m: Measured) -> dict:
-    cfg = results.run_config(ds)
-    base, steps = cfg["base_batch"], ds.sizes["step"]
-    warm = float(max(ds["warmup_epochs"].values))
-    fig, axes = plotting.figure(2, 3, width=3.7, height=3.0)
-    groups = [(b, k) for b, k in runs(ds) if k == 1 or (b * k, 1) not in runs(ds)]
-    colors = {b * k: plotting.COLORS[i % len(plotting.COLORS)] for i, (b, k) in enumerate(groups)}
-    start = float(np.median(ds["loss"].isel(step=0).values))
-    panels = [(axes[0, 0], 1.0, warm, f"linear rule + warmup ({warm:g} epochs)"),
-              (axes[0, 1], 1.0, 0.0, "linear rule, no warmup"), (axes[0, 2], 0.0, 0.0, "fixed lr (no scaling)")]
-    for ax, scaling, w, title in panels:
-        for b, k in groups:
-            label = f"B={b * k}" + (f" ({b}x{k})" if k > 1 else "")
-            loss = smoothed(_sel(ds, b, k, lr_scaling=scaling, warmup_epochs=w)["loss"].values, b)
-            with warnings.catch_warnings():  # steps after every seed diverged: all nan, drawn as a gap
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mid = np.nanmedian(loss, axis=0)
-            seen = (np.arange(loss.shape[-1]) + 1) * b
-            ax.plot(seen, np.minimum(mid, 3 * start), color=colors[b * k], lw=1.2, label=label)
-            bad = _sel(ds, b, k, lr_scaling=scaling, warmup_epochs=w)["first_bad_step"].values.ravel()
-            for step in bad[bad >= 0]:  # a diverged seed: x where it went non-finite, at the top
-                ax.plot(seen[step], 3 * start, "x", color=colors[b * k], ms=6, mew=1.5)
-        ax.axvline(base * steps, color="0.5", ls=":", lw=1)
-        ax.set(xscale="log", yscale="log", xlabel="examples seen", title=title)
-        ax.set_ylim(top=4 * start)
-    axes[0, 0].set_ylabel(f"minibatch loss (mean over {WINDOW_EXAMPLES} examples)")
-    axes[0, 0].legend(loc="lower left", frameon=False, fontsize=6.5)
+    """The figure (gradlab/experiments/_batch_size_figures.py)."""
+    from gradlab.experiments import _batch_size_figures
 
-    # Accumulation: k x B against kB, loss per update.
-    ax = axes[1, 0]
-    for b, k in runs(ds):
-        if k > 1 and (b * k, 1) in runs(ds):
-            acc = np.nanmedian(per_update(_sel(ds, b, k, lr_scaling=0.0, warmup_epochs=0.0)["loss"].values, k), axis=0)
-            big = np.nanmedian(_sel(ds, b * k, 1, lr_scaling=0.0, warmup_epochs=0.0)["loss"].values, axis=0)[: len(acc)]
-            ax.plot(big, color=colors[b * k], lw=2.5, alpha=0.45, label=f"B={b * k}")
-            ax.plot(acc, color="k", lw=0.8, ls="--", label="k x B accumulated" if b == min(runs(ds))[0] else None)
-    if m.accumulation_pairs:
-        plotting.note(ax, f"max rel. diff, first {ACCUMULATION_UPDATES}\nupdates: {m.accumulation_error:.2g}",
-                      loc="lower left")
-    ax.set(yscale="log", xlabel="optimizer update", ylabel="loss of the update's batch",
-           title="MultiSteps: k x B against kB (fixed lr)")
-    ax.legend(loc="upper right", frameon=False, fontsize=6.5)
-
-    # Noise scale along training, per effective batch (fixed lr lanes).
-    ax = axes[1, 1]
-    for b, k in groups:
-        n = ds.sizes["step"]
-        window = max(4, n // 16)
-        centres, values = [], []
-        for lo in range(0, n - window + 1, window):
-            centres.append((lo + window / 2) * b)
-            values.append(noise_scale(ds, b, k, slice(lo, lo + window)))
-        ax.plot(centres, np.where(np.asarray(values) > 0, values, np.nan), "o-", ms=2.5, color=colors[b * k],
-                lw=1, label=f"B={b * k}")
-    if m.noise_scale is not None:
-        ax.axhline(m.noise_scale, color="0.3", ls=":", lw=1)
-        at_init = noise_scale(ds, base, 1, slice(0, max(2, steps // 16)))
-        plotting.note(ax, f"B={base}: B_simple {at_init:.0f} at first,\n{m.noise_scale:.0f} over its last quarter",
-                      loc="lower right")
-    ax.set(xscale="log", yscale="log", xlabel="examples seen", ylabel=r"$B_{simple} = tr(\Sigma)/|G|^2$",
-           title="noise scale (McCandlish et al. 2018)")
-
-    # Summary: loss at the base run's examples against batch size.
-    ax = axes[1, 2]
-    if m.table is not None:
-        bs = np.array([base] + [r[0] for r in m.table])
-        for j, (label, marker) in enumerate([("linear + warmup", "o"), ("linear", "s"), ("fixed lr", "^")]):
-            ratio = np.array([1.0] + [r[1 + j] for r in m.table])
-            ax.plot(bs, np.where(np.isfinite(ratio), ratio, np.nan), marker=marker, ms=4, lw=1, label=label,
-                    color=plotting.COLORS[j])
-            for b in bs[~np.isfinite(ratio)]:
-                ax.plot(b, 5 * 1.3**j, "x", ms=7, mew=1.5, color=plotting.COLORS[j])
-        ax.axhline(HOLDS, color="0.5", ls="--", lw=0.8)
-        ax.axvline(m.noise_scale, color="0.3", ls=":", lw=1)
-        ax.annotate(" B_simple", (m.noise_scale, 0.55), xycoords=("data", "axes fraction"), fontsize=7, color="0.3")
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=6.5)
-    ax.set(xscale="log", yscale="log", ylim=(0.8, 40), xlabel="effective batch size B",
-           ylabel=f"loss / B={base}'s at {base * steps} examples", title="does the rule hold? (x: diverged)")
-    notes = ([f"B <= B_simple = {m.noise_scale:.0f}: {m.holds[1]:.3g} (<= {HOLDS:g}: holds)"] if m.holds else []) + \
-            ([f"B >= 2 B_simple: {m.breaks[1]:.3g} (> {HOLDS:g}: breaks)"] if m.breaks else []) + \
-            ([f"linear rule at B={m.warmup_gain[0]}: {m.warmup_gain[1]:.3g} (> 1: warmup helps)"]
-             if m.warmup_gain else [])
-    if notes:
-        plotting.note(ax, "\n".join(notes), loc="upper left")
-    fig.suptitle(f"Batch size: {cfg['optim']['name']} at lr {cfg['optim']['lr']:g} x (B/{base})^s, {steps} steps each, "
-                 f"{cfg['data']['examples']} examples, {ds.sizes['seed']} seeds (median); dotted: the base run's end",
-                 fontsize=9.5)
-    return {"": fig}
+    return _batch_size_figures.draw(ds, m)

@@ -23,7 +23,6 @@ depend on the sweep's values), and stored with the results: the figure reads it 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import analysis, plotting, results, telemetry, transforms, trials
+from gradlab import analysis, results, telemetry, transforms, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -51,14 +50,16 @@ class Config(ExperimentConfig):
     """ExperimentConfig plus the thresholds of the two clipping rules other than global norm."""
 
     value_threshold: float = param(0.01, low=0.0, low_open=True, doc="optim.clip=value: bound on each |g_i|")
-    agc_threshold: float = param(0.01, low=0.0, low_open=True,
-                                 doc="optim.clip=agc: bound on |g_u| / max(|w_u|, 1e-3) per unit")
+    agc_threshold: float = param(
+        0.01, low=0.0, low_open=True, doc="optim.clip=agc: bound on |g_u| / max(|w_u|, 1e-3) per unit"
+    )
 
 
 def with_threshold(cfg, hp: dict) -> dict:
     """hp with optim.clip_threshold set to the threshold of the config's clipping rule."""
-    threshold = {"value": hp["value_threshold"], "agc": hp["agc_threshold"]}.get(cfg.optim.clip,
-                                                                                hp["optim.clip_threshold"])
+    threshold = {"value": hp["value_threshold"], "agc": hp["agc_threshold"]}.get(
+        cfg.optim.clip, hp["optim.clip_threshold"]
+    )
     return {**hp, "optim.clip_threshold": threshold}
 
 
@@ -76,7 +77,7 @@ def trial(cfg) -> Trial:
         size = sum(g.size for g in jax.tree.leaves(view.grads))
         return {
             "clip_scale": telemetry.safe_ratio(telemetry.global_norm(clipped), telemetry.global_norm(view.grads)),
-            "clipped_elements": changed.astype(jnp.float32) / size,
+            "clipped_elements": jnp.asarray(changed, jnp.float32) / size,
             "update_global_norm": telemetry.global_norm(view.updates),
         }
 
@@ -132,19 +133,17 @@ def descend(cliff: Cliff, clip: bool) -> tuple[np.ndarray, np.ndarray]:
     return points, np.append(np.asarray(losses), float(cliff_loss(last, cliff)))
 
 
+CLIFF_KEYS = ("w", "b", "loss", "grad", "plain", "plain_loss", "clipped", "clipped_loss")
+
+
 def cliff_surface(cliff: Cliff = CLIFF) -> dict:
-    """Loss and gradient over the (w, b) grid (vmapped) and both descents, as numpy arrays."""
+    """{CLIFF_KEYS: numpy arrays}: the (w, b) grid, the loss and gradient over it (vmapped), and the
+    points and losses of both descents (`descend`: without, then with clipping)."""
     ws, bs = np.linspace(*cliff.w_range), np.linspace(*cliff.b_range)
     grid = jnp.stack(jnp.meshgrid(jnp.asarray(ws, jnp.float32), jnp.asarray(bs, jnp.float32), indexing="ij"), -1)
     f = jax.jit(jax.vmap(jax.vmap(jax.value_and_grad(lambda p: cliff_loss(p, cliff)))))
-    loss, grad = f(grid)
-    plain, plain_loss = descend(cliff, clip=False)
-    clipped, clipped_loss = descend(cliff, clip=True)
-    return {"w": ws, "b": bs, "loss": np.asarray(loss, float), "grad": np.asarray(grad, float), "plain": plain,
-            "plain_loss": plain_loss, "clipped": clipped, "clipped_loss": clipped_loss}
-
-
-CLIFF_KEYS = ("w", "b", "loss", "grad", "plain", "plain_loss", "clipped", "clipped_loss")
+    loss, grad = (np.asarray(a, float) for a in f(grid))
+    return dict(zip(CLIFF_KEYS, (ws, bs, loss, grad, *descend(cliff, clip=False), *descend(cliff, clip=True))))
 
 
 def reference(cfg) -> dict:
@@ -174,7 +173,7 @@ def step_lengths(points: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- reading results
 
 
-def _by_kind(ds, var: str, kind: str) -> np.ndarray:
+def by_kind(ds, var: str, kind: str) -> np.ndarray:
     """(lr, seed, step, ...) of one clipping rule."""
     point = ds[var].sel({"optim.clip": kind})
     return point.transpose("optim.lr", "seed", "step", ...).values.astype(float)
@@ -187,7 +186,7 @@ def kinds(ds) -> list[str]:
 def final_loss(ds, kind: str) -> np.ndarray:
     """(lr, seed): mean loss of the last 10 steps; inf where the run diverged or its loss is not finite."""
     diverged = ds["diverged"].sel({"optim.clip": kind}).transpose("optim.lr", "seed").values
-    return analysis.final(_by_kind(ds, "loss", kind), diverged, tail=10)
+    return analysis.final(by_kind(ds, "loss", kind), diverged, tail=10)
 
 
 def demo_lr_index(ds) -> int:
@@ -196,36 +195,20 @@ def demo_lr_index(ds) -> int:
     lrs = ds["optim.lr"].values
     if "none" not in kinds(ds):
         return len(lrs) - 1
-    start = _by_kind(ds, "loss", "none")[..., 0]
+    start = by_kind(ds, "loss", "none")[..., 0]
     fails = np.all(~(final_loss(ds, "none") < TRAINS * start), axis=-1)
     return int(np.argmax(fails)) if fails.any() else len(lrs) - 1
 
 
-def clipped_steps(ds, kind: str) -> np.ndarray:
-    """(lr, seed): fraction of the steps run (before any divergence) whose gradient clipping changed."""
-    scale = _by_kind(ds, "clip_scale", kind)
-    ran = np.isfinite(scale)
+def update_errors(ds, tau: float) -> tuple[float, float]:
+    """Under global-norm clipping with SGD, max over recorded steps of | |update| / (lr min(|g|, tau)) - 1 |,
+    and the same from the stock per-layer telemetry: update_norm_l = lr min(1, tau / |g|) grad_norm_l."""
+    lr, g = by_kind(ds, "lr", "global_norm"), by_kind(ds, "grad_global_norm", "global_norm")
+    expected = lr * np.minimum(g, tau)
+    expected_layer = (lr * np.minimum(1.0, tau / g))[..., None] * by_kind(ds, "grad_norm", "global_norm")
     with np.errstate(invalid="ignore"):
-        hit = (scale < 1 - CLIPPED_RTOL) & ran
-    return hit.sum(-1) / np.maximum(ran.sum(-1), 1)
-
-
-def update_norm_error(ds, tau: float) -> float:
-    """max over recorded SGD steps of | |update| / (lr min(|g|, tau)) - 1 | under global-norm clipping."""
-    lr = _by_kind(ds, "lr", "global_norm")
-    expected = lr * np.minimum(_by_kind(ds, "grad_global_norm", "global_norm"), tau)
-    measured = _by_kind(ds, "update_global_norm", "global_norm")
-    with np.errstate(invalid="ignore"):
-        return float(np.nanmax(np.abs(measured / expected - 1)))
-
-
-def layer_update_error(ds, tau: float) -> float:
-    """The same from the stock per-layer telemetry: update_norm_l = lr min(1, tau / |g|) grad_norm_l."""
-    g = _by_kind(ds, "grad_global_norm", "global_norm")
-    scale = (_by_kind(ds, "lr", "global_norm") * np.minimum(1.0, tau / g))[..., None]
-    expected = scale * _by_kind(ds, "grad_norm", "global_norm")
-    with np.errstate(invalid="ignore"):
-        return float(np.nanmax(np.abs(_by_kind(ds, "update_norm", "global_norm") / expected - 1)))
+        error = np.nanmax(np.abs(by_kind(ds, "update_global_norm", "global_norm") / expected - 1))
+        return float(error), float(np.nanmax(np.abs(by_kind(ds, "update_norm", "global_norm") / expected_layer - 1)))
 
 
 class Measured(NamedTuple):
@@ -250,15 +233,19 @@ def measure(ds) -> Measured:
     tau = cfg["optim"]["clip_threshold"]
     trains = {}
     if {"none", "global_norm"} <= set(names):
-        start = _by_kind(ds, "loss", "none")[i, :, 0]
-        trains = {"unclipped_final": float(np.min(final_loss(ds, "none")[i] / start)),
-                  "clipped_final": float(np.max(final_loss(ds, "global_norm")[i] / start))}
+        start = by_kind(ds, "loss", "none")[i, :, 0]
+        trains = {
+            "unclipped_final": float(np.min(final_loss(ds, "none")[i] / start)),
+            "clipped_final": float(np.max(final_loss(ds, "global_norm")[i] / start)),
+        }
     surface = stored_cliff(ds)
     bound = CLIFF.lr * CLIFF.tau
     return Measured(
-        i, float(ds["optim.lr"].values[i]),
-        update_norm_error(ds, tau) if sgd_global else None, layer_update_error(ds, tau) if sgd_global else None,
-        trains.get("unclipped_final"), trains.get("clipped_final"),
+        i,
+        float(ds["optim.lr"].values[i]),
+        *(update_errors(ds, tau) if sgd_global else (None, None)),
+        trains.get("unclipped_final"),
+        trains.get("clipped_final"),
         cliff_wall=max(wall_slope(surface), float(np.max(np.abs(surface["grad"][..., 0])))),
         cliff_median=float(np.median(np.abs(surface["grad"][..., 0]))),
         clipped_step=float(step_lengths(surface["clipped"]).max() / bound),
@@ -271,120 +258,38 @@ def measure(ds) -> Measured:
 
 def checks(m: Measured) -> list[Check]:
     out = []
-    if m.update_error is not None:
-        out.append(Check.at_most("global_norm, SGD: | |update| / (lr min(|g|, tau)) - 1 |, max over steps",
-                                 m.update_error, UPDATE_RTOL))
-        out.append(Check.at_most("global_norm, SGD: per-layer update_norm / (lr min(1, tau/|g|) grad_norm) - 1, max",
-                                 m.layer_update_error, UPDATE_RTOL))
-    if m.unclipped_final is not None:
-        out.append(Check.at_least(f"no clipping at lr={m.demo_lr:.3g}: final / initial loss, best seed",
-                                  m.unclipped_final, TRAINS))
-        out.append(Check.below(f"global_norm at lr={m.demo_lr:.3g}: final / initial loss, worst seed",
-                               m.clipped_final, TRAINS))
-    out.append(Check.at_least("cliff: max |dL/dw| (>= grid difference quotient) / median |dL/dw|",
-                              m.cliff_wall / m.cliff_median, 100))
-    out.append(Check.at_most("cliff: clipped descent, longest step / (lr tau)", m.clipped_step, 1 + m.step_slack,
-                             f"1 + {m.step_slack:.1g} (float32 rounding of the points)"))
-    out.append(Check.at_least("cliff: unclipped descent, longest step / (lr tau)", m.thrown_step, 10))
-    return out
-
-
-# ----------------------------------------------------------------------------- figures
+    if m.update_error is not None and m.layer_update_error is not None:
+        out += [
+            Check.at_most(
+                "global_norm, SGD: | |update| / (lr min(|g|, tau)) - 1 |, max over steps", m.update_error, UPDATE_RTOL
+            ),
+            Check.at_most(
+                "global_norm, SGD: per-layer update_norm / (lr min(1, tau/|g|) grad_norm) - 1, max",
+                m.layer_update_error,
+                UPDATE_RTOL,
+            ),
+        ]
+    if m.unclipped_final is not None and m.clipped_final is not None:
+        lr = f"lr={m.demo_lr:.3g}"
+        out += [
+            Check.at_least(f"no clipping at {lr}: final / initial loss, best seed", m.unclipped_final, TRAINS),
+            Check.below(f"global_norm at {lr}: final / initial loss, worst seed", m.clipped_final, TRAINS),
+        ]
+    wall = m.cliff_wall / m.cliff_median
+    return out + [
+        Check.at_least("cliff: max |dL/dw| (>= grid difference quotient) / median |dL/dw|", wall, 100),
+        Check.at_most(
+            "cliff: clipped descent, longest step / (lr tau)",
+            m.clipped_step,
+            1 + m.step_slack,
+            f"1 + {m.step_slack:.1g} (float32 rounding of the points)",
+        ),
+        Check.at_least("cliff: unclipped descent, longest step / (lr tau)", m.thrown_step, 10),
+    ]
 
 
 def figures(ds, m: Measured) -> dict:
-    return {"": training_figure(ds, m), "cliff": cliff_figure(stored_cliff(ds), m)}
+    """The training figure and the cliff's (gradlab/experiments/_clipping_figures.py)."""
+    from gradlab.experiments import _clipping_figures
 
-
-def training_figure(ds, m: Measured):
-    cfg = results.run_config(ds)
-    names = kinds(ds)
-    lrs = ds["optim.lr"].values.astype(float)
-    i = m.demo_lr_index
-    thresholds = {"global_norm": f"τ={cfg['optim']['clip_threshold']:g}", "value": f"v={cfg['value_threshold']:g}",
-                  "agc": f"a={cfg['agc_threshold']:g}", "none": ""}
-    fig, axes = plotting.figure(1, 3, width=3.8, height=3.0)
-    steps = ds["step"].values
-    for k, kind in enumerate(names):
-        color = plotting.COLORS[k % len(plotting.COLORS)]
-        frac = clipped_steps(ds, kind)[i]
-        bad = ds["diverged"].sel({"optim.clip": kind}).isel({"optim.lr": i}).values
-        label = f"{KINDS.get(kind, kind)} {thresholds.get(kind, '')}".strip()
-        if kind != "none":
-            label += f": clipped {np.mean(frac):.0%} of steps"
-        if kind in ("value", "agc"):  # global-norm clipping scales every entry of a clipped step
-            with np.errstate(all="ignore"):
-                entries = np.nanmean(_by_kind(ds, "clipped_elements", kind)[i])
-            label += f", {entries:.1%} of entries"
-        if bad.any():
-            first = ds["first_bad_step"].sel({"optim.clip": kind}).isel({"optim.lr": i}).values
-            label += f"; {int(bad.sum())}/{bad.size} diverged (step {int(first[bad].min())})"
-        with warnings.catch_warnings():  # a diverged run is all NaN after its first bad step
-            warnings.simplefilter("ignore", RuntimeWarning)
-            plotting.band(axes[0, 0], steps, _by_kind(ds, "loss", kind)[i], label, color)
-            plotting.band(axes[0, 1], steps, _by_kind(ds, "grad_global_norm", kind)[i], label, color)
-        final = final_loss(ds, kind)
-        with np.errstate(all="ignore"):
-            mid = np.median(final, axis=-1)
-        ok = np.isfinite(mid)
-        axes[0, 2].plot(lrs[ok], mid[ok], "o-", color=color, ms=3, label=label)
-        axes[0, 2].plot(lrs[~ok], np.full((~ok).sum(), 0.95 - 0.05 * k), "x", color=color, ms=6, mew=1.5,
-                        transform=axes[0, 2].get_xaxis_transform())
-    start = float(np.nanmedian(ds["loss"].isel(step=0).values))
-    floor = np.nanmin(np.where(ds["loss"].isel({"optim.lr": i}).values > 0, ds["loss"].isel({"optim.lr": i}).values, np.nan))
-    axes[0, 0].set(yscale="log", xlabel="step", ylabel="training loss", title=f"loss, SGD lr={lrs[i]:.3g}",
-                   ylim=(0.5 * floor, 1e3 * start))
-    axes[0, 1].set(yscale="log", xlabel="step", ylabel="|g| before clipping",
-                   title=f"pre-clip global gradient norm, lr={lrs[i]:.3g}", ylim=(None, 1e6))
-    if "global_norm" in names:
-        axes[0, 1].axhline(cfg["optim"]["clip_threshold"], color="k", lw=0.8, ls="--")
-    axes[0, 2].set(xscale="log", yscale="log", xlabel="learning rate", ylabel="final loss (median over seeds)",
-                   title="final loss against lr (x: diverged)")
-    axes[0, 2].axvline(lrs[i], color="0.5", ls=":", lw=0.8)
-    axes[0, 2].axhline(start, color="0.5", lw=0.8, ls="--")
-    plotting.note(axes[0, 2], "dashed: loss at init\ndotted: lr of the left panels", loc="lower left")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=8)
-    if m.update_error is not None:
-        plotting.note(axes[0, 1], f"global norm: |update| = lr min(|g|, τ)\nmax rel. err {m.update_error:.1e}",
-                      loc="upper right")
-    fig.suptitle(f"Exploding gradients and clipping: depth-{cfg['model']['depth']} {cfg['model']['activation']} MLP, "
-                 f"init gain {cfg['model']['init_gain']:g}, full-batch SGD, {cfg['steps']} steps", fontsize=10)
-    return fig
-
-
-def cliff_figure(s: dict, m: Measured, cliff: Cliff = CLIFF):
-    """The cliff's loss and |dL/dw| over (w, b) with both descents, and their step lengths; `s` as
-    cliff_surface gives it."""
-    fig, axes = plotting.figure(1, 3, width=3.8, height=3.1)
-    ax = axes[0, 0]
-    mesh = ax.pcolormesh(s["w"], s["b"], np.log10(s["loss"] + 1e-4).T, shading="auto", cmap="viridis")
-    fig.colorbar(mesh, ax=ax, label="log10 loss")
-    for key, color, name in (("plain", "#d1495b", "no clipping"), ("clipped", "white", f"global norm τ={cliff.tau:g}")):
-        ax.plot(s[key][:, 0], s[key][:, 1], ".-", color=color, ms=2.5, lw=0.9, label=name)
-    ax.plot(*cliff.start, "*", color="#edae49", mec="k", ms=10)
-    ax.set(xlim=cliff.w_range[:2], ylim=cliff.b_range[:2], xlabel="w", ylabel="b",
-           title=f"loss of x_t = w tanh(x_(t-1)) + b, T={cliff.steps}")
-    ax.legend(loc="lower right", fontsize=7, facecolor="0.7")
-    ax = axes[0, 1]
-    grad = np.abs(s["grad"][..., 0])
-    mesh = ax.pcolormesh(s["w"], s["b"], np.log10(grad + 1e-6).T, shading="auto", cmap="magma")
-    fig.colorbar(mesh, ax=ax, label="log10 |dL/dw|")
-    ax.set(xlabel="w", ylabel="b", title="the gradient wall")
-    plotting.note(ax, f"max |dL/dw| ≥ {m.cliff_wall:.3g}\nmedian {m.cliff_median:.3g}\n"
-                      f"ratio {m.cliff_wall / m.cliff_median:.0f}", loc="upper right")
-    ax = axes[0, 2]
-    bound = cliff.lr * cliff.tau
-    for key, color, name in (("plain", "#d1495b", "no clipping"), ("clipped", "#1b6ca8", f"global norm τ={cliff.tau:g}")):
-        steps = step_lengths(s[key])
-        ax.plot(np.arange(1, len(steps) + 1), steps, ".-", color=color, ms=3, lw=0.9,
-                label=f"{name}: final loss {s[key + '_loss'][-1]:.2g}")
-    ax.axhline(bound, color="k", ls="--", lw=0.8, label="lr τ")
-    ax.set(yscale="log", xlabel="iteration", ylabel="step length |Δ(w, b)|",
-           title=f"gradient-descent steps, lr={cliff.lr:g}")
-    ax.legend(loc="upper right", fontsize=7)
-    plotting.note(ax, f"longest step / (lr τ):\nunclipped {m.thrown_step:.0f}, clipped {m.clipped_step:.3f}",
-                  loc="lower left")
-    fig.suptitle("The cliff (Pascanu et al. 2013): one step on the wall throws plain gradient descent away; "
-                 "clipped steps stay ≤ lr τ", fontsize=10)
-    return fig
+    return _clipping_figures.draw(ds, m)

@@ -13,8 +13,9 @@ At init (He normal, zero biases) a first-layer unit is dead only if n independen
 pre-activations are all <= 0: probability 2^-n. Deeper, the examples' pre-activations are correlated;
 with correlation rho (the ReLU arc-cosine map of the layer below's, Cho & Saul 2009, from rho = 0 at
 the input) a unit is dead with probability int phi(z) Phi(-z sqrt(rho / (1 - rho)))^n dz, tiny for
-n = 256. Large steps (Adam moves every weight by about lr) knock units past that margin (a big negative bias step) and ReLU's dead units
-stay dead; Leaky ReLU's slope keeps every unit's gradient nonzero.
+n = 256. Large steps (Adam moves every weight by about lr) knock units past that margin (a big
+negative bias step) and ReLU's dead units stay dead; Leaky ReLU's slope keeps every unit's gradient
+nonzero.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ INIT_QUANTILE = 1e-3  # the init check fails only if the dead count is this unli
 class Config(ExperimentConfig):
     """ExperimentConfig plus the no-gradient threshold."""
 
-    grad_threshold: float = param(1e-7, low=0.0, low_open=True, high=1.0,
-                                  doc="a unit has no gradient when its norm is <= this x its layer's largest")
+    grad_threshold: float = param(
+        1e-7,
+        low=0.0,
+        low_open=True,
+        high=1.0,
+        doc="a unit has no gradient when its norm is <= this x its layer's largest",
+    )
 
 
 def unit_grad_norms(grads: dict) -> jax.Array:
@@ -82,8 +88,10 @@ def trial(cfg) -> Trial:
         mask = models.layer_mask(spec, view.hyper)[:-1]
         nan = jnp.full((1,), jnp.nan)
         nograd = no_gradient_fraction(unit_grad_norms(grads), view.hp["grad_threshold"])
-        return {"dead_full": jnp.concatenate([jnp.where(mask, taps["dead_frac"][:-1], jnp.nan), nan]),
-                "nograd_frac": jnp.concatenate([jnp.where(mask, nograd, jnp.nan), nan])}
+        return {
+            "dead_full": jnp.concatenate([jnp.where(mask, taps["dead_frac"][:-1], jnp.nan), nan]),
+            "nograd_frac": jnp.concatenate([jnp.where(mask, nograd, jnp.nan), nan]),
+        }
 
     return trials.supervised_mlp(cfg, metrics=whole_set)
 
@@ -102,9 +110,9 @@ def dead_probability(n: int, rho: float) -> float:
     """P(all n pre-activations <= 0) when they are standard Gaussians with pairwise correlation rho:
     int phi(z) Phi(-z sqrt(rho / (1 - rho)))^n dz (2^-n at rho = 0)."""
     if rho <= 0:
-        return 2.0 ** -n
+        return 2.0**-n
     z = np.linspace(-12, 12, 24001)
-    phi = np.exp(-z**2 / 2) / np.sqrt(2 * np.pi)
+    phi = np.exp(-(z**2) / 2) / np.sqrt(2 * np.pi)
     cdf = 0.5 * (1 + np.vectorize(erf)(-z * np.sqrt(rho / (1 - rho)) / np.sqrt(2)))
     return float(np.trapezoid(phi * cdf**n, z))
 
@@ -139,7 +147,7 @@ def per_unit_mean(ds, var: str, act: str) -> np.ndarray:
 
 
 class Measured(NamedTuple):
-    activations: list
+    activations: list[str]
     lrs: np.ndarray
     dead: dict  # activation -> (lr, seed, step) dead_full over all units
     nograd: dict  # activation -> (lr, seed, step) nograd_frac over all units
@@ -185,12 +193,24 @@ def checks(m: Measured) -> list[Check]:
     if m.init_dead is not None:
         dead, allowed, expected = m.init_dead
         model = m.cfg["model"]
-        out.append(Check.at_most(f"relu at init: dead units (full data, {m.dead['relu'].shape[1]} seeds x "
-                                 f"{model['depth'] + 1} layers x {model['width']})", dead, allowed,
-                                 f"Poisson {INIT_QUANTILE:g} tail of mean {expected:.2g} (2^-n, correlated layers)"))
+        out.append(
+            Check.at_most(
+                f"relu at init: dead units (full data, {m.dead['relu'].shape[1]} seeds x "
+                f"{model['depth'] + 1} layers x {model['width']})",
+                dead,
+                allowed,
+                f"Poisson {INIT_QUANTILE:g} tail of mean {expected:.2g} (2^-n, correlated layers)",
+            )
+        )
     if m.grown is not None:
-        out.append(Check.at_least(f"relu: end dead fraction, max over lr (at {m.grown_at:.3g}) - at lr {m.lrs[0]:.3g} "
-                                  f"({m.smallest:.3f})", m.grown, GROWN))
+        out.append(
+            Check.at_least(
+                f"relu: end dead fraction, max over lr (at {m.grown_at:.3g}) - at lr {m.lrs[0]:.3g} ({m.smallest:.3f})",
+                m.grown,
+                GROWN,
+            )
+        )
+    if m.gap is not None:  # set with m.grown
         # A dead ReLU unit has exactly zero gradient, so it is among the no-gradient ones.
         out.append(Check.at_least("relu: zero-gradient minus dead fraction, min over lr, seed, step", m.gap, 0.0))
     if m.leaky_nograd is not None:
@@ -210,18 +230,40 @@ def figures(ds, m: Measured) -> dict:
         for ax, fraction in ((axes[0, 0], m.dead), (axes[0, 1], m.nograd)):
             plotting.band(ax, lrs, fraction[act][..., -1].T, LABELS.get(act, act), colors[act], log=False)
             gone = m.diverged[act].all(axis=-1)
-            ax.plot(lrs[gone], np.full(gone.sum(), 0.95 - 0.05 * k), "x", color=colors[act], ms=6, mew=1.5,
-                    transform=ax.get_xaxis_transform())
-    notes = [f"ReLU dead at init: {m.init_dead[0]:.0f} units" if m.init_dead is not None else "",
-             f"ReLU large - small lr: {m.grown:+.2f}" if m.grown is not None else ""]
+            ax.plot(
+                lrs[gone],
+                np.full(gone.sum(), 0.95 - 0.05 * k),
+                "x",
+                color=colors[act],
+                ms=6,
+                mew=1.5,
+                transform=ax.get_xaxis_transform(),
+            )
+    notes = [
+        f"ReLU dead at init: {m.init_dead[0]:.0f} units" if m.init_dead is not None else "",
+        f"ReLU large - small lr: {m.grown:+.2f}" if m.grown is not None else "",
+    ]
     plotting.note(axes[0, 0], "\n".join(n for n in notes if n), loc="upper left")
-    axes[0, 0].set(xscale="log", xlabel=f"learning rate ({cfg['optim']['name']})", ylabel="fraction of units",
-                   title="dead at the end: pre-act. ≤ 0 on all n", ylim=(-0.03, 1.03))
+    axes[0, 0].set(
+        xscale="log",
+        xlabel=f"learning rate ({cfg['optim']['name']})",
+        ylabel="fraction of units",
+        title="dead at the end: pre-act. ≤ 0 on all n",
+        ylim=(-0.03, 1.03),
+    )
     if m.leaky_nograd is not None:
-        plotting.note(axes[0, 1], f"Leaky ReLU: {m.leaky_nograd:.3g} of units without gradient\n(max over lr, seed, step)",
-                      loc="upper left")
-    axes[0, 1].set(xscale="log", xlabel=f"learning rate ({cfg['optim']['name']})", ylabel="fraction of units",
-                   title=f"no gradient: |∇unit| ≤ {cfg['grad_threshold']:g} × layer max", ylim=(-0.03, 1.03))
+        plotting.note(
+            axes[0, 1],
+            f"Leaky ReLU: {m.leaky_nograd:.3g} of units without gradient\n(max over lr, seed, step)",
+            loc="upper left",
+        )
+    axes[0, 1].set(
+        xscale="log",
+        xlabel=f"learning rate ({cfg['optim']['name']})",
+        ylabel="fraction of units",
+        title=f"no gradient: |∇unit| ≤ {cfg['grad_threshold']:g} × layer max",
+        ylim=(-0.03, 1.03),
+    )
     axes[0, 1].legend(loc="center left", fontsize=7.5)
     # Over training: a few rates, ReLU solid, the others dashed / dotted.
     ax = axes[0, 2]
@@ -233,13 +275,26 @@ def figures(ds, m: Measured) -> dict:
     for act in acts:
         for shade, i in zip(shades, picks):
             with np.errstate(all="ignore"):
-                ax.plot(steps, np.nanmedian(m.dead[act][i], axis=0), styles.get(act, "-."), color=shade, lw=1.2,
-                        label=f"lr={lrs[i]:.2g}" if act == acts[0] else None)
-    ax.set(xlabel="step", ylabel="dead fraction (full data)", ylim=(-0.03, 1.03),
-           title="dead over training (" + ", ".join(f"{styles.get(a, '-.')} {LABELS.get(a, a)}" for a in acts) + ")")
+                ax.plot(
+                    steps,
+                    np.nanmedian(m.dead[act][i], axis=0),
+                    styles.get(act, "-."),
+                    color=shade,
+                    lw=1.2,
+                    label=f"lr={lrs[i]:.2g}" if act == acts[0] else None,
+                )
+    ax.set(
+        xlabel="step",
+        ylabel="dead fraction (full data)",
+        ylim=(-0.03, 1.03),
+        title="dead over training (" + ", ".join(f"{styles.get(a, '-.')} {LABELS.get(a, a)}" for a in acts) + ")",
+    )
     ax.title.set_fontsize(8.5)
     ax.legend(loc="upper left", fontsize=7)
-    fig.suptitle(f"Dead units against learning rate: depth-{cfg['model']['depth']} width-{cfg['model']['width']} MLP, "
-                 f"He init, zero biases, {cfg['optim']['name']} batch {cfg['data']['batch_size']} of {cfg['data']['examples']}, "
-                 f"{cfg['steps']} steps (x: diverged; band: seeds)", fontsize=9.5)
+    fig.suptitle(
+        f"Dead units against learning rate: depth-{cfg['model']['depth']} width-{cfg['model']['width']} MLP, "
+        f"He init, zero biases, {cfg['optim']['name']} batch {cfg['data']['batch_size']} of {cfg['data']['examples']}, "
+        f"{cfg['steps']} steps (x: diverged; band: seeds)",
+        fontsize=9.5,
+    )
     return {"": fig}

@@ -32,8 +32,10 @@ from gradlab.engine import Trial
 from gradlab.experiments import Check
 
 NAME = "depth_sweep"
-CLAIM = ("a plain ReLU net's first-layer gradient falls like 2^(-L/2) and it stops training; "
-         "residual + LayerNorm trains at every depth")
+CLAIM = (
+    "a plain ReLU net's first-layer gradient falls like 2^(-L/2) and it stops training; "
+    "residual + LayerNorm trains at every depth"
+)
 Config = ExperimentConfig
 AXES = ["model.norm", "model.residual", "optim.lr", "model.depth", "seed"]
 KAPPA = 5.0  # relative variance x n of one ReLU layer's factor on the squared gradient (2/n + 3/n)
@@ -50,8 +52,11 @@ def trial(cfg) -> Trial:
 
     def step(hp, state):
         state, metrics = base.step(hp, state)
-        return state, {"loss": metrics["loss"], "first_grad_norm": metrics["grad_norm"][0],
-                       "output_rms": metrics["act_rms"][-1]}
+        return state, {
+            "loss": metrics["loss"],
+            "first_grad_norm": metrics["grad_norm"][0],
+            "output_rms": metrics["act_rms"][-1],
+        }
 
     return Trial(base.init, step)
 
@@ -127,11 +132,14 @@ def measure(ds) -> Measured:
     depths = ds["model.depth"].values
     deep = depths >= FIT_FROM
     found = dict(variants(ds))
-    grads = {name: ds["first_grad_norm"].sel(sel).isel({"optim.lr": 0, "step": 0})
-             .transpose("seed", "model.depth").values for name, sel in found.items()}
-    finals = {name: analysis.inf_if_bad(ds["loss"].sel(sel).isel(step=-1)
-                                        .transpose("optim.lr", "seed", "model.depth").values)
-              for name, sel in found.items()}
+    grads = {
+        name: ds["first_grad_norm"].sel(sel).isel({"optim.lr": 0, "step": 0}).transpose("seed", "model.depth").values
+        for name, sel in found.items()
+    }
+    finals = {
+        name: analysis.inf_if_bad(ds["loss"].sel(sel).isel(step=-1).transpose("optim.lr", "seed", "model.depth").values)
+        for name, sel in found.items()
+    }
     best = {name: np.median(np.min(final, axis=0), axis=0) for name, final in finals.items()}
     chance = float(ds["ref.constant_loss"].item()) if cfg["data"]["task"] == "regression" else float("nan")
     rate = plain_rate(model)
@@ -151,18 +159,30 @@ def measure(ds) -> Measured:
 
 def checks(m: Measured) -> list[Check]:
     out = []
-    if m.plain_slope is not None:
-        out.append(Check.near("plain: d ln|dL/dW_0| / d depth at init", m.plain_slope, m.plain_rate,
-                              m.plain_tolerance, "2^(-1/2) per layer, width-corrected:"))
+    if m.plain_slope is not None and m.plain_rate is not None and m.plain_tolerance is not None:  # set together
+        out.append(
+            Check.near(
+                "plain: d ln|dL/dW_0| / d depth at init",
+                m.plain_slope,
+                m.plain_rate,
+                m.plain_tolerance,
+                "2^(-1/2) per layer, width-corrected:",
+            )
+        )
     if m.residual_layernorm_power is not None:
-        out.append(Check.at_most("residual+layernorm: d ln|dL/dW_0| / d ln depth", m.residual_layernorm_power,
-                                 POLY_BOUND))
+        out.append(
+            Check.at_most("residual+layernorm: d ln|dL/dW_0| / d ln depth", m.residual_layernorm_power, POLY_BOUND)
+        )
     if m.plain_stall is not None:
-        out.append(Check.at_least(f"plain, depth {m.depths[-1]}: best final loss / constant's", m.plain_stall,
-                                  STALLED))
+        out.append(Check.at_least(f"plain, depth {m.depths[-1]}: best final loss / constant's", m.plain_stall, STALLED))
     if m.residual_layernorm_worst is not None:
-        out.append(Check.at_most(f"residual+layernorm, worst of depths {m.depths[0]}..{m.depths[-1]}: "
-                                 "best final / constant's", m.residual_layernorm_worst, TRAINED))
+        out.append(
+            Check.at_most(
+                f"residual+layernorm, worst of depths {m.depths[0]}..{m.depths[-1]}: best final / constant's",
+                m.residual_layernorm_worst,
+                TRAINED,
+            )
+        )
     return out
 
 
@@ -189,19 +209,32 @@ def figures(ds, m: Measured) -> dict:
     if m.plain_rate is not None and "plain" in m.first_grad:
         anchor = np.exp(np.log(m.first_grad["plain"]).mean(axis=0))
         i0 = int(np.argmax(depths >= FIT_FROM))
-        ax.plot(depths, anchor[i0] * np.exp(m.plain_rate * (depths - depths[i0])), "k--", linewidth=0.9,
-                label="theory (plain)")
-    ax.set(xscale="log", yscale="log", xlabel="depth L", ylabel=r"$\|\partial L/\partial W_0\|_F$ at init",
-           title="first-layer gradient at init")
+        ax.plot(
+            depths,
+            anchor[i0] * np.exp(m.plain_rate * (depths - depths[i0])),
+            "k--",
+            linewidth=0.9,
+            label="theory (plain)",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="depth L",
+        ylabel=r"$\|\partial L/\partial W_0\|_F$ at init",
+        title="first-layer gradient at init",
+    )
     ax.set_xticks(depths, [str(d) for d in depths])
     ax.minorticks_off()
     lines = []
     if m.plain_slope is not None:
-        lines.append(f"plain: d ln g / dL = {m.plain_slope:+.3f}\n"
-                     f"    (theory {m.plain_rate:+.3f} +- {m.plain_tolerance:.3f})")
+        lines.append(
+            f"plain: d ln g / dL = {m.plain_slope:+.3f}\n    (theory {m.plain_rate:+.3f} +- {m.plain_tolerance:.3f})"
+        )
     if m.residual_layernorm_power is not None:
-        lines.append(f"res+LN: d ln g / d ln L = {m.residual_layernorm_power:+.2f}\n"
-                     f"    (<= {POLY_BOUND:g}; mean field {residual_layernorm_exponent():.2f})")
+        lines.append(
+            f"res+LN: d ln g / d ln L = {m.residual_layernorm_power:+.2f}\n"
+            f"    (<= {POLY_BOUND:g}; mean field {residual_layernorm_exponent():.2f})"
+        )
     if lines:
         plotting.note(ax, "\n".join(lines), loc="upper left")
         lo, hi = ax.get_ylim()
@@ -217,16 +250,20 @@ def figures(ds, m: Measured) -> dict:
     if m.plain_stall is not None:
         text.append(f"plain, depth {depths[-1]}:\n    final / constant = {m.plain_stall:.2g}")
     if m.residual_layernorm_worst is not None:
-        text.append(f"res+LN, worst {depths[0]}..{depths[-1]}:\n"
-                    f"    final / constant = {m.residual_layernorm_worst:.2g}")
+        text.append(
+            f"res+LN, worst {depths[0]}..{depths[-1]}:\n    final / constant = {m.residual_layernorm_worst:.2g}"
+        )
     handles, labels = axes[0, 0].get_legend_handles_labels()
     axes[0, 2].legend(handles, labels, loc="upper left", frameon=False, fontsize=8)
     plotting.note(axes[0, 2], "\n".join(text), loc="lower left")
     for t in axes[0, 2].texts:
         t.set_in_layout(False)
-    fig.suptitle(f"Depth sweep: {cfg['model']['activation']}, width {cfg['model']['width']}, "
-                 f"{cfg['model']['init']} init, {ds.sizes['step']} {cfg['optim']['name']} steps, "
-                 f"{ds.sizes['seed']} seeds", fontsize=10)
+    fig.suptitle(
+        f"Depth sweep: {cfg['model']['activation']}, width {cfg['model']['width']}, "
+        f"{cfg['model']['init']} init, {ds.sizes['step']} {cfg['optim']['name']} steps, "
+        f"{ds.sizes['seed']} seeds",
+        fontsize=10,
+    )
     return {"": fig}
 
 
@@ -237,12 +274,23 @@ def _loss_panel(ax, m: Measured, lr_index: int | None, title: str):
     for i, (name, final) in enumerate(m.final_loss.items()):
         loss = np.min(final, axis=0) if lr_index is None else final[lr_index]
         median = np.median(loss, axis=0)
-        ax.plot(depths, np.where(np.isfinite(median), median, np.nan), "o-", color=plotting.COLORS[i],
-                markersize=3, label=name)
+        ax.plot(
+            depths,
+            np.where(np.isfinite(median), median, np.nan),
+            "o-",
+            color=plotting.COLORS[i],
+            markersize=3,
+            label=name,
+        )
         diverged = ~np.isfinite(median)
         if diverged.any():
-            ax.plot(depths[diverged], np.full(diverged.sum(), 3 * chance if np.isfinite(chance) else 1.0), "x",
-                    color=plotting.COLORS[i], markersize=7)
+            ax.plot(
+                depths[diverged],
+                np.full(diverged.sum(), 3 * chance if np.isfinite(chance) else 1.0),
+                "x",
+                color=plotting.COLORS[i],
+                markersize=7,
+            )
     if np.isfinite(chance):
         ax.axhline(chance, color="0.3", linestyle=":", linewidth=0.9)
         ax.set_yscale("log")

@@ -88,12 +88,15 @@ def checks(m: Measured | None) -> list[Check]:
 
 
 def figures(ds, m: Measured | None) -> dict:
+    if m is None:  # telemetry=loss: no per-layer statistics to draw
+        return {}
     activations = list(ds["model.activation"].values)
     fig, axes = plotting.figure(2, len(activations), width=3.5, height=2.8, sharex=True)
     layers = ds["layer"].values
     for col, activation in enumerate(activations):
-        for row, (var, ylabel) in enumerate([("grad_norm", r"$\|\partial L/\partial W_l\|_F$"),
-                                              ("act_rms", "activation RMS")]):
+        for row, (var, ylabel) in enumerate(
+            [("grad_norm", r"$\|\partial L/\partial W_l\|_F$"), ("act_rms", "activation RMS")]
+        ):
             ax = axes[row, col]
             for name, sel in _variants(ds):
                 plotting.band(ax, layers, _at_init(ds, var, activation, sel), name)
@@ -105,12 +108,13 @@ def figures(ds, m: Measured | None) -> dict:
             else:
                 ax.set_xlabel("layer l (0 = input projection)")
     if m.sigmoid_ratio is not None:
-        plotting.note(axes[0, activations.index("sigmoid")],
-                      f"plain: $g_1/g_{{10}}$ = {m.sigmoid_ratio:.2g}\n"
-                      f"bound $0.25^9$ = {SIGMOID_BOUND:.2g}", loc="lower right")
+        plotting.note(
+            axes[0, activations.index("sigmoid")],
+            f"plain: $g_1/g_{{10}}$ = {m.sigmoid_ratio:.2g}\nbound $0.25^9$ = {SIGMOID_BOUND:.2g}",
+            loc="lower right",
+        )
     if m.even_spread is not None:
         plotting.note(axes[0, 0], f"res+LN max/min = {m.even_spread:.2g}", loc="lower right")
     plotting.legend_outside(fig, axes[0, 0])
-    fig.suptitle(f"Gradient flow at initialization: depth {m.depth}, "
-                 f"{m.seeds} seeds (band: min..max)", fontsize=10)
+    fig.suptitle(f"Gradient flow at initialization: depth {m.depth}, {m.seeds} seeds (band: min..max)", fontsize=10)
     return {"": fig}

@@ -35,8 +35,10 @@ from gradlab.errors import ConfigError, ExperimentError
 from gradlab.experiments import Check
 
 NAME = "jacobian_spectrum"
-CLAIM = ("orthogonal weights make a linear net an exact isometry and keep tanh's Jacobian spectrum narrow "
-         "at criticality; Gaussian weights spread it linearly in depth")
+CLAIM = (
+    "orthogonal weights make a linear net an exact isometry and keep tanh's Jacobian spectrum narrow "
+    "at criticality; Gaussian weights spread it linearly in depth"
+)
 AXES = ["model.activation", "model.init", "model.init_gain", "model.depth", "seed"]
 # sigma_w with chi_1 = sigma_w^2 E[phi'^2] = 1: phi' = 1 (linear, tanh at q -> 0), P(z > 0) = 1/2 (ReLU).
 CRITICAL_GAIN = {"linear": 1.0, "tanh": 1.0, "relu": float(np.sqrt(2.0))}
@@ -50,14 +52,18 @@ R_FLOOR = 1e-2  # the r panels' lower limit (an orthogonal linear net's r ~ 1e-1
 class Config(ExperimentConfig):
     """ExperimentConfig plus the gain convention."""
 
-    critical_gain: bool = param(True, doc="scale model.init_gain by the activation's critical gain "
-                                          "(1 for linear and tanh, sqrt 2 for ReLU)")
+    critical_gain: bool = param(
+        True, doc="scale model.init_gain by the activation's critical gain (1 for linear and tanh, sqrt 2 for ReLU)"
+    )
 
     def validate(self) -> None:
         super().validate()
         if self.critical_gain and self.model.activation not in CRITICAL_GAIN:
-            raise ConfigError(f"critical_gain=true knows {', '.join(CRITICAL_GAIN)}, got {self.model.activation!r} "
-                              f"(set critical_gain=false to give the gain directly)", key="model.activation")
+            raise ConfigError(
+                f"critical_gain=true knows {', '.join(CRITICAL_GAIN)}, got {self.model.activation!r} "
+                f"(set critical_gain=false to give the gain directly)",
+                key="model.activation",
+            )
 
 
 class State(NamedTuple):
@@ -155,7 +161,9 @@ class Measured(NamedTuple):
 def measure(ds) -> Measured:
     extra = [d for d in ds["jacobian"].dims if d not in (*AXES, "step", "example", "row", "col")]
     if extra:
-        raise ExperimentError(f"{NAME}: figures and checks read the axes {', '.join(AXES)}; also swept: {', '.join(extra)}")
+        raise ExperimentError(
+            f"{NAME}: figures and checks read the axes {', '.join(AXES)}; also swept: {', '.join(extra)}"
+        )
     cfg = results.run_config(ds)
     acts, schemes = [str(a) for a in ds["model.activation"].values], [str(s) for s in ds["model.init"].values]
     depths, width = np.asarray(ds["model.depth"].values), cfg["model"]["width"]
@@ -178,20 +186,45 @@ def measure(ds) -> Measured:
     if {"lecun_normal", "orthogonal"} <= set(schemes):
         gauss, orth = schemes.index("lecun_normal"), schemes.index("orthogonal")
         for a, act in enumerate(acts):
-            orthogonal[act] = (float(mean[a, orth, g, -1]), float(mean[a, gauss, g, -1]),
-                               float(theory[a, orth, g, -1] - tol[a, orth, g, -1]))
-    return Measured(acts, schemes, depths, width, g, singular, mean, se, theory, tol,
-                    float(np.nanmax(np.abs(mean - theory) / tol)), isometry,
-                    isometry_tolerance(int(depths.max()), width), orthogonal)
+            orthogonal[act] = (
+                float(mean[a, orth, g, -1]),
+                float(mean[a, gauss, g, -1]),
+                float(theory[a, orth, g, -1] - tol[a, orth, g, -1]),
+            )
+    return Measured(
+        acts,
+        schemes,
+        depths,
+        width,
+        g,
+        singular,
+        mean,
+        se,
+        theory,
+        tol,
+        float(np.nanmax(np.abs(mean - theory) / tol)),
+        isometry,
+        isometry_tolerance(int(depths.max()), width),
+        orthogonal,
+    )
 
 
 def checks(m: Measured) -> list[Check]:
     out = []
     if m.isometry_error is not None:
-        out.append(Check.at_most(f"orthogonal linear: max |s - 1| (depths {', '.join(map(str, m.depths))})",
-                                 m.isometry_error, m.isometry_tolerance, "L N eps32"))
-    out.append(Check.at_most("spectral variance r = Var(s^2)/E[s^2]^2 vs free probability: max |r - r_th| / tol",
-                             m.variance_ratio, 1.0))  # tol = 4 SE + r_th L/N
+        out.append(
+            Check.at_most(
+                f"orthogonal linear: max |s - 1| (depths {', '.join(map(str, m.depths))})",
+                m.isometry_error,
+                m.isometry_tolerance,
+                "L N eps32",
+            )
+        )
+    out.append(
+        Check.at_most(
+            "spectral variance r = Var(s^2)/E[s^2]^2 vs free probability: max |r - r_th| / tol", m.variance_ratio, 1.0
+        )
+    )  # tol = 4 SE + r_th L/N
     for act in ("tanh", "linear", "relu"):
         if act not in m.orthogonal:
             continue
@@ -236,8 +269,22 @@ def figures(ds, m: Measured) -> dict:
             a = acts.index(act)
             color = plotting.COLORS[i]
             shown = np.where(mean[a, i, g] >= R_FLOOR, mean[a, i, g], np.nan)
-            ax.errorbar(depths, shown, yerr=se[a, i, g], fmt="o", ms=4, color=color, label=f"{label.get(scheme, scheme)} measured")
-            ax.plot(depths, np.where(theory[a, i, g] >= R_FLOOR, theory[a, i, g], np.nan), color=color, lw=1.2, label=f"{label.get(scheme, scheme)} free prob.")
+            ax.errorbar(
+                depths,
+                shown,
+                yerr=se[a, i, g],
+                fmt="o",
+                ms=4,
+                color=color,
+                label=f"{label.get(scheme, scheme)} measured",
+            )
+            ax.plot(
+                depths,
+                np.where(theory[a, i, g] >= R_FLOOR, theory[a, i, g], np.nan),
+                color=color,
+                lw=1.2,
+                label=f"{label.get(scheme, scheme)} free prob.",
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_ylim(R_FLOOR, None)
@@ -247,11 +294,15 @@ def figures(ds, m: Measured) -> dict:
             ax.set_xlabel("depth L")
         if act == "linear" and m.isometry_error is not None:
             r_orth = np.nanmax(mean[acts.index(act), schemes.index("orthogonal"), g])
-            plotting.note(ax, f"orthogonal (theory 0): r <= {r_orth:.1e},\nmax|s-1| = {m.isometry_error:.1e}",
-                          loc="lower right")
+            plotting.note(
+                ax, f"orthogonal (theory 0): r <= {r_orth:.1e},\nmax|s-1| = {m.isometry_error:.1e}", loc="lower right"
+            )
     plotting.legend_outside(fig, axes[0, 0])
     handles, labels = axes[0, -1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right lower", frameon=False, fontsize=7)
-    fig.suptitle(f"Jacobian spectra at criticality, width {m.width} (Saxe et al. 2014; Pennington et al. 2017); "
-                 f"max |r - r_th|/tol = {m.variance_ratio:.2f}", fontsize=10)
+    fig.suptitle(
+        f"Jacobian spectra at criticality, width {m.width} (Saxe et al. 2014; Pennington et al. 2017); "
+        f"max |r - r_th|/tol = {m.variance_ratio:.2f}",
+        fontsize=10,
+    )
     return {"": fig}

@@ -162,8 +162,20 @@ def curves(ds) -> list[Curve]:
         rises = np.max(early[:, :, 1:], axis=2) > early[:, :, 0]
         first = np.where(rises.any(axis=0), lrs[np.argmax(rises, axis=0)], np.nan)
         sharpness = point["sharpness_init"].isel({"step": 0, "optim.lr": 0}).values.astype(float)
-        out.append(Curve(str(name), str(norm), int(warmup), bool(clip), lrs, final, ~np.isfinite(final),
-                         float(np.median(loss[:, :, 0])), first, sharpness))
+        out.append(
+            Curve(
+                str(name),
+                str(norm),
+                int(warmup),
+                bool(clip),
+                lrs,
+                final,
+                ~np.isfinite(final),
+                float(np.median(loss[:, :, 0])),
+                first,
+                sharpness,
+            )
+        )
     return out
 
 
@@ -195,16 +207,20 @@ def measure(ds) -> Measured:
             ratios = [c.edge() / ref.edge() for c, ref in pairs]
             i = int(np.argmin(ratios))
             shifts[what] = (float(ratios[i]), len(pairs), pairs[i][0].name)
-    ln = [plain[n, "layernorm"].edge() / plain[n, "none"].edge()
-          for n in dict.fromkeys(c.name for c in found) if (n, "layernorm") in plain and (n, "none") in plain]
+    ln = [
+        plain[n, "layernorm"].edge() / plain[n, "none"].edge()
+        for n in dict.fromkeys(c.name for c in found)
+        if (n, "layernorm") in plain and (n, "none") in plain
+    ]
     return Measured(found, gd_rise, shifts, min(ln) if ln else None)
 
 
 def checks(m: Measured) -> list[Check]:
     out = []
     if m.gd_rise is not None:
-        out.append(Check.at_least(f"plain GD: smallest lr rising within {RISE_STEPS} steps x lambda0/2", m.gd_rise,
-                                  GD_BOUND))
+        out.append(
+            Check.at_least(f"plain GD: smallest lr rising within {RISE_STEPS} steps x lambda0/2", m.gd_rise, GD_BOUND)
+        )
     for what, (ratio, pairs, optimizer) in m.edge_shifts.items():
         out.append(Check.above(f"{what}: divergence edge, with / without (min of {pairs}: {optimizer})", ratio, 1.0))
     return out
@@ -228,8 +244,14 @@ def figures(ds, m: Measured) -> dict:
                 shown = np.where(np.isfinite(c.final), np.minimum(c.final, top), np.nan)
                 edge = c.edge()
                 edge_text = f"{edge:.2g}" if np.isfinite(edge) else "none"
-                ax.plot(c.lrs, shown, color=color, marker=".", ms=3,
-                        label=f"{c.label}: S={c.sensitivity():.2f}, edge {edge_text}")
+                ax.plot(
+                    c.lrs,
+                    shown,
+                    color=color,
+                    marker=".",
+                    ms=3,
+                    label=f"{c.label}: S={c.sensitivity():.2f}, edge {edge_text}",
+                )
                 lift = top * 1.6**i  # one row of markers per curve above the data
                 ax.plot(c.lrs[c.diverged], np.full(c.diverged.sum(), lift), "x", color=color, ms=4, mew=1.1)
                 over = np.isfinite(c.final) & (c.final > top)
@@ -239,20 +261,35 @@ def figures(ds, m: Measured) -> dict:
             if gd and np.isfinite(gd[0].sharpness).any():
                 x = 2.0 / float(np.median(gd[0].sharpness))
                 ax.axvline(x, color="0.3", ls=":", lw=1)
-                ax.annotate("2/λ₀", (x, 0.62), xycoords=("data", "axes fraction"), fontsize=7, color="0.3",
-                            rotation=90, ha="right", va="center")
+                ax.annotate(
+                    "2/λ₀",
+                    (x, 0.62),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    color="0.3",
+                    rotation=90,
+                    ha="right",
+                    va="center",
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{name}, norm={norm}")
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.24 if row == len(norms) - 1 else -0.06),
-                      frameon=False, fontsize=6.5)
+            ax.legend(
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.24 if row == len(norms) - 1 else -0.06),
+                frameon=False,
+                fontsize=6.5,
+            )
             if col == 0:
                 ax.set_ylabel(f"final loss (mean of last {TAIL} steps)")
             if row == len(norms) - 1:
                 ax.set_xlabel("peak learning rate")
     if m.gd_rise is not None and "sgd" in names:
-        plotting.note(axes[0, names.index("sgd")],
-                      f"plain GD: loss first rises\nat {m.gd_rise:.2f} x 2/λ₀ (≥ {GD_BOUND:g})", loc="lower left")
+        plotting.note(
+            axes[0, names.index("sgd")],
+            f"plain GD: loss first rises\nat {m.gd_rise:.2f} x 2/λ₀ (≥ {GD_BOUND:g})",
+            loc="lower left",
+        )
     edges = [(what, ratio) for what, (ratio, _, _) in m.edge_shifts.items()]
     if m.layernorm_edge is not None:
         edges.append(("layernorm (not a check)", m.layernorm_edge))
@@ -261,8 +298,11 @@ def figures(ds, m: Measured) -> dict:
         # Bottom-left panel: its slowest curves leave the lower left empty for small rates.
         plotting.note(axes[-1, 0], "min over curves, with/without\n" + text, loc="lower left")
     cfg = results.run_config(ds)
-    fig.suptitle(f"Final loss against learning rate ({cfg['steps']} steps, seeds: {ds.sizes['seed']}, median): "
-                 f"x diverged, ^ above the axis, dashed: loss at init L0\n"
-                 f"S = LR sensitivity E[min(L, L0) - L*]/L0 (Wortsman et al. 2023); "
-                 f"edge: first lr past the best that diverges or ends above L0", fontsize=9)
+    fig.suptitle(
+        f"Final loss against learning rate ({cfg['steps']} steps, seeds: {ds.sizes['seed']}, median): "
+        f"x diverged, ^ above the axis, dashed: loss at init L0\n"
+        f"S = LR sensitivity E[min(L, L0) - L*]/L0 (Wortsman et al. 2023); "
+        f"edge: first lr past the best that diverges or ends above L0",
+        fontsize=9,
+    )
     return {"": fig}

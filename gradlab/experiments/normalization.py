@@ -51,8 +51,10 @@ from gradlab.errors import ConfigError
 from gradlab.experiments import Check
 
 NAME = "normalization"
-CLAIM = ("Pre-LN's last-block gradient at init falls like L^-1/2, Post-LN's does not; Post-LN needs warmup; "
-         "BatchNorm's running statistics fail tiny batches")
+CLAIM = (
+    "Pre-LN's last-block gradient at init falls like L^-1/2, Post-LN's does not; Post-LN needs warmup; "
+    "BatchNorm's running statistics fail tiny batches"
+)
 NORMS = config.NORMS + ("batchnorm",)
 SHORT = {"layernorm": "LN", "rmsnorm": "RMS", "batchnorm": "BN"}  # variant labels: pre-LN, post-RMS, ...
 TITLES = {"LN": "LN", "RMS": "RMSNorm", "BN": "BN"}  # as the checks name them: Pre-LN, Post-RMSNorm, ...
@@ -84,11 +86,16 @@ class Config(ExperimentConfig):
     """ExperimentConfig plus warmup on/off, the depths probed at init and BatchNorm's batch sizes."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    warmup: bool = param(True, sweep="traced",
-                         doc="scale updates by min(1, step / optim.warmup_steps) on top of optim.schedule; false: none")
+    warmup: bool = param(
+        True,
+        sweep="traced",
+        doc="scale updates by min(1, step / optim.warmup_steps) on top of optim.schedule; false: none",
+    )
     probe_depths: tuple[int, ...] = param((2, 4, 8, 16, 32, 64), doc="depths whose gradients are probed at init")
     probe_seeds: int = param(8, low=1, doc="independent inits per probed depth (and per seed)")
-    bn_batches: tuple[int, ...] = param((2, 4, 8), doc="batchnorm: extra nets trained on the first B rows of each minibatch")
+    bn_batches: tuple[int, ...] = param(
+        (2, 4, 8), doc="batchnorm: extra nets trained on the first B rows of each minibatch"
+    )
     bn_momentum: float = param(0.9, low=0.0, high=1.0, sweep="static", doc="running = m running + (1 - m) batch")
 
     def validate(self) -> None:
@@ -98,8 +105,9 @@ class Config(ExperimentConfig):
         rows = bn_sizes((), self.data.batch_size, self.data.examples)[-1]
         bad = [b for b in self.bn_batches if not 1 <= b <= rows]
         if bad:
-            raise ConfigError(f"each must be in 1..{rows} (the minibatch, data.batch_size), got {bad[0]}",
-                              key="bn_batches")
+            raise ConfigError(
+                f"each must be in 1..{rows} (the minibatch, data.batch_size), got {bad[0]}", key="bn_batches"
+            )
 
 
 reference = trials.task_reference  # ref.constant_loss: the best constant prediction's loss
@@ -134,7 +142,7 @@ def probe(cfg, hp, key, batch: data.Data):
 
 
 class State(NamedTuple):
-    params: dict
+    params: optax.Params  # (nets, ...) each leaf: one net per batch size
     stats: dict
     opt_state: optax.OptState
     data: data.Data
@@ -192,8 +200,11 @@ def trial(cfg) -> Trial:
             metrics = {"loss": loss, "eval_loss": eval_loss, "grad_global_norm": telemetry.global_norm(grads)}
             if is_bn:
                 first = new_stats["hidden"]
-                metrics.update({f"bn_{k}": v for k, v in zip(BN_MOMENTS, moments)},
-                               bn_running_mean=first["mean"][0], bn_running_var=first["var"][0])
+                metrics.update(
+                    {f"bn_{k}": v for k, v in zip(BN_MOMENTS, moments)},
+                    bn_running_mean=first["mean"][0],
+                    bn_running_var=first["var"][0],
+                )
             return params, new_stats, opt_state, metrics
 
         params, stats, opt_state, per_net = jax.vmap(one)(state.params, state.stats, state.opt_state, masks)
@@ -206,13 +217,21 @@ def trial(cfg) -> Trial:
             "init_readout_grad": grads[..., -1],
         }
         if is_bn:
-            metrics.update(bn_loss=per_net["loss"], bn_eval_loss=per_net["eval_loss"],
-                           **{k: v for k, v in per_net.items() if k.startswith("bn_")})
+            metrics.update(
+                bn_loss=per_net["loss"],
+                bn_eval_loss=per_net["eval_loss"],
+                **{k: v for k, v in per_net.items() if k.startswith("bn_")},
+            )
         return State(params, stats, opt_state, state.data, state.step + 1, state.key, state.init_grads), metrics
 
-    dims = {"init_grad_norm": ("probe_depth", "layer"), "init_last_grad": ("probe_depth", "probe_seed"),
-            "init_readout_grad": ("probe_depth", "probe_seed"), "bn_loss": ("bn_batch",), "bn_eval_loss": ("bn_batch",),
-            **{f"bn_{k}": ("bn_batch", "feature") for k in BN_MOMENTS}}
+    dims = {
+        "init_grad_norm": ("probe_depth", "layer"),
+        "init_last_grad": ("probe_depth", "probe_seed"),
+        "init_readout_grad": ("probe_depth", "probe_seed"),
+        "bn_loss": ("bn_batch",),
+        "bn_eval_loss": ("bn_batch",),
+        **{f"bn_{k}": ("bn_batch", "feature") for k in BN_MOMENTS},
+    }
     return Trial(init, step, dims)
 
 
@@ -292,13 +311,20 @@ def measure(ds) -> Measured:
         pre = finals[("pre-LN", False)] / chance if np.isfinite(chance) else None
     sizes = bn_sizes(cfg["bn_batches"], cfg["data"]["batch_size"], cfg["data"]["examples"])
     bn = [label for label in ("pre-BN", "post-BN") if label in found and "bn_in_mean" in ds]
-    bn_finals = {label: tuple(np.median(final_loss(ds, found[label], warm[-1], f"bn_{name}"), axis=0)
-                              for name in ("loss", "eval_loss")) for label in bn}
-    moments = lambda sel: {k: np.moveaxis(ds[f"bn_{k}"].sel(sel).transpose(..., "step", "bn_batch", "feature").values,
-                                          -3, 0) for k in BN_MOMENTS}  # noqa: E731  (step, ..., bn_batch, feature)
+    bn_finals = {
+        label: tuple(
+            np.median(final_loss(ds, found[label], warm[-1], f"bn_{name}"), axis=0) for name in ("loss", "eval_loss")
+        )
+        for label in bn
+    }
+    moments = lambda sel: {  # each (step, ..., bn_batch, feature)
+        k: np.moveaxis(ds[f"bn_{k}"].sel(sel).transpose(..., "step", "bn_batch", "feature").values, -3, 0)
+        for k in BN_MOMENTS
+    }
     errors = {label: batchnorm_net.statistics_errors(moments(found[label]), sizes, cfg["bn_momentum"]) for label in bn}
-    return Measured(found, depths, theory_slope(depths), slopes, ratios, finals, gain, pre, chance, sizes,
-                    bn_finals, errors, cfg)
+    return Measured(
+        found, depths, theory_slope(depths), slopes, ratios, finals, gain, pre, chance, sizes, bn_finals, errors, cfg
+    )
 
 
 def check_title(label: str) -> str:
@@ -316,20 +342,27 @@ def checks(m: Measured) -> list[Check]:
             continue
         out.append(Check.between(name, mean, *PRE_BAND, "Xiong et al. 2020: L^-1/2"))
         mean, se = m.ratio_slopes[label]
-        out.append(Check.near(f"{check_title(label)}: d ln(|dL/dW_last| / |dL/dW_out|) / d ln L at init", mean, m.theory,
-                              SIGMAS * se, f"(L+1)^-1/2 slope (+- {SIGMAS:g} s.e.)"))
+        out.append(
+            Check.near(
+                f"{check_title(label)}: d ln(|dL/dW_last| / |dL/dW_out|) / d ln L at init",
+                mean,
+                m.theory,
+                SIGMAS * se,
+                f"(L+1)^-1/2 slope (+- {SIGMAS:g} s.e.)",
+            )
+        )
     optim = m.cfg["optim"]
-    if m.warmup_gain is not None:
-        out.append(Check.at_least(f"Post-LN, {optim['name']} lr {optim['lr']:g}: final loss without / with warmup",
-                                  m.warmup_gain, WORSE))  # warmup needed
-    if m.pre_vs_constant is not None:
-        out.append(Check.at_most(f"Pre-LN, lr {optim['lr']:g}, no warmup: final loss / best constant's",
-                                 m.pre_vs_constant, FINE))  # trains without warmup
+    if m.warmup_gain is not None:  # warmup needed
+        name = f"Post-LN, {optim['name']} lr {optim['lr']:g}: final loss without / with warmup"
+        out.append(Check.at_least(name, m.warmup_gain, WORSE))
+    if m.pre_vs_constant is not None:  # trains without warmup
+        name = f"Pre-LN, lr {optim['lr']:g}, no warmup: final loss / best constant's"
+        out.append(Check.at_most(name, m.pre_vs_constant, FINE))
     for label, (closed, err, ema, rel) in m.bn_errors.items():
-        out.append(Check.at_most(f"{label}: training-mode output batch mean 0, var v/(v+eps) at init; "
-                                 f"max |err| {err:.1e} / float32 bound", closed, 1.0))
-        out.append(Check.at_most(f"{label}: running stats vs numpy EMA of the batch moments; max rel err {rel:.1e}, "
-                                 "|err| / float32 bound", ema, 1.0))
+        name = f"{label}: training-mode output batch mean 0, var v/(v+eps) at init; max |err| {err:.1e} / float32 bound"
+        out.append(Check.at_most(name, closed, 1.0))
+        name = f"{label}: running stats vs numpy EMA of the batch moments; max rel err {rel:.1e}, |err| / float32 bound"
+        out.append(Check.at_most(name, ema, 1.0))
     return out
 
 

@@ -15,35 +15,45 @@ is L at that iterate, so the last step holds the final iterate and its loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 
-from gradlab import plotting, results, transforms
+from gradlab import results, transforms
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
 
 NAME = "quadratic"
-CLAIM = ("GD zigzags on an ill-conditioned bowl and diverges for eta > 2/lambda_max = 0.25; "
-         "momentum and Adam take other paths")
+CLAIM = (
+    "GD zigzags on an ill-conditioned bowl and diverges for eta > 2/lambda_max = 0.25; "
+    "momentum and Adam take other paths"
+)
 SURFACES = ("bowl", "rosenbrock")
 AXES = ["surface", "optim.name", "optim.lr", "optim.weight_decay"]
 BOWL_CURVATURE = (2.0, 8.0)  # Hessian eigenvalues of w0^2 + 4 w1^2
 STABLE_LR = 2.0 / max(BOWL_CURVATURE)  # GD is stable on the bowl iff eta < 0.25
-TOLERANCE = 1e-6  # a path has arrived when its loss is at most this (figure legend)
+TOLERANCE = 1e-6  # a path has arrived when its loss is at most this (best_paths, figure legend)
 CHECK_STEPS = 30  # the closed-form check compares the iterate after this many updates
-CATALOG_LR = 0.15  # the catalog's example rate, quoted in the figure when the sweep holds it
 CLOSED_FORM_RTOL = 1e-4  # float32: ~30 steps x eps32 x 1/|1 - 8 eta| cancellation
 GROWTH_RTOL = 1e-3  # past the edge: |w1| factor/step against |1 - 8 eta|, relative
 TINY = 1e-30  # below this a float32 iterate may be flushed to zero; growth is measured above it
-LABELS = {"sgd": "GD", "momentum": "momentum", "nesterov": "Nesterov", "rmsprop": "RMSProp",
-          "adam": "Adam", "adamw": "AdamW", "adamw_decoupled": "AdamW (paper)", "adagrad": "AdaGrad", "lion": "Lion"}
+LABELS = {
+    "sgd": "GD",
+    "momentum": "momentum",
+    "nesterov": "Nesterov",
+    "rmsprop": "RMSProp",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adamw_decoupled": "AdamW (paper)",
+    "adagrad": "AdaGrad",
+    "lion": "Lion",
+}
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ def trial(cfg) -> Trial:
         tx = transforms.build(cfg.optim, hp, cfg.steps)
         grad = jax.grad(loss_fn)(state.w)
         updates, opt_state = tx.update(grad, state.opt_state, state.w)
-        w = optax.apply_updates(state.w, updates)
+        w = cast(jax.Array, optax.apply_updates(state.w, updates))  # optax types it as any pytree
         return State(w, opt_state), {"w": w[0], "loss": loss_fn(w)}
 
     return Trial(init, step, {"w": ("coord",)})
@@ -142,8 +152,17 @@ def paths(ds) -> list[Path2D]:
         start = np.asarray(cfg["start"] if surface == "bowl" else cfg["rosenbrock_start"], float)
         xy = np.concatenate([start[None], point["w"].transpose("step", "coord").values.astype(float)])
         loss = np.concatenate([[SURFACE[surface].loss(*start)], point["loss"].values.astype(float)])
-        out.append(Path2D(surface, str(point["optim.name"].item()), float(point["optim.lr"]),
-                          float(point["optim.weight_decay"]), xy, loss, bool(point["diverged"].item())))
+        out.append(
+            Path2D(
+                surface,
+                str(point["optim.name"].item()),
+                float(point["optim.lr"]),
+                float(point["optim.weight_decay"]),
+                xy,
+                loss,
+                bool(point["diverged"].item()),
+            )
+        )
     return out
 
 
@@ -172,7 +191,7 @@ def growth_per_step(p: Path2D) -> float:
 def grows(p: Path2D) -> bool:
     """Whether the path diverged or its last finite iterate lies farther out than its start."""
     finite = np.all(np.isfinite(p.xy), axis=1)
-    return p.diverged or np.linalg.norm(p.xy[finite][-1]) > np.linalg.norm(p.xy[0])
+    return p.diverged or bool(np.linalg.norm(p.xy[finite][-1]) > np.linalg.norm(p.xy[0]))
 
 
 class Measured(NamedTuple):
@@ -192,8 +211,10 @@ def measure(ds) -> Measured:
     optim = results.run_config(ds)["optim"]
     gd = []
     if optim["clip"] == "none" and optim["schedule"] == "constant" and not optim["warmup_steps"]:
-        gd = sorted([p for p in every if p.surface == "bowl" and p.optimizer == "sgd" and p.weight_decay == 0],
-                    key=lambda p: p.lr)
+        gd = sorted(
+            [p for p in every if p.surface == "bowl" and p.optimizer == "sgd" and p.weight_decay == 0],
+            key=lambda p: p.lr,
+        )
     exact = [p for p in gd if np.all(np.isfinite(p.xy[: CHECK_STEPS + 1]))]
     error = max(closed_form_error(p) for p in exact) if exact else None
     moves = bool(gd) and gd[0].xy[0, 1] != 0  # on the flat axis the steep direction never moves
@@ -202,8 +223,8 @@ def measure(ds) -> Measured:
     stable_growth = max(growth_per_step(p) for p in stable) if stable else None
     unstable_growth = growth_per_step(unstable[0]) if unstable else None
     theory = abs(1 - max(BOWL_CURVATURE) * float(np.float32(unstable[0].lr))) if unstable else None
-    return Measured(best_paths(every), gd, exact, error, stable_growth, not any(grows(p) for p in stable),
-                    unstable_growth, theory, all(grows(p) for p in unstable))
+    stays, all_grow = not any(grows(p) for p in stable), all(grows(p) for p in unstable)
+    return Measured(best_paths(every), gd, exact, error, stable_growth, stays, unstable_growth, theory, all_grow)
 
 
 def checks(m: Measured) -> list[Check]:
@@ -211,21 +232,30 @@ def checks(m: Measured) -> list[Check]:
     if m.closed_form_error is not None:
         t = min(CHECK_STEPS, len(m.exact[0].xy) - 1)
         lrs = "eta=" + ", ".join(f"{p.lr:g}" for p in m.exact) if len(m.exact) <= 3 else f"{len(m.exact)} lrs"
-        out.append(Check.at_most(f"GD bowl, {lrs}: w_{t} vs ((1-2eta)^{t} w0, (1-8eta)^{t} w1), rel. err",
-                                 m.closed_form_error, CLOSED_FORM_RTOL))
+        name = f"GD bowl, {lrs}: w_{t} vs ((1-2eta)^{t} w0, (1-8eta)^{t} w1), rel. err"
+        out.append(Check.at_most(name, m.closed_form_error, CLOSED_FORM_RTOL))
     if m.stable_growth is not None:
         count = sum(p.lr < STABLE_LR for p in m.gd)
-        out.append(Check.holds(f"GD bowl, eta < {STABLE_LR:g}: max |w1| factor/step ({count} lrs)", m.stable_growth,
-                               m.stable_growth < 1 and m.stable_stays, "< 1 (converges)"))
-    if m.unstable_growth is not None:
+        out.append(
+            Check.holds(
+                f"GD bowl, eta < {STABLE_LR:g}: max |w1| factor/step ({count} lrs)",
+                m.stable_growth,
+                m.stable_growth < 1 and m.stable_stays,
+                "< 1 (converges)",
+            )
+        )
+    if m.unstable_growth is not None and m.unstable_theory is not None:
         lr = next(p.lr for p in m.gd if p.lr > STABLE_LR)
         ok = m.unstable_growth > 1 and abs(m.unstable_growth / m.unstable_theory - 1) < GROWTH_RTOL
-        out.append(Check.holds(f"GD bowl, eta={lr:g} > {STABLE_LR:g}: |w1| factor/step", m.unstable_growth,
-                               ok and m.unstable_all_grow, f"|1-8eta| = {m.unstable_theory:.4g} > 1 (diverges)"))
+        out.append(
+            Check.holds(
+                f"GD bowl, eta={lr:g} > {STABLE_LR:g}: |w1| factor/step",
+                m.unstable_growth,
+                ok and m.unstable_all_grow,
+                f"|1-8eta| = {m.unstable_theory:.4g} > 1 (diverges)",
+            )
+        )
     return out
-
-
-# ----------------------------------------------------------------------------- figure
 
 
 def best_paths(every: list[Path2D]) -> dict[str, dict[str, Path2D | None]]:
@@ -251,82 +281,8 @@ def _speed(p: Path2D) -> tuple[float, float]:
     return (n if n is not None else np.inf, p.loss[-1])
 
 
-def _view(surface: str, start) -> tuple[tuple[float, float], tuple[float, float]]:
-    x0, y0 = start
-    if surface == "bowl":
-        hx, hy = 1.35 * max(abs(x0), 0.5), 1.35 * max(abs(y0), 0.5)
-        return (-hx, hx), (-hy, hy)
-    return (min(x0, 1.0) - 0.8, max(x0, 1.0) + 0.8), (min(y0, 1.0) - 1.5, max(y0, 1.0) + 1.5)
-
-
-def _label(p: Path2D, updates: int) -> str:
-    n = p.steps_to(TOLERANCE)
-    decay = f" wd={p.weight_decay:g}" if p.weight_decay else ""
-    reached = f"{n} steps" if n is not None else f"> {updates} steps"
-    return f"{LABELS[p.optimizer]} (η={p.lr:g}{decay}): {reached}"
-
-
-def _contour_panel(ax, surface: str, chosen: dict[str, Path2D | None], start):
-    (xlo, xhi), (ylo, yhi) = _view(surface, start)
-    x, y = np.meshgrid(np.linspace(xlo, xhi, 300), np.linspace(ylo, yhi, 300))
-    z = SURFACE[surface].loss(x, y)
-    levels = np.geomspace(max(z.min(), 1e-2), z.max(), 14)
-    ax.contour(x, y, z, levels=levels, colors="0.7", linewidths=0.6)
-    for name, p in chosen.items():
-        color = plotting.COLORS[list(LABELS).index(name) % len(plotting.COLORS)]
-        if p is None:
-            ax.plot([], [], color=color, ls=":", label=f"{LABELS[name]}: diverged at every η of the sweep")
-            continue
-        inside = (p.xy[:, 0] >= xlo) & (p.xy[:, 0] <= xhi) & (p.xy[:, 1] >= ylo) & (p.xy[:, 1] <= yhi)
-        far = np.abs(p.xy[~inside]).max(initial=0.0)
-        ax.plot(p.xy[:, 0], p.xy[:, 1], color=color, lw=1.2, marker="." if len(p.xy) <= 80 else None, ms=3,
-                label=_label(p, len(p.xy) - 1) + (f" (off view: |w| to {far:.3g})" if far else ""))
-    ax.plot(*start, "ko", ms=5, zorder=5)
-    ax.plot(*SURFACE[surface].minimum, "k*", ms=9, zorder=5)
-    ax.set(xlim=(xlo, xhi), ylim=(ylo, yhi), xlabel="$w_0$", ylabel="$w_1$")
-    ax.set_title(f"{SURFACE[surface].title}\nfrom ({start[0]:g}, {start[1]:g}); "
-                 f"steps until L stays $\\leq$ {TOLERANCE:g}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
-
-
-def _stability_panel(ax, m: Measured):
-    gd = m.gd
-    span = min(len(gd[0].xy), 2 * CHECK_STEPS + 1)
-    cmap = matplotlib.colormaps["viridis"]
-    for i, p in enumerate(gd):
-        unstable = p.lr > STABLE_LR
-        norm = np.linalg.norm(p.xy[:span], axis=1)
-        ax.plot(np.arange(span), norm, lw=1.0, ls="--" if unstable else "-",
-                color="#d1495b" if unstable else cmap(i / max(1, len(gd) - 1) * 0.85),
-                label=f"η={p.lr:g}" + (" (diverged)" if p.diverged else ""))
-    ax.set_yscale("log")
-    ax.set_ylim(1e-24, 1e10)  # room below the converging lines for the note
-    ax.set(xlabel="update t", ylabel=r"$\|w_t\|$")
-    ax.set_title(f"GD on the bowl: stable iff η < 2/8 = {STABLE_LR:g}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
-    lines = []
-    near = min(m.exact, key=lambda p: abs(p.lr - CATALOG_LR), default=None)
-    if near is not None:
-        t = min(CHECK_STEPS, len(near.xy) - 1)
-        e = closed_form(near.xy[0], near.lr, t)
-        lines.append(f"η={near.lr:g}, t={t}: w=({near.xy[t][0]:.4g}, {near.xy[t][1]:.4g})\n"
-                     f"closed form ({e[0]:.4g}, {e[1]:.4g})")
-    if m.unstable_growth is not None:
-        p = next(p for p in gd if p.lr > STABLE_LR)
-        lines.append(f"η={p.lr:g}: |w1| x{m.unstable_growth:.4g}/step"
-                     + (f", non-finite after {int(np.argmax(~np.isfinite(p.loss)))} updates" if p.diverged else ""))
-    if lines:
-        plotting.note(ax, "\n".join(lines), loc="lower left")
-
-
 def figures(ds, m: Measured) -> dict:
-    panels = [s for s in SURFACES if s in m.best]
-    fig, axes = plotting.figure(1, len(panels) + bool(m.gd), width=4.0, height=4.0)
-    cfg = results.run_config(ds)
-    for ax, surface in zip(axes[0], panels):
-        _contour_panel(ax, surface, m.best[surface], cfg["start"] if surface == "bowl" else cfg["rosenbrock_start"])
-    if m.gd:
-        _stability_panel(axes[0, -1], m)
-    fig.suptitle("Optimizer paths, each at its fastest learning rate of the sweep "
-                 f"({ds.sizes['step']} updates)", fontsize=10)
-    return {"": fig}
+    """The paths on each surface and GD's stability edge (gradlab/experiments/_quadratic_figures.py)."""
+    from gradlab.experiments import _quadratic_figures
+
+    return _quadratic_figures.draw(ds, m)

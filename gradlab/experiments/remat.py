@@ -38,7 +38,10 @@ from gradlab.errors import ConfigError
 from gradlab.experiments import Check
 
 NAME = "remat"
-CLAIM = "jax.checkpoint per block cuts the activation memory's slope in depth from 3 to 1 (batch x width) arrays per layer for ~4/3 the time"
+CLAIM = (
+    "jax.checkpoint per block cuts the activation memory's slope in depth from 3 to 1 (batch x width) arrays"
+    " per layer for ~4/3 the time"
+)
 AXES = ["model.remat", "seed"]
 F32_BYTES = 4
 SLOPE_RTOL = 0.05  # the measured slope may differ from the residual count by XLA's per-layer bookkeeping:
@@ -47,8 +50,16 @@ SLOPE_RTOL = 0.05  # the measured slope may differ from the residual count by XL
 ELEMENTWISE_OPS = 8  # per element of a block: bias add, select, tanh' (1 - y^2: 2), ... -> the extra flops of a
 #                      re-run block are 2 B W^2 (its matmul) + at most 8 B W: relative slack 8 / (2 W).
 GRAD_RTOL = 1e-5  # remat re-runs the same float32 ops: at most a few ulps (~1e-7) per layer, x depth <= 64.
-PROFILED = ("temp_bytes", "argument_bytes", "output_bytes", "residual_bytes", "step_seconds", "flops", "transcendentals",
-            "depth_measured")
+PROFILED = (
+    "temp_bytes",
+    "argument_bytes",
+    "output_bytes",
+    "residual_bytes",
+    "step_seconds",
+    "flops",
+    "transcendentals",
+    "depth_measured",
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,7 @@ def profile(cfg, depth: int, repeats: int) -> dict:
     loss, args = gradient_program(spec, cfg)
     compiled = jax.jit(jax.value_and_grad(loss)).lower(*args).compile()
     memory = compiled.memory_analysis()
+    assert memory is not None  # None where the backend has no memory analysis; CPU and GPU have it
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
     jax.block_until_ready(compiled(*args))  # warm-up: first-call allocation and caching
@@ -125,8 +137,9 @@ def trial(cfg) -> Trial:
     off), carrying per-depth measurements of the gradient program as constant metrics."""
     rows = [profile(cfg, d, cfg.timing_repeats) for d in sorted(cfg.depths)]
     table = {k: jnp.asarray([r[k] for r in rows], jnp.float32) for k in PROFILED}
-    base = trials.supervised_mlp(cfg, metrics=lambda view: {"grad_global_norm": telemetry.global_norm(view.grads),
-                                                            **table})
+    base = trials.supervised_mlp(
+        cfg, metrics=lambda view: {"grad_global_norm": telemetry.global_norm(view.grads), **table}
+    )
     return Trial(base.init, base.step, {k: ("depth_point",) for k in PROFILED})
 
 
@@ -153,10 +166,18 @@ def measure(ds) -> Measured:
     n = d["batch_size"] if 0 < d["batch_size"] < d["examples"] else d["examples"]
     width = cfg["model"]["width"]
     first = ds.isel(seed=0, step=0)  # the profiles are constant metrics
-    tab = {r: {k: first.sel({"model.remat": r})[k].values.astype(float) for k in PROFILED}
-           for r in (False, True) if r in list(ds["model.remat"].values)}
-    slopes = {r: (analysis.slope(t["depth_measured"], t["temp_bytes"]),
-                  analysis.slope(t["depth_measured"], t["residual_bytes"])) for r, t in tab.items()}
+    tab = {
+        r: {k: first.sel({"model.remat": r})[k].values.astype(float) for k in PROFILED}
+        for r in (False, True)
+        if r in list(ds["model.remat"].values)
+    }
+    slopes = {
+        r: (
+            analysis.slope(t["depth_measured"], t["temp_bytes"]),
+            analysis.slope(t["depth_measured"], t["residual_bytes"]),
+        )
+        for r, t in tab.items()
+    }
     extra = {k: None for k in ("flops", "transcendentals")}
     diff = None
     if len(tab) == 2:
@@ -164,32 +185,81 @@ def measure(ds) -> Measured:
         extra = {k: float(np.median(tab[True][k] - tab[False][k])) for k in extra}
         loss = ds["loss"].transpose("model.remat", ...).values.astype(float)
         norm = ds["grad_global_norm"].transpose("model.remat", ...).values.astype(float)
-        diff = float(max(np.max(np.abs(loss[1] - loss[0]) / np.abs(loss[0])),
-                         np.max(np.abs(norm[1] - norm[0]) / np.abs(norm[0]))))
-    return Measured(tab, slopes, n * width * F32_BYTES, n, width, cfg["model"]["activation"], extra["flops"],
-                    extra["transcendentals"], diff, cfg["steps"], cfg["timing_repeats"])
+        diff = float(
+            max(
+                np.max(np.abs(loss[1] - loss[0]) / np.abs(loss[0])), np.max(np.abs(norm[1] - norm[0]) / np.abs(norm[0]))
+            )
+        )
+    return Measured(
+        tab,
+        slopes,
+        n * width * F32_BYTES,
+        n,
+        width,
+        cfg["model"]["activation"],
+        extra["flops"],
+        extra["transcendentals"],
+        diff,
+        cfg["steps"],
+        cfg["timing_repeats"],
+    )
 
 
 def checks(m: Measured) -> list[Check]:
     out = []
     for remat, (temp, resid) in m.slopes.items():
         count = resid / m.unit
-        out.append(Check.near(f"{'with' if remat else 'without'} remat: temp-memory slope / (batch x width x 4 B) "
-                              f"[residual count: {count:.3g}]", temp / m.unit, count, SLOPE_RTOL * count,
-                              "vjp residuals per layer"))
-    if len(m.slopes) == 2:
+        out.append(
+            Check.near(
+                f"{'with' if remat else 'without'} remat: temp-memory slope / (batch x width x 4 B) "
+                f"[residual count: {count:.3g}]",
+                temp / m.unit,
+                count,
+                SLOPE_RTOL * count,
+                "vjp residuals per layer",
+            )
+        )
+    if (  # the extra_* and train_rel_diff are set wherever both remat values ran
+        len(m.slopes) == 2
+        and m.extra_flops is not None
+        and m.extra_transcendentals is not None
+        and m.train_rel_diff is not None
+    ):
         block_matmul = 2 * m.batch * m.width**2
-        out.append(Check.between("remat: extra flops per scan body / one block's matmul (2 B W^2)",
-                                 m.extra_flops / block_matmul, 1.0, 1.0 + ELEMENTWISE_OPS / (2 * m.width),
-                                 "one forward re-run"))
+        out.append(
+            Check.between(
+                "remat: extra flops per scan body / one block's matmul (2 B W^2)",
+                m.extra_flops / block_matmul,
+                1.0,
+                1.0 + ELEMENTWISE_OPS / (2 * m.width),
+                "one forward re-run",
+            )
+        )
         if m.activation == "tanh":
-            out.append(Check.near("remat: extra tanh evaluations per scan body / (B W)",
-                                  m.extra_transcendentals / (m.batch * m.width), 1.0, 0.0, "one forward re-run"))
+            out.append(
+                Check.near(
+                    "remat: extra tanh evaluations per scan body / (B W)",
+                    m.extra_transcendentals / (m.batch * m.width),
+                    1.0,
+                    0.0,
+                    "one forward re-run",
+                )
+            )
         expected = m.slopes[True][1] / m.slopes[False][1]
-        out.append(Check.near("slope ratio remat / plain", m.slopes[True][0] / m.slopes[False][0], expected,
-                              2 * SLOPE_RTOL * expected, "residual ratio"))
-        out.append(Check.at_most("training run: max rel. diff of loss and grad norm, remat vs plain",
-                                 m.train_rel_diff, GRAD_RTOL))
+        out.append(
+            Check.near(
+                "slope ratio remat / plain",
+                m.slopes[True][0] / m.slopes[False][0],
+                expected,
+                2 * SLOPE_RTOL * expected,
+                "residual ratio",
+            )
+        )
+        out.append(
+            Check.at_most(
+                "training run: max rel. diff of loss and grad norm, remat vs plain", m.train_rel_diff, GRAD_RTOL
+            )
+        )
     return out
 
 
@@ -209,7 +279,9 @@ def figures(ds, m: Measured) -> dict:
     ax.set(xlabel="depth (hidden blocks)", ylabel="compiled temp memory (MiB)")
     ax.set_title("temp memory, forward + backward", fontsize=9)
     lines = ["slope per layer in B·W·4 bytes:"]
-    lines += [f"  {'remat' if r else 'plain'}: {fits[r][0] / unit:.3f} (vjp residuals: {fits[r][1] / unit:.0f})" for r in fits]
+    lines += [
+        f"  {'remat' if r else 'plain'}: {fits[r][0] / unit:.3f} (vjp residuals: {fits[r][1] / unit:.0f})" for r in fits
+    ]
     if len(fits) == 2:
         lines.append(f"ratio {fits[True][0] / fits[False][0]:.3f} (expected {fits[True][1] / fits[False][1]:.3f})")
     lines.append("dotted: residual count x depth")
@@ -223,30 +295,49 @@ def figures(ds, m: Measured) -> dict:
     ax.set_title(f"step time (median of {m.timing_repeats} after warm-up)", fontsize=9)
     if len(tab) == 2:
         ratio = tab[True]["step_seconds"] / tab[False]["step_seconds"]
-        plotting.note(ax, f"time remat/plain: median {np.median(ratio):.2f}\n(range {ratio.min():.2f}..{ratio.max():.2f};"
-                          " shared CPU, noisy)", loc="upper left")
+        plotting.note(
+            ax,
+            f"time remat/plain: median {np.median(ratio):.2f}\n(range {ratio.min():.2f}..{ratio.max():.2f};"
+            " shared CPU, noisy)",
+            loc="upper left",
+        )
 
     ax = axes[0, 2]
-    if len(tab) == 2:
+    if len(tab) == 2 and m.extra_flops is not None:  # set with both remat values
         d = tab[False]["depth_measured"]
         block = 6 * m.batch * width * width  # forward 2 B W^2 + backward 4 B W^2 flops per block
         compute = (block + m.extra_flops) / block
         memory_limit = fits[True][1] / fits[False][1]
-        ax.plot(d, tab[True]["temp_bytes"] / tab[False]["temp_bytes"], "o-", color=plotting.COLORS[2],
-                label="temp memory")
-        ax.plot(d, tab[True]["step_seconds"] / tab[False]["step_seconds"], "s-", color=plotting.COLORS[3],
-                label="time (measured)")
-        ax.axhline(memory_limit, color=plotting.COLORS[2], ls=":", lw=1.2, label=f"memory slope ratio {memory_limit:.2f}")
+        ax.plot(
+            d, tab[True]["temp_bytes"] / tab[False]["temp_bytes"], "o-", color=plotting.COLORS[2], label="temp memory"
+        )
+        ax.plot(
+            d,
+            tab[True]["step_seconds"] / tab[False]["step_seconds"],
+            "s-",
+            color=plotting.COLORS[3],
+            label="time (measured)",
+        )
+        ax.axhline(
+            memory_limit, color=plotting.COLORS[2], ls=":", lw=1.2, label=f"memory slope ratio {memory_limit:.2f}"
+        )
         ax.axhline(compute, color=plotting.COLORS[3], ls=":", lw=1.2, label=f"flops per block {compute:.3f}")
         ax.set_xscale("log", base=2)
         top = float(np.nanmax(tab[True]["step_seconds"] / tab[False]["step_seconds"]))
         ax.set_ylim(0, max(1.9, top * 1.15))
         ax.legend(loc="lower left", frameon=False, fontsize=7)
-        plotting.note(ax, f"flops per block: (6 + 2)/6 B W² = {compute:.3f}\n(XLA cost analysis: +2 B W² per\n"
-                          "scan body, one forward re-run)", loc="upper right")
+        plotting.note(
+            ax,
+            f"flops per block: (6 + 2)/6 B W² = {compute:.3f}\n(XLA cost analysis: +2 B W² per\n"
+            "scan body, one forward re-run)",
+            loc="upper right",
+        )
     ax.set(xlabel="depth (hidden blocks)", ylabel="remat / plain")
     ax.set_title("the trade: memory for compute", fontsize=9)
-    extra = (f"; {m.steps} training steps remat vs plain: max rel. diff {m.train_rel_diff:.1e}"
-             if m.train_rel_diff is not None else "")
+    extra = (
+        f"; {m.steps} training steps remat vs plain: max rel. diff {m.train_rel_diff:.1e}"
+        if m.train_rel_diff is not None
+        else ""
+    )
     fig.suptitle(f"Activation checkpointing: {m.activation} MLP, width {width}, batch {m.batch}{extra}", fontsize=10)
     return {"": fig}

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import analysis, inits, plotting, results, telemetry, transforms
+from gradlab import analysis, inits, results, telemetry, transforms
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -45,12 +45,8 @@ from gradlab.experiments import Check
 NAME = "rnn_bptt"
 CLAIM = "||dL/dx_t|| decays exponentially in T - t for a tanh RNN at the mean-field rate; gated cells decay slower"
 CELLS = {"simple": nn.SimpleCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
-CELL_NAMES = {"simple": "vanilla RNN (SimpleCell)", "lstm": "LSTM", "gru": "GRU"}
 AXES = ["cell", "seq_len", "optim.lr", "optim.clip_threshold", "seed"]
-NO_CLIP = 1e6  # thresholds at or above this are drawn and reported as "no clipping"
 FIT_SKIP = 1  # lags left out of the slope fit: lag 0 also reaches the loss through the readout directly
-SMOOTH = 5  # loss curves: running mean over this many steps (drawn at the window's last step)
-TAIL = 20  # final loss / accuracy: mean of the last TAIL steps
 
 
 @dataclass(frozen=True)
@@ -75,8 +71,9 @@ class SequenceClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, xs_BxTxF, length):
-        cell = CELLS[self.cell](self.hidden, param_dtype=self.param_dtype, recurrent_kernel_init=inits.orthogonal,
-                                name="cell")
+        cell = CELLS[self.cell](
+            self.hidden, param_dtype=self.param_dtype, recurrent_kernel_init=inits.orthogonal, name="cell"
+        )
         outs = nn.RNN(cell, name="rnn")(xs_BxTxF)
         last = jax.lax.dynamic_index_in_dim(outs, length - 1, axis=1, keepdims=False)
         return nn.Dense(1, param_dtype=self.param_dtype, name="readout")(last)[:, 0], outs
@@ -126,13 +123,14 @@ def loss_and_grads(model: SequenceClassifier, params, xs_BxTxF, labels_B, length
         return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels_B)), (logits, outs)
 
     (loss, (logits, outs)), (grads, grad_xs) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        params, xs_BxTxF)
+        params, xs_BxTxF
+    )
     norms = by_lag(per_step_grad_norm(xs_BxTxF.shape[0] * grad_xs), length)
     return loss, logits, outs, grads, norms
 
 
 class State(NamedTuple):
-    params: dict
+    params: optax.Params
     opt_state: optax.OptState
     key: jax.Array
     step: jax.Array
@@ -211,11 +209,9 @@ def simple_theory(ds, hidden: int, step: int = 0) -> dict:
     ln||W||_2 + (1/2) ln mean tanh'^2 and the bound ln||W||_2 + mean ln max tanh', both averaged over
     the fitted lags; and jensen_gap, Var(tanh'^2) / (2 N mean(tanh'^2)^2) (see slope_tolerance)."""
     d = ds.sel(cell="simple").isel(step=step)
-    order = ("seq_len", "optim.lr", "optim.clip_threshold", "seed")
-    dsq = d["dtanh_sq"].transpose(*order, "lag").values.astype(float)
-    lmax = d["log_max_dtanh"].transpose(*order, "lag").values.astype(float)
-    d4 = d["dtanh_4th"].transpose(*order, "lag").values.astype(float)
-    norm = np.log(d["recurrent_norm"].transpose(*order).values.astype(float))
+    at = lambda var, *lag: d[var].transpose("seq_len", "optim.lr", "optim.clip_threshold", "seed", *lag).values
+    dsq, lmax, d4 = (at(var, "lag").astype(float) for var in ("dtanh_sq", "log_max_dtanh", "dtanh_4th"))
+    norm = np.log(at("recurrent_norm").astype(float))
     window = np.arange(dsq.shape[-1]) >= FIT_SKIP
     with np.errstate(all="ignore"):
         mean_field = norm + 0.5 * np.log(np.nanmean(dsq[..., window], axis=-1))
@@ -238,9 +234,16 @@ def slope_tolerance(jensen_gap, batch: int, fitted_lags: int):
     return np.asarray(jensen_gap) + 3 * noise
 
 
-def final(ds, var: str) -> np.ndarray:
-    """Mean of `var` over the last TAIL steps: (cell, seq_len, lr, clip, seed)."""
-    return analysis.tail_mean(ds[var].transpose(*AXES, "step").values, TAIL)
+class Vanilla(NamedTuple):
+    """The vanilla cell at init against its mean field and the operator-norm bound."""
+
+    slope: float  # max over seeds at the longest T (< 0: vanishing)
+    mean_field_error: float  # |slope - mean field| at the (T, seed) worst relative to its tolerance
+    mean_field_tolerance: float  # Jensen gap + 3 sd there
+    worst_length: int
+    worst_mean_field: float
+    bound_margin: float  # min of bound - slope (>= 0: the operator-norm bound holds)
+    bound_mean: float
 
 
 class Measured(NamedTuple):
@@ -248,13 +251,7 @@ class Measured(NamedTuple):
     lengths: np.ndarray
     slopes: dict  # {(cell, step): fitted log-slope per step, (seq_len, lr, clip, seed)}, at init and the last step
     mean_field: np.ndarray | None  # vanilla cell at init: ln||W|| + 0.5 ln mean tanh'^2, same shape
-    vanilla_slope: float | None = None  # max over seeds at the longest T (< 0: vanishing)
-    mean_field_error: float | None = None  # |slope - mean field| at the worst (T, seed) relative to its tolerance
-    mean_field_tolerance: float | None = None  # Jensen gap + 3 sd there
-    worst_length: int | None = None
-    worst_mean_field: float | None = None
-    bound_margin: float | None = None  # min of bound - slope (>= 0: the operator-norm bound holds)
-    bound_mean: float | None = None
+    vanilla: Vanilla | None = None  # None without the vanilla cell
     lstm_margin: float | None = None  # min over lengths of the median LSTM - vanilla slope difference
 
 
@@ -268,117 +265,56 @@ def measure(ds) -> Measured:
         return Measured(cells, lengths, fitted, None)
     measured = fitted["simple", 0]
     theory = simple_theory(ds, cfg["hidden"], 0)
-    tol = np.stack([slope_tolerance(theory["jensen_gap"][j], cfg["batch"], int(T) - FIT_SKIP)
-                    for j, T in enumerate(lengths)])
+    tol = np.stack(
+        [slope_tolerance(theory["jensen_gap"][j], cfg["batch"], int(T) - FIT_SKIP) for j, T in enumerate(lengths)]
+    )
     error = np.abs(measured - theory["mean_field"])
     worst = np.unravel_index(int(np.nanargmax(error / tol)), error.shape)
-    lstm = {}
+    vanilla = Vanilla(
+        slope=float(np.nanmax(measured[-1])),
+        mean_field_error=float(error[worst]),
+        mean_field_tolerance=float(tol[worst]),
+        worst_length=int(lengths[worst[0]]),
+        worst_mean_field=float(theory["mean_field"][worst]),
+        bound_margin=float(np.nanmin(theory["bound"][-1] - measured[-1])),
+        bound_mean=float(np.nanmean(theory["bound"][-1])),
+    )
+    lstm_margin = None
     if "lstm" in cells:  # GRU's slope is reported in the figure, not checked (measured: close to vanilla)
         # the same seeds, lengths and (irrelevant at init) lr / clip: compare the medians per length
-        lstm["lstm_margin"] = float(np.nanmin(np.nanmedian(fitted["lstm", 0] - measured, axis=(1, 2, 3))))
-    return Measured(
-        cells, lengths, fitted, theory["mean_field"], vanilla_slope=float(np.nanmax(measured[-1])),
-        mean_field_error=float(error[worst]), mean_field_tolerance=float(tol[worst]),
-        worst_length=int(lengths[worst[0]]), worst_mean_field=float(theory["mean_field"][worst]),
-        bound_margin=float(np.nanmin(theory["bound"][-1] - measured[-1])),
-        bound_mean=float(np.nanmean(theory["bound"][-1])), **lstm)
+        lstm_margin = float(np.nanmin(np.nanmedian(fitted["lstm", 0] - measured, axis=(1, 2, 3))))
+    return Measured(cells, lengths, fitted, theory["mean_field"], vanilla, lstm_margin)
 
 
 def checks(m: Measured) -> list[Check]:
-    if m.vanilla_slope is None:
+    v = m.vanilla
+    if v is None:
         return []
     out = [
-        Check.below(f"vanilla RNN at init, T = {m.lengths[-1]}: log-slope per step (max over seeds)",
-                    m.vanilla_slope, 0.0),
-        Check.at_most(f"vanilla RNN at init: worst |slope - (ln||W|| + 0.5 ln mean tanh'^2)| over lengths, seeds "
-                      f"(T = {m.worst_length}, mean field {m.worst_mean_field:.3f})",
-                      m.mean_field_error, m.mean_field_tolerance, "Jensen gap + 3 sd"),
-        Check.at_least(f"vanilla RNN at init: bound ln||W|| + mean ln max tanh' ({m.bound_mean:.3f}) - slope",
-                       m.bound_margin, 0.0),
+        Check.below(f"vanilla RNN at init, T = {m.lengths[-1]}: log-slope per step (max over seeds)", v.slope, 0.0),
+        Check.at_most(
+            f"vanilla RNN at init: worst |slope - (ln||W|| + 0.5 ln mean tanh'^2)| over lengths, seeds "
+            f"(T = {v.worst_length}, mean field {v.worst_mean_field:.3f})",
+            v.mean_field_error,
+            v.mean_field_tolerance,
+            "Jensen gap + 3 sd",
+        ),
+        Check.at_least(
+            f"vanilla RNN at init: bound ln||W|| + mean ln max tanh' ({v.bound_mean:.3f}) - slope", v.bound_margin, 0.0
+        ),
     ]
     if m.lstm_margin is not None:
         lstm, vanilla = np.nanmedian(m.slopes["lstm", 0][-1]), np.nanmedian(m.slopes["simple", 0][-1])
-        out.append(Check.above(f"lstm decays slower than the vanilla RNN at init: min over lengths of slope "
-                               f"difference (lstm median {lstm:.3f}, vanilla {vanilla:.3f})", m.lstm_margin, 0.0))
+        name = (
+            f"lstm decays slower than the vanilla RNN at init: min over lengths of slope "
+            f"difference (lstm median {lstm:.3f}, vanilla {vanilla:.3f})"
+        )
+        out.append(Check.above(name, m.lstm_margin, 0.0))
     return out
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def _clip_label(threshold: float) -> str:
-    return "no clipping" if threshold >= NO_CLIP else f"clip {threshold:g}"
-
-
 def figures(ds, m: Measured) -> dict:
-    cfg = results.run_config(ds)
-    cells, lengths = m.cells, m.lengths
-    lrs = ds["optim.lr"].values.astype(float)
-    clips = ds["optim.clip_threshold"].values.astype(float)
-    last = ds.sizes["step"] - 1
-    colors = {T: plotting.COLORS[i % len(plotting.COLORS)] for i, T in enumerate(lengths)}
+    """Gradient against distance per cell, and the training curves (gradlab/experiments/_rnn_bptt_figures.py)."""
+    from gradlab.experiments import _rnn_bptt_figures
 
-    # Figure 1: gradient against distance, at init and after training, per cell.
-    fig, axes = plotting.figure(2, len(cells), width=3.5, height=2.8)
-    best_lr = {}
-    for col, cell in enumerate(cells):
-        for row, (step, when) in enumerate(((0, "at init"), (last, f"after {last} steps"))):
-            ax = axes[row, col]
-            prof = profile(ds, cell, step)
-            sl = m.slopes[cell, step]
-            text = []
-            # after training: the lr with the best final loss at the longest length, no clipping if present
-            c = int(np.argmax(clips)) if row else 0
-            i = int(np.nanargmin(np.nanmedian(final(ds, "loss")[cells.index(cell), -1, :, c], axis=-1))) if row else 0
-            best_lr[cell] = lrs[i]
-            for j, T in enumerate(lengths):
-                k = np.arange(prof.shape[-1])
-                plotting.band(ax, k[:T], prof[j, i, c, :, :T], label=f"T = {T}", color=colors[T])
-                text.append(f"T={T}: {np.nanmedian(sl[j, i, c]):+.3f}")
-            ax.set_yscale("log")
-            ax.set_title(f"{CELL_NAMES[cell]}, {when}" + (f"\n(lr {lrs[i]:g}, {_clip_label(clips[c])})" if row else ""),
-                         fontsize=9)
-            ax.set_xlabel("distance to the loss T - 1 - t")
-            if col == 0:
-                ax.set_ylabel(r"$\|\partial \ell / \partial x_t\|$ (median, min..max seeds)")
-            if cell == "simple" and row == 0:
-                mf = np.nanmedian(m.mean_field, axis=(1, 2, 3))
-                for j, T in enumerate(lengths):
-                    k = np.arange(FIT_SKIP, T)
-                    start = np.nanmedian(prof[j, 0, 0, :, FIT_SKIP])
-                    ax.plot(k, start * np.exp(mf[j] * (k - FIT_SKIP)), ":", color="k", lw=1)
-                text.append(f"dotted: mean field {np.nanmean(mf):+.3f}")
-            plotting.note(ax, "log-slope per step:\n" + "\n".join(text), loc="lower left")
-    axes[0, -1].legend(loc="upper right", frameon=False, fontsize=7)
-    extra = f"; vanilla vs mean field: max err {m.mean_field_error:.3f}" if m.mean_field_error is not None else ""
-    fig.suptitle(f"Gradient through time, loss at the last step (hidden {cfg['hidden']}, batch {cfg['batch']}){extra}",
-                 fontsize=10)
-
-    # Figure 2: training loss per cell and length, with and without clipping.
-    fig2, axes2 = plotting.figure(len(clips), len(cells), width=3.5, height=2.6)
-    loss = ds["loss"].transpose(*AXES, "step").values.astype(float)
-    acc = final(ds, "accuracy")
-    steps = np.arange(ds.sizes["step"])
-    for col, cell in enumerate(cells):
-        ci = cells.index(cell)
-        i = int(np.where(np.isclose(lrs, best_lr[cell]))[0][0])
-        for row, thr in enumerate(clips):
-            ax = axes2[row, col]
-            text = []
-            for j, T in enumerate(lengths):
-                curves = loss[ci, j, i, row]
-                w = min(SMOOTH, len(steps))
-                smooth = np.apply_along_axis(np.convolve, -1, curves, np.ones(w) / w, mode="valid")
-                plotting.band(ax, steps[w - 1:], smooth, label=f"T = {T}", color=colors[T], log=False)
-                text.append(f"T={T}: acc {np.nanmedian(acc[ci, j, i, row]):.2f}")
-            ax.axhline(np.log(2), color="k", ls=":", lw=1)
-            ax.set_ylim(0, 1.0)
-            ax.set_title(f"{CELL_NAMES[cell]}, lr {lrs[i]:g}, {_clip_label(thr)}", fontsize=9)
-            ax.set_xlabel("step")
-            if col == 0:
-                ax.set_ylabel(f"training loss ({SMOOTH}-step mean;\ndotted: chance ln 2)")
-            plotting.note(ax, f"final {TAIL} steps:\n" + "\n".join(text), loc="lower left")
-    axes2[0, -1].legend(loc="upper right", frameon=False, fontsize=7)
-    fig2.suptitle(f"Recall the first input's sign after T steps: {cfg['optim']['name']}, "
-                  f"median over {ds.sizes['seed']} seeds (band: min..max)", fontsize=10)
-    return {"": fig, "training": fig2}
+    return _rnn_bptt_figures.draw(ds, m)

@@ -52,8 +52,9 @@ def trial(cfg) -> Trial:
     def step(hp, state):
         new_state, metrics = base.step(hp, state)
         # the learning rate in inject_hyperparams' hyperparams, not a schedule's count state
-        applied = optax.tree_utils.tree_get(new_state.opt_state, "learning_rate",
-                                            filtering=lambda _, value: isinstance(value, jax.Array))
+        applied = optax.tree_utils.tree_get(
+            new_state.opt_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array)
+        )
         return new_state, {**metrics, "lr_applied": applied}
 
     return Trial(base.init, step, base.metric_dims)
@@ -74,10 +75,12 @@ def boundaries(steps: int, optim: dict) -> dict:
     W + k P, k = 0..c-1; onecycle's peak (W, or int(0.3 T) with no warmup); warmup_cosine's W."""
     w, c = optim["warmup_steps"], optim["cycles"]
     n = max(1, steps - w)
-    return {"step": sorted({w + math.floor(n * i / (c + 1)) for i in range(1, c + 1)}),
-            "sgdr": [w + k * max(1, n // c) for k in range(c)],
-            "onecycle": w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps),
-            "warmup_cosine": w or max(1, steps // 10)}
+    return {
+        "step": sorted({w + math.floor(n * i / (c + 1)) for i in range(1, c + 1)}),
+        "sgdr": [w + k * max(1, n // c) for k in range(c)],
+        "onecycle": w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps),
+        "warmup_cosine": w or max(1, steps // 10),
+    }
 
 
 def _warmup_free(name: str, t, n: int, optim: dict):
@@ -125,15 +128,15 @@ def closed_form(name: str, steps: int, optim: dict, t=None) -> np.ndarray:
 
 def landmarks(name: str, steps: int, optim: dict) -> list[int]:
     """Steps where a schedule does something: its ends, quarters, boundaries and either side."""
-    w, at = optim["warmup_steps"], boundaries(steps, optim).get(name)
+    w, at = optim["warmup_steps"], boundaries(steps, optim)
     marks = {0, steps // 4, steps // 2, 3 * steps // 4, steps - 1}
     edges = {w} if w and name not in ("onecycle", "warmup_cosine") else set()
     if name in ("step", "sgdr"):
-        edges |= set(at)
+        edges |= set(at[name])
     if name == "onecycle":
-        edges.add(at)
+        edges.add(at[name])
     if name == "warmup_cosine":
-        edges |= {at // 2, at}
+        edges |= {at[name] // 2, at[name]}
     marks |= {e + d for e in edges for d in (-1, 0, 1)}
     return sorted(m for m in marks if 0 <= m < steps)
 
@@ -214,24 +217,33 @@ def measure(ds) -> Measured:
 
 def checks(m: Measured) -> list[Check]:
     steps, optim, at = m.steps, m.optim, boundaries(m.steps, m.optim)
-    out = [Check.at_most(f"{name}: recorded lr = closed form (|err|/peak)", err, TOLERANCE)
-           for name, err in m.lr_error.items()]
+    out = [
+        Check.at_most(f"{name}: recorded lr = closed form (|err|/peak)", err, TOLERANCE)
+        for name, err in m.lr_error.items()
+    ]
     if m.step_ratio is not None:
         r = optim["decay_rate"]
-        out.append(Check.near(f"step: lr[b]/lr[b-1] at drops b={at['step']}", m.step_ratio, r, STEP_RTOL * r,
-                              "decay_rate"))
+        out.append(
+            Check.near(f"step: lr[b]/lr[b-1] at drops b={at['step']}", m.step_ratio, r, STEP_RTOL * r, "decay_rate")
+        )
     if m.sgdr_restart is not None:
         out.append(Check.near(f"sgdr: min lr/peak at restarts t={at['sgdr']}", m.sgdr_restart, 1.0, TOLERANCE))
     if m.onecycle_peak is not None:
         want = at["onecycle"]
-        out.append(Check.near("onecycle: argmax_t lr / steps", m.onecycle_peak / steps, want / steps, 0.0,
-                              f"t={want}:"))
+        out.append(
+            Check.near("onecycle: argmax_t lr / steps", m.onecycle_peak / steps, want / steps, 0.0, f"t={want}:")
+        )
     if m.warmup_cosine_half is not None:
         wc = at["warmup_cosine"]
         target = (wc // 2) / wc
-        out.append(Check.holds(f"warmup_cosine: lr[{wc // 2}]/peak, lr[0] (W={wc})", m.warmup_cosine_half,
-                               m.warmup_cosine_start == 0 and abs(m.warmup_cosine_half - target) <= TOLERANCE,
-                               f"{target:g} +- {TOLERANCE:g}, lr[0] = 0"))
+        out.append(
+            Check.holds(
+                f"warmup_cosine: lr[{wc // 2}]/peak, lr[0] (W={wc})",
+                m.warmup_cosine_half,
+                m.warmup_cosine_start == 0 and abs(m.warmup_cosine_half - target) <= TOLERANCE,
+                f"{target:g} +- {TOLERANCE:g}, lr[0] = 0",
+            )
+        )
     out.append(Check.at_most("every schedule: optimizer's applied lr = closed form", m.applied_error, TOLERANCE))
     if m.worst_annealed is not None:
         ratio = m.final_loss[m.worst_annealed] / m.final_loss["constant"]
@@ -258,8 +270,13 @@ def _loss_panel(ax, t, m: Measured, names, colors, title):
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title(title)
-    ax.legend(frameon=False, loc="upper right", fontsize=7,
-              title="final loss / constant's" if const else None, title_fontsize=7)
+    ax.legend(
+        frameon=False,
+        loc="upper right",
+        fontsize=7,
+        title="final loss / constant's" if const else None,
+        title_fontsize=7,
+    )
 
 
 def figures(ds, m: Measured) -> dict:
@@ -272,7 +289,7 @@ def figures(ds, m: Measured) -> dict:
     grid = axes[0, 0].get_gridspec()
     for ax in axes[rows:].flat:
         ax.remove()
-    for ax in axes.flat[len(names):rows * cols]:
+    for ax in axes.flat[len(names) : rows * cols]:
         ax.set_visible(False)
 
     t = ds["step"].values
@@ -280,19 +297,30 @@ def figures(ds, m: Measured) -> dict:
         ax = axes.flat[i]
         ax.plot(t, m.lr[name], color=colors[name], label="recorded lr")
         marks = landmarks(name, steps, optim)
-        ax.plot(marks, closed_form(name, steps, optim, marks), "o", ms=3.2, mfc="none", mec="k", mew=0.7,
-                label="closed form")
+        ax.plot(
+            marks,
+            closed_form(name, steps, optim, marks),
+            "o",
+            ms=3.2,
+            mfc="none",
+            mec="k",
+            mew=0.7,
+            label="closed form",
+        )
         ax.set_title(name, color=colors[name])
         ax.set_ylim(-0.05 * optim["lr"], 1.1 * optim["lr"])
         if i % cols == 0:
             ax.set_ylabel("learning rate")
     axes[0, 0].legend(loc="best", frameon=False, fontsize=6.5)
 
-    panels = [(g, title) for g, title in ((DECAYS, "decays"), (CYCLES, "restarts, one cycle, warmup"))
-              if any(n in names and n != "constant" for n in g)] or [(tuple(names), "")]
+    panels = [
+        (g, title)
+        for g, title in ((DECAYS, "decays"), (CYCLES, "restarts, one cycle, warmup"))
+        if any(n in names and n != "constant" for n in g)
+    ] or [(tuple(names), "")]
     span = cols // len(panels)
     for k, (group, title) in enumerate(panels):
-        ax = fig.add_subplot(grid[rows:, k * span:(k + 1) * span])
+        ax = fig.add_subplot(grid[rows:, k * span : (k + 1) * span])
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(True, alpha=0.25)
         title = f"training loss: {title}" if title else "training loss"
@@ -301,7 +329,10 @@ def figures(ds, m: Measured) -> dict:
             ax.set_ylabel("minibatch loss, mean over last epoch")
 
     cfg = results.run_config(ds)
-    fig.suptitle(f"Learning-rate schedules (top: recorded lr, circles: closed form) and the training they give\n"
-                 f"{cfg['optim']['name']}, peak lr {optim['lr']:g}, {steps} steps, batch {cfg['data']['batch_size']} "
-                 f"of {cfg['data']['examples']}, {ds.sizes['seed']} seeds (line: median, band: min..max)", fontsize=10)
+    fig.suptitle(
+        f"Learning-rate schedules (top: recorded lr, circles: closed form) and the training they give\n"
+        f"{cfg['optim']['name']}, peak lr {optim['lr']:g}, {steps} steps, batch {cfg['data']['batch_size']} "
+        f"of {cfg['data']['examples']}, {ds.sizes['seed']} seeds (line: median, band: min..max)",
+        fontsize=10,
+    )
     return {"": fig}

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlab import analysis, data, meanfield, models, plotting, results, trials
+from gradlab import analysis, data, meanfield, models, results, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -49,12 +49,17 @@ class Config(ExperimentConfig):
     def validate(self) -> None:
         super().validate()
         if self.model.norm != "none":
-            raise ConfigError(f"mean-field theory is for nets without normalization; allowed: none, "
-                              f"got {self.model.norm!r}", key="model.norm")
+            raise ConfigError(
+                f"mean-field theory is for nets without normalization; allowed: none, got {self.model.norm!r}",
+                key="model.norm",
+            )
         if self.model.depth - self.skip_layers < MIN_FIT_LAYERS:
-            raise ConfigError(f"at most model.depth - {MIN_FIT_LAYERS} = "
-                              f"{self.model.depth - MIN_FIT_LAYERS} (the slope needs {MIN_FIT_LAYERS} layers), "
-                              f"got {self.skip_layers}", key="skip_layers")
+            raise ConfigError(
+                f"at most model.depth - {MIN_FIT_LAYERS} = "
+                f"{self.model.depth - MIN_FIT_LAYERS} (the slope needs {MIN_FIT_LAYERS} layers), "
+                f"got {self.skip_layers}",
+                key="skip_layers",
+            )
 
 
 def preactivations(params, x, spec: models.MLPSpec, hyper: models.MLPHyper):
@@ -141,7 +146,8 @@ def tolerance(width: int, fit_layers: int, seeds: int) -> float:
     return ref["tolerance"] * scale * np.sqrt(ref["width"] * ref["seeds"] / (width * seeds))
 
 
-def _ordered(ds, var):
+def at_init(ds, var: str) -> np.ndarray:
+    """A metric at init on the grid: (sigma_w, sigma_b, seed, layer)."""
     order = ("model.init_gain", "model.bias_std", "seed", "layer")
     return ds[var].isel(step=0).transpose(*order).values.astype(float)
 
@@ -154,10 +160,10 @@ def correlation_depth_scales(ds, SW, SB, q):
     sigma_b^2 = 0 (q* = 0 in the ordered phase: the correlation map is the identity there)."""
     c_star = meanfield.c_star(SW, SB, q=q)
     xi_theory = meanfield.xi_c(SW, SB, q=q, c=c_star)
-    one_minus_c = _ordered(ds, "one_minus_c")[..., :-1]  # layers 0..depth: the pre-activations
+    one_minus_c = at_init(ds, "one_minus_c")[..., :-1]  # layers 0..depth: the pre-activations
     seeds, depth = one_minus_c.shape[2], one_minus_c.shape[3] - 1
     dev = np.abs(np.nanmean(one_minus_c, axis=2) - (1.0 - c_star)[..., None])
-    late = one_minus_c[..., -max(depth // 4, 2):]
+    late = one_minus_c[..., -max(depth // 4, 2) :]
     floor = np.maximum(3.0 * np.nanmean(np.nanstd(late, axis=2), axis=-1) / np.sqrt(seeds), 1e-6)
     xi_measured = np.full(SW.shape, np.nan)
     for i, j in np.ndindex(SW.shape):
@@ -205,7 +211,7 @@ def measure(ds) -> Measured:
     SW, SB = np.meshgrid(sw2, sb2, indexing="ij")
     layers = np.arange(1 + skip, depth + 1)  # hidden layers in the fit
     seeds = ds.sizes["seed"]
-    delta = _ordered(ds, "delta_rms")[..., layers]
+    delta = at_init(ds, "delta_rms")[..., layers]
     with np.errstate(divide="ignore", invalid="ignore"):
         rate = -np.log(delta**2) @ analysis.ols_weights(len(layers))  # (gain, bias, seed): growth toward the input
     mean_rate = np.nanmean(rate, axis=-1)
@@ -225,116 +231,58 @@ def measure(ds) -> Measured:
     # inside the net (exp(-depth / xi_c) <= e^-4); there 1/xi_c = -ln chi_1 as for the gradient.
     ordered = np.isfinite(xi_measured) & (ln_chi < -tol) & (SB > 0) & (xi_theory <= depth / 4)
     return Measured(
-        sw2, sb2, ln_chi, rate, mean_rate, settled, xi_measured, tol, width, depth, skip,
-        seeds, len(layers), float(meanfield.critical_sigma_w2(0.0)),
+        sw2,
+        sb2,
+        ln_chi,
+        rate,
+        mean_rate,
+        settled,
+        xi_measured,
+        tol,
+        width,
+        depth,
+        skip,
+        seeds,
+        len(layers),
+        float(meanfield.critical_sigma_w2(0.0)),
         float(np.max(err[settled])) if settled.any() else None,
         float(np.max(np.abs(mean_rate - finite_depth))),
-        int(clear.sum()), float(np.mean(np.sign(mean_rate[clear]) == np.sign(ln_chi[clear]))) if clear.any() else None,
+        int(clear.sum()),
+        float(np.mean(np.sign(mean_rate[clear]) == np.sign(ln_chi[clear]))) if clear.any() else None,
         int(ordered.sum()),
-        float(np.max(np.abs(1.0 / xi_measured[ordered] - 1.0 / xi_theory[ordered]))) if ordered.any() else None)
+        float(np.max(np.abs(1.0 / xi_measured[ordered] - 1.0 / xi_theory[ordered]))) if ordered.any() else None,
+    )
 
 
 def checks(m: Measured) -> list[Check]:
     n = m.settled.size
-    out = [Check.near("mean-field chi_1 = 1 at sigma_b^2 = 0: sigma_w^2", m.critical_sw2, 1.0, 1e-3,
-                      "tanh'(0)^2 = 1, q* = 0:")]
+    out = [
+        Check.near(
+            "mean-field chi_1 = 1 at sigma_b^2 = 0: sigma_w^2", m.critical_sw2, 1.0, 1e-3, "tanh'(0)^2 = 1, q* = 0:"
+        )
+    ]
     if m.worst_settled is not None:
-        out.append(Check.at_most(f"max |slope - ln chi_1| ({int(m.settled.sum())}/{n} points with q at q*)",
-                                 m.worst_settled, m.tolerance, "0.015 scaled from width 512, 50 layers, 4 seeds"))
+        out.append(
+            Check.at_most(
+                f"max |slope - ln chi_1| ({int(m.settled.sum())}/{n} points with q at q*)",
+                m.worst_settled,
+                m.tolerance,
+                "0.015 scaled from width 512, 50 layers, 4 seeds",
+            )
+        )
     out.append(Check.at_most(f"max |slope - mean field along q_l| (all {n} points)", m.worst_all, m.tolerance))
-    if m.phase_agreement is not None:
-        out.append(Check.at_least(f"phase (sign of slope) = sign of ln chi_1 ({m.clear} points off the edge)",
-                                  m.phase_agreement, 1.0))  # a fraction: every point agrees
+    if m.phase_agreement is not None:  # a fraction: every point agrees
+        name = f"phase (sign of slope) = sign of ln chi_1 ({m.clear} points off the edge)"
+        out.append(Check.at_least(name, m.phase_agreement, 1.0))
     if m.ordered_gap is not None:
-        out.append(Check.at_most(f"ordered phase: max |1/xi_c measured - 1/xi_c| ({m.ordered} points, xi_c <= depth/4)",
-                                 m.ordered_gap, m.tolerance))
+        name = f"ordered phase: max |1/xi_c measured - 1/xi_c| ({m.ordered} points, xi_c <= depth/4)"
+        out.append(Check.at_most(name, m.ordered_gap, m.tolerance))
     return out
 
 
-def _edges(v):
-    mid = (v[1:] + v[:-1]) / 2
-    return np.concatenate([[v[0] - (mid[0] - v[0]) if len(v) > 1 else v[0] - 0.5], mid,
-                           [v[-1] + (v[-1] - mid[-1]) if len(v) > 1 else v[0] + 0.5]])
-
-
-def critical_line(sb2_max: float):
-    """(sigma_w^2, sigma_b^2) along the mean-field edge chi_1 = 1, up to sigma_b^2 = sb2_max."""
-    sw2, sb2 = meanfield.critical_line(np.linspace(0.0, 3.0, 3000) ** 2)
-    keep = sb2 <= sb2_max * 1.0001
-    return sw2[keep], sb2[keep]
-
-
 def figures(ds, m: Measured) -> dict:
-    from matplotlib.colors import TwoSlopeNorm
+    """The phase diagram, example profiles, measured against mean field, and the correlation depth
+    scale (gradlab/experiments/_signal_propagation_figures.py)."""
+    from gradlab.experiments import _signal_propagation_figures
 
-    fig, axes = plotting.figure(2, 2, width=4.3, height=3.3)
-    # (a) the phase diagram: measured growth rate, mean-field edge
-    ax = axes[0, 0]
-    limit = float(np.nanmax(np.abs(m.mean_rate))) or 1.0
-    mesh = ax.pcolormesh(_edges(m.sw2), _edges(m.sb2), m.mean_rate.T, cmap="RdBu_r",
-                         norm=TwoSlopeNorm(0.0, -limit, limit), shading="flat")
-    fig.colorbar(mesh, ax=ax, label=r"measured $-$slope of $\ln\delta_l^2$ per layer")
-    line_w, line_b = critical_line(float(m.sb2.max()) if m.sb2.max() > 0 else 0.3)
-    ax.plot(line_w, line_b, color="black", lw=1.6, label=r"mean field $\chi_1 = 1$")
-    ax.plot([1.0], [0.0], "o", color="black", ms=4, clip_on=False)
-    ax.set_xlabel(r"$\sigma_w^2$")
-    ax.set_ylabel(r"$\sigma_b^2$")
-    ax.set_title("growth of $|\\partial L/\\partial h_l|^2$ toward the input")
-    box = {"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
-    ax.text(0.03, 0.97, "ordered: vanishing", transform=ax.transAxes, fontsize=7.5, va="top", bbox=box)
-    ax.text(0.97, 0.97, "chaotic: exploding", transform=ax.transAxes, fontsize=7.5, va="top", ha="right", bbox=box)
-    ax.legend(loc="lower right", fontsize=7)
-    # (b) example profiles: ln delta_l^2 against depth, with the mean-field slope
-    ax = axes[0, 1]
-    delta = _ordered(ds, "delta_rms")
-    layers = np.arange(1, m.depth + 1)
-    nearest_edge = np.abs(m.ln_chi) + 9 * ~m.settled  # the settled point closest to chi_1 = 1
-    picks = [np.unravel_index(np.argmin(score), m.ln_chi.shape) for score in (m.ln_chi, nearest_edge, -m.ln_chi)]
-    for k, (i, j) in enumerate(picks):
-        y = np.log(delta[i, j][..., layers] ** 2)
-        y = y - y[:, -1:]  # relative to the last hidden layer
-        color = plotting.COLORS[k]
-        label = rf"$\sigma_w^2$={m.sw2[i]:.2g}, $\sigma_b^2$={m.sb2[j]:.2g}: $\ln\chi_1$={m.ln_chi[i, j]:+.3f}, fit {m.mean_rate[i, j]:+.3f}"
-        plotting.band(ax, layers, y, label, color=color, log=False)
-        ax.plot(layers, m.ln_chi[i, j] * (m.depth - layers), ls="--", color=color, lw=1)
-    ax.axvspan(0.5, m.skip + 0.5, color="0.85", alpha=0.6, lw=0)
-    ax.text(m.skip / 2 + 0.5, 0.02, "not fitted", transform=ax.get_xaxis_transform(), ha="center", fontsize=7)
-    ax.set_xlabel("hidden layer l (input side left)")
-    ax.set_ylabel(r"$\ln \delta_l^2 - \ln \delta_L^2$")
-    ax.set_title(r"profiles; dashed: slope $\ln\chi_1$ (mean field)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=6.5, frameon=False)
-    # (c) measured against mean field, every grid point
-    ax = axes[1, 0]
-    for j, b in enumerate(m.sb2):
-        ax.errorbar(m.ln_chi[:, j], m.mean_rate[:, j], yerr=np.nanstd(m.rate[:, j], axis=-1) / np.sqrt(m.seeds),
-                    fmt="o", ms=3, label=rf"$\sigma_b^2$={b:.2g}", color=plotting.COLORS[j % len(plotting.COLORS)])
-    lim = [float(np.nanmin(m.ln_chi)) - 0.05, float(np.nanmax(m.ln_chi)) + 0.05]
-    ax.plot(lim, lim, color="black", lw=0.8)
-    ax.set_xlabel(r"mean-field $\ln\chi_1$")
-    ax.set_ylabel("fitted growth rate per layer")
-    ax.set_title(f"width {m.width}, depth {m.depth}, {m.seeds} seeds, fit over {m.fit_layers} layers")
-    ax.legend(loc="lower right", fontsize=6.5)
-    lines = []
-    if m.worst_settled is not None:
-        lines.append(f"max |slope - ln χ₁| = {m.worst_settled:.4f}")
-    lines.append(f"tolerance {m.tolerance:.4f}")
-    plotting.note(ax, "\n".join(lines))
-    # (d) correlation depth scale
-    ax = axes[1, 1]
-    fine = np.linspace(m.sw2.min(), m.sw2.max(), 120)
-    for j, b in enumerate(m.sb2):
-        if b <= 0:
-            continue
-        color = plotting.COLORS[j % len(plotting.COLORS)]
-        theory = meanfield.xi_c(fine, b)
-        ax.plot(fine, np.where(theory < 1e3, theory, np.nan), color=color, lw=1.2, label=rf"$\sigma_b^2$={b:.2g} theory")
-        ax.plot(m.sw2, m.xi_measured[:, j], "o", color=color, ms=4, mfc="none")
-    ax.set_yscale("log")
-    ax.set_xlabel(r"$\sigma_w^2$")
-    ax.set_ylabel(r"correlation depth scale $\xi_c$ (layers)")
-    ax.set_title(r"$\xi_c$: lines mean field (Schoenholz eq. 9), circles measured")
-    if m.ordered_gap is not None:
-        plotting.note(ax, f"ordered: max |1/ξ_meas - 1/ξ| = {m.ordered_gap:.4f}", loc="lower right")
-    ax.legend(loc="upper left", fontsize=6.5)
-    fig.suptitle("Order to chaos in a deep tanh net at init (Poole et al. 2016; Schoenholz et al. 2017)", fontsize=10)
-    return {"": fig}
+    return _signal_propagation_figures.draw(ds, m)

@@ -34,8 +34,11 @@ from gradlab.experiments import Check
 
 NAME = "weight_decay"
 CLAIM = "Adam+L2 moves decayed weights by ~lr whatever the decay; AdamW decays them by lr*wd (optax) or wd (paper)"
-FORMS = {"adam": "Adam + L2", "adamw": "AdamW, optax (decay x lr)",
-         "adamw_decoupled": "AdamW, paper (decay x schedule)"}
+FORMS = {
+    "adam": "Adam + L2",
+    "adamw": "AdamW, optax (decay x lr)",
+    "adamw_decoupled": "AdamW, paper (decay x schedule)",
+}
 AXES = ["optim.name", "optim.lr", "optim.weight_decay", "seed"]
 TAIL = 20  # final held-out loss: mean of the last TAIL steps
 DEMO_LR = 1e-3  # the rate of the decay-only panels
@@ -56,15 +59,17 @@ class Config(ExperimentConfig):
     def validate(self) -> None:
         super().validate()
         if self.dead_inputs >= self.data.input_dim:
-            raise ConfigError(f"must be below data.input_dim={self.data.input_dim} (a live feature), "
-                              f"got {self.dead_inputs}", key="dead_inputs")
+            raise ConfigError(
+                f"must be below data.input_dim={self.data.input_dim} (a live feature), got {self.dead_inputs}",
+                key="dead_inputs",
+            )
 
 
 def split(cfg) -> tuple[data.Data, data.Data]:
     """Train and held-out sets of one teacher, the last `dead_inputs` features set to zero."""
     n, d, k = cfg.data.examples, cfg.data.input_dim, cfg.dead_inputs
     full = data.make(dataclasses.replace(cfg.data, examples=n + cfg.held_out))
-    x = full.x.at[:, d - k:].set(0.0) if k else full.x
+    x = full.x.at[:, d - k :].set(0.0) if k else full.x
     return data.Data(x[:n], full.y[:n]), data.Data(x[n:], full.y[n:])
 
 
@@ -79,7 +84,7 @@ def trial(cfg) -> Trial:
     def held_out(view: trials.StepView) -> dict:
         params = view.state.params
         out, _ = models.apply(params, test.x, spec, view.hyper)
-        dead = params["input"]["w"][cfg.data.input_dim - k:]
+        dead = params["input"]["w"][cfg.data.input_dim - k :]
         return {
             "test_loss": data.loss(cfg.data, out, test.y),
             "weight_norm": jnp.sqrt(jnp.sum(jnp.square(models.per_layer(params, telemetry.frobenius)))),
@@ -128,8 +133,13 @@ def l2_paths(ds):
     masked to where the simulated weight is still above half its start (it tracks one weight)."""
     optim = results.run_config(ds)["optim"]
     top, lr_t = _grid(ds, "adam", "dead_max"), _grid(ds, "adam", "lr")
-    sim = np.stack([scalar_adam_l2(top[:, j, :, 0], lr_t[:, j], wd, optim["b1"], optim["b2"], optim["eps"])
-                    for j, wd in enumerate(ds["optim.weight_decay"].values.astype(float))], axis=1)
+    sim = np.stack(
+        [
+            scalar_adam_l2(top[:, j, :, 0], lr_t[:, j], wd, optim["b1"], optim["b2"], optim["eps"])
+            for j, wd in enumerate(ds["optim.weight_decay"].values.astype(float))
+        ],
+        axis=1,
+    )
     return top, np.where(sim >= 0.5 * top[..., :1], sim, np.nan), lr_t
 
 
@@ -150,8 +160,10 @@ def measure(ds) -> Measured:
     forms = [str(n) for n in ds["optim.name"].values]
     lrs, wds = ds["optim.lr"].values.astype(float), ds["optim.weight_decay"].values.astype(float)
     diverged = ds["diverged"].transpose("optim.name", "optim.lr", "optim.weight_decay", "seed").values
-    losses = {n: np.median(analysis.final(_grid(ds, n, "test_loss"), diverged[i], tail=TAIL), axis=-1)
-              for i, n in enumerate(forms)}
+    losses = {
+        n: np.median(analysis.final(_grid(ds, n, "test_loss"), diverged[i], tail=TAIL), axis=-1)
+        for i, n in enumerate(forms)
+    }
     m = Measured(forms, lrs, wds, losses, {}, {}, None, None, None, results.run_config(ds))
     if "dead_norm" not in ds or np.all(np.isnan(ds["dead_norm"].values)):
         return m
@@ -161,7 +173,8 @@ def measure(ds) -> Measured:
             with np.errstate(invalid="ignore"):
                 m.paths[name] = (norm / norm[..., :1], expected)
                 err = np.abs(m.paths[name][0] - expected) / np.maximum(expected, 1.0)
-            # Over the grid and the steps before any divergence: absolute while the weights shrink, relative where they grow.
+            # Over the grid and the steps before any divergence: absolute while the weights shrink,
+            # relative where they grow.
             m.decay_error[name] = float(np.nanmax(np.where(np.isfinite(expected), err, np.nan)))
     l2_error = fall = still = None
     if "adam" in forms and (wds > 0).any():
@@ -172,7 +185,7 @@ def measure(ds) -> Measured:
         # Measured at each point's last step above half the start, where the fall dwarfs float32's resolution.
         spent = np.cumsum(lr_t, axis=-1) - lr_t
         last = np.maximum(np.isfinite(sim).sum(axis=-1, keepdims=True) - 1, 1)
-        per_lr = ((top[..., :1] - np.take_along_axis(top, last, axis=-1)) / np.take_along_axis(spent, last, axis=-1))
+        per_lr = (top[..., :1] - np.take_along_axis(top, last, axis=-1)) / np.take_along_axis(spent, last, axis=-1)
         fall = (float(np.nanmin(per_lr[:, decayed])), float(np.nanmax(per_lr[:, decayed])))
     if 0.0 in wds:
         still = float(np.nanmax(np.abs(ds["dead_max"].sel({"optim.weight_decay": 0.0}).diff("step"))))
@@ -183,14 +196,24 @@ def checks(m: Measured) -> list[Check]:
     out = []
     for name, scale in (("adamw", "lr wd eta_t"), ("adamw_decoupled", "wd eta_t")):
         if name in m.decay_error:
-            out.append(Check.at_most(f"{name}: decay-only |w|_t/|w|_0 vs |prod(1 - {scale})|, max err",
-                                     m.decay_error[name], DECAY_ATOL))
-    if m.l2_error is not None:
-        out.append(Check.at_most("adam+L2: decay-only max|w| vs scalar Adam on g = wd w, max rel. err", m.l2_error, L2_RTOL))
+            out.append(
+                Check.at_most(
+                    f"{name}: decay-only |w|_t/|w|_0 vs |prod(1 - {scale})|, max err", m.decay_error[name], DECAY_ATOL
+                )
+            )
+    if m.l2_error is not None and m.fall_per_lr is not None:  # set together
+        out.append(
+            Check.at_most("adam+L2: decay-only max|w| vs scalar Adam on g = wd w, max rel. err", m.l2_error, L2_RTOL)
+        )
         lo, hi = m.fall_per_lr
-        out.append(Check.holds("adam+L2: fall of max|w| / sum of lr, every wd > 0", lo,
-                               FALL_BAND[0] <= lo and hi <= FALL_BAND[1] + FALL_SLACK,
-                               f"in [{FALL_BAND[0]:g}, {FALL_BAND[1]:g}] (max {hi:.4g}, {FALL_SLACK:g} slack)"))
+        out.append(
+            Check.holds(
+                "adam+L2: fall of max|w| / sum of lr, every wd > 0",
+                lo,
+                FALL_BAND[0] <= lo and hi <= FALL_BAND[1] + FALL_SLACK,
+                f"in [{FALL_BAND[0]:g}, {FALL_BAND[1]:g}] (max {hi:.4g}, {FALL_SLACK:g} slack)",
+            )
+        )
     if m.still is not None:
         # No data gradient and no decay: the decay-only weights must not move at all.
         out.append(Check.at_most("wd = 0: decay-only weights, max |change| per step", m.still, 0.0))
@@ -215,8 +238,14 @@ def figures(ds, m: Measured) -> dict:
     for col, name in enumerate(names):
         ax = axes[0, col]
         grid = grids[name]
-        image = ax.imshow(np.where(np.isfinite(grid), grid, np.nan).T, origin="lower", aspect="auto", cmap="viridis_r",
-                          vmin=vmin, vmax=vmax)
+        image = ax.imshow(
+            np.where(np.isfinite(grid), grid, np.nan).T,
+            origin="lower",
+            aspect="auto",
+            cmap="viridis_r",
+            vmin=vmin,
+            vmax=vmax,
+        )
         ax.plot(*np.nonzero(~np.isfinite(grid)), "x", color="#d1495b", ms=5, mew=1.2)
         i, j = np.unravel_index(int(np.argmin(grid)), grid.shape)
         ax.plot(i, j, "*", color="white", mec="k", ms=11)
@@ -224,8 +253,9 @@ def figures(ds, m: Measured) -> dict:
         ax.set_yticks(range(len(wds)), _ticks(wds), fontsize=6.5)
         ax.set_xlabel("peak learning rate α")
         no_decay = f"; λ=0: {np.min(grid[:, 0]):.3g}" if wds[0] == 0 else ""
-        ax.set_title(f"{FORMS.get(name, name)}\nbest {grid[i, j]:.3g} (α={lrs[i]:.2g}, λ={wds[j]:.2g}){no_decay}",
-                     fontsize=8.5)
+        ax.set_title(
+            f"{FORMS.get(name, name)}\nbest {grid[i, j]:.3g} (α={lrs[i]:.2g}, λ={wds[j]:.2g}){no_decay}", fontsize=8.5
+        )
         # Weight norm over training at the best cell's learning rate, one line per decay.
         ax = axes[1, col]
         colors = plotting.matplotlib.colormaps["plasma"](np.linspace(0, 0.85, len(wds)))
@@ -256,6 +286,9 @@ def figures(ds, m: Measured) -> dict:
     axes[2, 0].set_ylabel("relative to step 0")
     fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.9, label="held-out loss (last steps)")
     axes[1, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=6.5, title="decay")
-    fig.suptitle(f"Adam + L2 against AdamW, both forms: {m.cfg['optim']['schedule']} schedule, {m.cfg['steps']} steps, "
-                 f"{m.cfg['data']['examples']} noisy examples (star: best cell)", fontsize=10)
+    fig.suptitle(
+        f"Adam + L2 against AdamW, both forms: {m.cfg['optim']['schedule']} schedule, {m.cfg['steps']} steps, "
+        f"{m.cfg['data']['examples']} noisy examples (star: best cell)",
+        fontsize=10,
+    )
     return {"": fig}

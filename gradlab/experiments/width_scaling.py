@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlab import analysis, models, plotting, results, transforms, trials
+from gradlab import analysis, models, transforms, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -62,8 +62,10 @@ from gradlab.experiments import Check
 from gradlab.norms import at_least_f32
 
 NAME = "width_scaling"
-CLAIM = ("under SP with one lr the output's first change grows like width (SGD) and width^1.5 (Adam); "
-         "activations at init do not grow")
+CLAIM = (
+    "under SP with one lr the output's first change grows like width (SGD) and width^1.5 (Adam); "
+    "activations at init do not grow"
+)
 AXES = ["optimizer", "model.width", "seed"]
 OPTIMIZERS = ("sgd", "adam")
 
@@ -72,21 +74,31 @@ OPTIMIZERS = ("sgd", "adam")
 class Config(ExperimentConfig):
     """ExperimentConfig plus the optimizer as a traced choice and the probe batch."""
 
-    optimizer: str = param("sgd", choices=OPTIMIZERS, sweep="choice",
-                           doc="replaces optim.name: every choice is built into one program and picked by index")
+    optimizer: str = param(
+        "sgd",
+        choices=OPTIMIZERS,
+        sweep="choice",
+        doc="replaces optim.name: every choice is built into one program and picked by index",
+    )
     probe_examples: int = param(64, low=1, doc="the first training inputs, on which every layer's output is measured")
 
     def validate(self) -> None:
         super().validate()
         if self.model.norm != "none":
-            raise ConfigError(f"width_scaling measures a plain MLP; allowed: none, got {self.model.norm!r}",
-                              key="model.norm")
+            raise ConfigError(
+                f"width_scaling measures a plain MLP; allowed: none, got {self.model.norm!r}", key="model.norm"
+            )
         if self.optim.name != "sgd":  # the field's default: a user who set it would be silently ignored
-            raise ConfigError(f"width_scaling picks optimizers with `optimizer` (allowed: {', '.join(OPTIMIZERS)}); "
-                              f"leave optim.name unset, got {self.optim.name!r}", key="optim.name")
+            raise ConfigError(
+                f"width_scaling picks optimizers with `optimizer` (allowed: {', '.join(OPTIMIZERS)}); "
+                f"leave optim.name unset, got {self.optim.name!r}",
+                key="optim.name",
+            )
         if self.probe_examples > self.data.examples:
-            raise ConfigError(f"at most data.examples={self.data.examples} (the probe is training inputs), "
-                              f"got {self.probe_examples}", key="probe_examples")
+            raise ConfigError(
+                f"at most data.examples={self.data.examples} (the probe is training inputs), got {self.probe_examples}",
+                key="probe_examples",
+            )
 
 
 class State(NamedTuple):
@@ -150,8 +162,9 @@ def trial(cfg) -> Trial:
         return trials.chosen_by_index(hp["optimizer"], choices)
 
     def update_rms(view):
-        return {"update_rms": jnp.where(models.layer_mask(spec, view.hyper), models.per_layer(view.updates, _rms),
-                                        jnp.nan)}
+        return {
+            "update_rms": jnp.where(models.layer_mask(spec, view.hyper), models.per_layer(view.updates, _rms), jnp.nan)
+        }
 
     base = trials.supervised_mlp(cfg, optimizer=optimizer, metrics=update_rms)
 
@@ -247,14 +260,18 @@ def measure(ds) -> Measured | None:
         return analysis.seed_slope(x, np.log(series(ds, var, opt, layer, t)))
 
     where = layer_index(ds)
-    act = {(o, layer, t): fit("act_rms", o, layer, t) for o in opts for layer in range(ds.sizes["layer"])
-           for t in sorted({0, steps - 1})}
+    act = {
+        (o, layer, t): fit("act_rms", o, layer, t)
+        for o in opts
+        for layer in range(ds.sizes["layer"])
+        for t in sorted({0, steps - 1})
+    }
     change, update = {}, {(o, what): fit("update_rms", o, layer, 0) for o in opts for what, layer in where.items()}
     if steps >= 2:
         for o in opts:
-            change.update({(o, what, t): fit("act_change_rms", o, layer, t) for what, layer in where.items()
-                           for t in sorted({1, steps - 1})})
-            change.update({(o, share, 1): fit(f"{share}_change_rms", o, None, 1) for share in ("readout", "feature")})
+            for what, layer in where.items():
+                change.update({(o, what, t): fit("act_change_rms", o, layer, t) for t in sorted({1, steps - 1})})
+            change.update({(o, s, 1): fit(f"{s}_change_rms", o, None, 1) for s in ("readout", "feature")})
     return Measured(widths, opts, steps, ds.sizes["layer"], finite_width_bias(widths), act, change, update)
 
 
@@ -273,103 +290,15 @@ def checks(m: Measured | None) -> list[Check]:
             slope, err = m.change[(opt, what, 1)]
             p = EXPONENTS[opt][what]
             label = {"readout": "output, readout's share", "feature": "output, features' share"}.get(what, what)
-            out.append(Check.between(f"{opt}: d ln|h(1) - h(0)| / d ln width, {label}", slope,
-                                     p - m.bias - SIGMAS * err, p + SIGMAS * err, f"theory {p:+g}"))
+            name = f"{opt}: d ln|h(1) - h(0)| / d ln width, {label}"
+            out.append(Check.between(name, slope, p - m.bias - SIGMAS * err, p + SIGMAS * err, f"theory {p:+g}"))
     return out
 
 
-# ----------------------------------------------------------------------------- figures
-
-PANELS = {"input": "input projection h_0", "hidden": "last hidden layer h_L", "output": "output f (readout)"}
-UPDATE_EXPONENTS = {"sgd": {"input": -0.5, "hidden": -0.5, "output": 0.0}, "adam": {"input": 0.0, "hidden": 0.0,
-                                                                                   "output": 0.0}}
-
-
-def _log_width_axis(ax, widths):
-    ax.set(xscale="log", yscale="log")
-    ax.set_xticks(widths, [str(w) for w in widths])
-    ax.minorticks_off()
-    ax.set_xlabel("width n")
-
-
 def figures(ds, m: Measured | None) -> dict:
+    """The coordinate check and the first update's size (gradlab/experiments/_width_scaling_figures.py)."""
     if m is None:  # one width: no slope to draw
         return {}
-    cfg = results.run_config(ds)
-    widths, opts, steps, where = m.widths, m.optimizers, m.steps, layer_index(ds)
-    colors = plotting.matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, max(1, steps - 1)))
-    fig, axes = plotting.figure(len(opts), 4, width=3.3, height=2.8)
-    names = {"sgd": "SGD", "adam": "Adam"}
-    for row, opt in enumerate(opts):
-        for col, what in enumerate(PANELS):
-            ax = axes[row, col]
-            for t in range(1, steps):
-                values = series(ds, "act_change_rms", opt, where[what], t)
-                plotting.band(ax, widths, values, f"t = {t}", color=colors[t - 1])
-            lines = []
-            for t in sorted({1, steps - 1}):
-                slope, err = m.change[(opt, what, t)]
-                lines.append(f"t={t}: slope {slope:+.2f} ± {err:.2f}")
-            if what == "output" and steps > 1:
-                for share, style in (("readout", "--"), ("feature", ":")):
-                    values = series(ds, f"{share}_change_rms", opt, None, 1)
-                    ax.plot(widths, np.exp(np.log(values).mean(axis=0)), style, color="k", lw=1.0,
-                            label=f"t = 1, {share} share")
-                    slope, _ = m.change[(opt, share, 1)]
-                    lines.append(f"{share} share t=1: {slope:+.2f} (theory {EXPONENTS[opt][share]:+g})")
-            lines.insert(1, f"theory (t=1, leading): {EXPONENTS[opt][what]:+g}")
-            _log_width_axis(ax, widths)
-            plotting.note(ax, "\n".join(lines), loc="upper left")
-            lo, hi = ax.get_ylim()
-            widen = max(1.0, np.sqrt(100 * lo / hi))  # at least two decades, so the axis has labelled ticks
-            lo, hi = lo / widen, hi * widen
-            ax.set_ylim(lo, hi * (hi / lo) ** 0.7)  # head room for the note
-            ax.set_title(f"{names.get(opt, opt)}: {PANELS[what]}", fontsize=9)
-            if col == 0:
-                ax.set_ylabel("RMS of h(t) - h(0), probe batch")
-        ax = axes[row, 3]
-        lines, top = [], []
-        for layer in range(ds.sizes["layer"]):
-            label = "f" if layer == ds.sizes["layer"] - 1 else f"h_{layer}"
-            start = series(ds, "act_rms", opt, layer, 0)
-            end = series(ds, "act_rms", opt, layer, steps - 1)
-            top += [start, end]
-            color = plotting.COLORS[layer % len(plotting.COLORS)]
-            ax.plot(widths, np.exp(np.log(start).mean(axis=0)), "o-", ms=3, color=color, label=label)
-            ax.plot(widths, np.exp(np.log(end).mean(axis=0)), "--", color=color)
-            slopes = m.act[(opt, layer, 0)][0], m.act[(opt, layer, steps - 1)][0]
-            lines.append(f"{label}: {slopes[0]:+.3f} at t=0, {slopes[1]:+.2f} at t={steps - 1}")
-        _log_width_axis(ax, widths)
-        lo, hi = min(np.min(v) for v in top), max(np.max(v) for v in top)
-        ax.set_ylim(lo / 4, hi * 40)  # at least two decades, as in the change panels, and room for the note
-        plotting.note(ax, f"slopes (solid: t=0, dashed: t={steps - 1})\n" + "\n".join(lines), loc="upper left")
-        ax.set_title(f"{names.get(opt, opt)}: RMS of each layer's output", fontsize=9)
-        ax.legend(loc="lower right", fontsize=6.5, ncol=2, frameon=False)
-        ax.set_ylabel("RMS of h(t), probe batch")
-    handles, labels = axes[0, 2].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False, fontsize=8)
-    fig.suptitle(f"Coordinate check, standard parametrization: {cfg['model']['activation']} MLP, depth "
-                 f"{cfg['model']['depth']}, N(0, 1/fan_in) init, lr {cfg['optim']['lr']:g} at every width, "
-                 f"{ds.sizes['seed']} seeds (line: median, band: min..max)", fontsize=10)
+    from gradlab.experiments import _width_scaling_figures
 
-    fig2, axes2 = plotting.figure(1, len(opts), width=3.6, height=3.0)
-    every = np.stack([series(ds, "update_rms", opt, layer, 0) for opt in opts for layer in where.values()])
-    for col, opt in enumerate(opts):
-        ax = axes2[0, col]
-        lines = []
-        for i, (what, layer) in enumerate(where.items()):
-            values = series(ds, "update_rms", opt, layer, 0)
-            plotting.band(ax, widths, values, PANELS[what].rsplit(" ", 1)[0], color=plotting.COLORS[i])
-            slope, err = m.update[(opt, what)]
-            lines.append(f"{what}: {slope:+.3f} ± {err:.3f} (theory {UPDATE_EXPONENTS[opt][what]:+g})")
-        if opt == "adam":
-            ax.axhline(cfg["optim"]["lr"], color="k", ls=":", lw=1.0, label="lr (Adam's first step: lr sign g)")
-        _log_width_axis(ax, widths)
-        ax.set_ylim(np.min(every) / 30, np.max(every) * 30)  # one scale for both panels
-        plotting.note(ax, "slope against width\n" + "\n".join(lines), loc="lower left")
-        ax.set_title(f"{names.get(opt, opt)}: first update, per-entry RMS of ΔW", fontsize=9)
-        ax.set_ylabel("RMS of W(1) - W(0)")
-    handles, labels = axes2[0, -1].get_legend_handles_labels()
-    fig2.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False, fontsize=8)
-    fig2.suptitle(f"Update size per layer under SP, lr {cfg['optim']['lr']:g}, {ds.sizes['seed']} seeds", fontsize=10)
-    return {"": fig, "updates": fig2}
+    return _width_scaling_figures.draw(ds, m)
