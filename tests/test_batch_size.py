@@ -12,8 +12,17 @@ from gradlab.errors import ConfigError
 from gradlab.experiments import batch_size
 
 NET = ["model.width=8", "model.depth=1", "data.input_dim=4", "seeds=1"]
-SMALL = NET + ["data.examples=64", "data.batch_size=[4, 16]", "optim.accumulate_steps=[1, 4]", "base_batch=4",
-               "steps=48", "chunk_steps=48", "optim.lr=0.01", "lr_scaling=[0.0, 1.0]", "warmup_epochs=[0.0, 1.0]"]
+SMALL = NET + [
+    "data.examples=64",
+    "data.batch_size=[4, 16]",
+    "optim.accumulate_steps=[1, 4]",
+    "base_batch=4",
+    "steps=48",
+    "chunk_steps=48",
+    "optim.lr=0.01",
+    "lr_scaling=[0.0, 1.0]",
+    "warmup_epochs=[0.0, 1.0]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +35,15 @@ def tiny(tmp_path_factory):
 def test_noise_statistics_equal_the_dense_per_example_jacobian(tmp_path):
     """Full batch at step 0: trace_sigma = sum_i |g_i - G|^2 / (n - 1) and grad_sq = |G|^2, with g_i
     the rows of jax.jacrev of the per-example losses (float64 on the host)."""
-    over = NET + ["data.examples=32", "data.batch_size=0", "steps=2", "chunk_steps=2", "optim.accumulate_steps=1",
-                  "lr_scaling=0.0", "warmup_epochs=0.0"]
+    over = NET + [
+        "data.examples=32",
+        "data.batch_size=0",
+        "steps=2",
+        "chunk_steps=2",
+        "optim.accumulate_steps=1",
+        "lr_scaling=0.0",
+        "warmup_epochs=0.0",
+    ]
     outcome = api.execute("batch_size", over, out=tmp_path, progress=False, draw=False)
     cfg = api.resolve("batch_size", over).config
     spec, hyper = trials.mlp_spec(cfg), models.MLPHyper.from_config(cfg.model)

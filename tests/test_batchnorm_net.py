@@ -29,8 +29,9 @@ def test_training_mode_output_has_batch_mean_0_and_variance_v_over_v_plus_eps(po
     params, stats = batchnorm_net.init(jax.random.PRNGKey(0), spec(position), hyper())
     mask = jnp.arange(ROWS) < size
     x = batch(1)
-    _, _, (in_mean, in_var, out_mean, out_var) = batchnorm_net.apply(params, stats, x, mask, spec(position), hyper(),
-                                                                     True, 0.9)
+    _, _, (in_mean, in_var, out_mean, out_var) = batchnorm_net.apply(
+        params, stats, x, mask, spec(position), hyper(), True, 0.9
+    )
     # Independent input moments, float64 numpy: block 1's BatchNorm reads h0 = tanh(x W + b) (pre) or
     # h0 + tanh(W h0 + b) (post).
     h0 = np.tanh(np.asarray(x, float) @ np.asarray(params["input"]["w"], float))[:size]
@@ -92,5 +93,8 @@ def test_masked_loss_is_the_loss_of_the_masked_rows():
 
     out, y = jax.random.normal(jax.random.PRNGKey(6), (ROWS, 1)), jax.random.normal(jax.random.PRNGKey(7), (ROWS, 1))
     mask = jnp.arange(ROWS) < 5
-    np.testing.assert_allclose(batchnorm_net.masked_loss(DataConfig(), out, y, mask),
-                               np.mean((np.asarray(out[:5]) - np.asarray(y[:5])) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(
+        batchnorm_net.masked_loss(DataConfig(), out, y, mask),
+        np.mean((np.asarray(out[:5]) - np.asarray(y[:5])) ** 2),
+        rtol=1e-6,
+    )

@@ -21,8 +21,9 @@ def test_tiny_scale_passes_its_checks_and_draws_its_figures(name, tmp_path):
 
     # Redrawn from the stored file alone, the checks are the same numbers.
     stored = api.load(outcome.run_dir)
-    assert [(c.name, c.measured, c.passed) for c in api.checks(stored)] == \
-        [(c.name, c.measured, c.passed) for c in outcome.checks]
+    assert [(c.name, c.measured, c.passed) for c in api.checks(stored)] == [
+        (c.name, c.measured, c.passed) for c in outcome.checks
+    ]
 
 
 def test_every_experiment_follows_the_contract():

@@ -7,13 +7,16 @@ import pytest
 from gradlab.check import Check
 
 
-@pytest.mark.parametrize("make, value, bound, passed, text", [
-    (Check.at_most, 1.0, 1.0, True, "<= 1"),
-    (Check.at_most, 1.0000001, 1.0, False, "<= 1"),
-    (Check.at_least, 2.0, 2.0, True, ">= 2"),
-    (Check.below, 2.0, 2.0, False, "< 2"),
-    (Check.above, 2.5, 2.0, True, "> 2"),
-])
+@pytest.mark.parametrize(
+    "make, value, bound, passed, text",
+    [
+        (Check.at_most, 1.0, 1.0, True, "<= 1"),
+        (Check.at_most, 1.0000001, 1.0, False, "<= 1"),
+        (Check.at_least, 2.0, 2.0, True, ">= 2"),
+        (Check.below, 2.0, 2.0, False, "< 2"),
+        (Check.above, 2.5, 2.0, True, "> 2"),
+    ],
+)
 def test_one_sided_bounds(make, value, bound, passed, text):
     check = make("x", value, bound)
     assert check.passed is passed and check.expected == text and check.measured == value

@@ -28,26 +28,38 @@ def test_run_help_lists_every_experiment_sweep_syntax_and_environment():
     out = gradlab("run", "--help").stdout
     for name in experiments.names():
         assert name in out
-    for needle in ("logspace", "linspace", "GRADLAB_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME",
-                   "XLA_FLAGS", "gradlab run mine.yaml"):
+    for needle in (
+        "logspace",
+        "linspace",
+        "GRADLAB_CACHE_DIR",
+        "JAX_COMPILATION_CACHE_DIR",
+        "XDG_CACHE_HOME",
+        "XLA_FLAGS",
+        "gradlab run mine.yaml",
+    ):
         assert needle in out
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash to source the script")
-@pytest.mark.parametrize("line, expected", [
-    ("gradlab run gradient_f", "gradient_flow"),
-    ("gradlab run gradient_flow model.dep", "model.depth="),
-    ("gradlab show init_schemes sch", "scheme="),
-    ("gradlab rep", "reproduce"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("gradlab run gradient_f", "gradient_flow"),
+        ("gradlab run gradient_flow model.dep", "model.depth="),
+        ("gradlab show init_schemes sch", "scheme="),
+        ("gradlab rep", "reproduce"),
+    ],
+)
 def test_bash_completion_completes_experiments_and_keys(tmp_path, line, expected):
     script = tmp_path / "gradlab.bash"
     out = gradlab("completion", "bash")
     assert out.returncode == 0
     script.write_text(out.stdout)
     words = line.split(" ")
-    probe = (f'source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; COMP_LINE="{line}"; '
-             'COMP_POINT=${#COMP_LINE}; _shtab_gradlab; printf "%s\\n" "${COMPREPLY[@]}"')
+    probe = (
+        f'source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; COMP_LINE="{line}"; '
+        'COMP_POINT=${#COMP_LINE}; _shtab_gradlab; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
     replies = subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stdout.split()
     assert expected in replies
 
@@ -64,7 +76,8 @@ def test_results_of_another_version_are_reused_with_a_note(tmp_path):
     ds.attrs["version_jax"] = "0.0.1"
     results.save(ds, first.run_dir / results.RESULTS_FILE)
     notes = []
-    again = api.execute("gradient_flow", tiny, scale="tiny", out=tmp_path, progress=False, draw=False,
-                        on_note=notes.append)
+    again = api.execute(
+        "gradient_flow", tiny, scale="tiny", out=tmp_path, progress=False, draw=False, on_note=notes.append
+    )
     assert again.cached and len(notes) == 1
     assert "jax 0.0.1" in notes[0] and "--fresh" in notes[0] and "\n" not in notes[0]

@@ -6,14 +6,23 @@ import sys
 
 import pytest
 
-TINY = ["model.width=8", "model.depth=2", "seeds=1", "data.examples=16", "data.input_dim=4",
-        "model.activation=tanh", "model.norm=none", "model.residual=false"]
+TINY = [
+    "model.width=8",
+    "model.depth=2",
+    "seeds=1",
+    "data.examples=16",
+    "data.input_dim=4",
+    "model.activation=tanh",
+    "model.norm=none",
+    "model.residual=false",
+]
 
 
 def gradlab(*args, cwd=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "gradlab", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gradlab", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def assert_one_line_error(result, *needles):
@@ -59,14 +68,22 @@ def assert_one_line_error(result, *needles):
         (["plot", "/nonexistent/run"], ["no results here"]),
         (["frobnicate"], ["invalid choice"]),
         (["run", "gradient_flow", "--max-memory", "-1"], ["--max-memory must be a positive number of GiB"]),
-        (["run", "gradient_flow", "--num-processes", "2"], ["--coordinator, --num-processes and --process-id together",
-                                                            "missing --coordinator, --process-id"]),
-        (["run", "gradient_flow", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
-         ["--coordinator must be HOST:PORT"]),
-        (["run", "gradient_flow", "--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "2"],
-         ["--process-id must be in 0..1"]),
-        (["run", "gradient_flow", "--coordinator", "127.0.0.1:9", "--num-processes", "0", "--process-id", "0"],
-         ["--num-processes must be >= 1"]),
+        (
+            ["run", "gradient_flow", "--num-processes", "2"],
+            ["--coordinator, --num-processes and --process-id together", "missing --coordinator, --process-id"],
+        ),
+        (
+            ["run", "gradient_flow", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+            ["--coordinator must be HOST:PORT"],
+        ),
+        (
+            ["run", "gradient_flow", "--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "2"],
+            ["--process-id must be in 0..1"],
+        ),
+        (
+            ["run", "gradient_flow", "--coordinator", "127.0.0.1:9", "--num-processes", "0", "--process-id", "0"],
+            ["--num-processes must be >= 1"],
+        ),
         (["reproduce", "--only", "gradient_flow", "nope"], ["unknown experiment 'nope'"]),
         (["reproduce", "--scale", "huge"], ["--scale 'huge'", "allowed: quick, paper"]),
         (["show", "gradient_flow", "optim.momentum=1.5"], ["optim.momentum"]),
@@ -104,23 +121,41 @@ def test_a_small_run_prints_checks_results_and_figure(tmp_path):
 
 def test_devices_conflicting_with_xla_flags():
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    result = subprocess.run([sys.executable, "-m", "gradlab", "run", "gradient_flow", "--devices", "4"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "gradlab", "run", "gradient_flow", "--devices", "4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert_one_line_error(result, "--devices conflicts with xla_force_host_platform_device_count")
 
 
 def test_config_file_missing_directory_and_anchor_bomb(tmp_path):
-    assert_one_line_error(gradlab("run", "gradient_flow", "--config", str(tmp_path / "none.yaml")), "no such config file")
+    assert_one_line_error(
+        gradlab("run", "gradient_flow", "--config", str(tmp_path / "none.yaml")), "no such config file"
+    )
     assert_one_line_error(gradlab("run", "gradient_flow", "--config", str(tmp_path)), "is a directory")
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-                    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n")
+    bomb.write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+    )
     assert_one_line_error(gradlab("run", "gradient_flow", "--config", str(bomb)), "aliases are not allowed")
 
 
 def test_a_sweep_too_large_for_memory_is_refused_in_one_line(tmp_path):
-    result = gradlab("run", "gradient_flow", "model.width=40000", "model.depth=20", *TINY[2:3], *TINY[5:], "--quiet",
-                     "--out", str(tmp_path))
+    result = gradlab(
+        "run",
+        "gradient_flow",
+        "model.width=40000",
+        "model.depth=20",
+        *TINY[2:3],
+        *TINY[5:],
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    )
     assert_one_line_error(result, "GiB per device", "free")
 
 
@@ -135,8 +170,9 @@ def test_a_truncated_results_file_is_reported_not_overwritten(tmp_path):
     path = _small_run(tmp_path)
     path.write_bytes(path.read_bytes()[:200])
     before = path.read_bytes()
-    assert_one_line_error(gradlab("run", "gradient_flow", *TINY, "--quiet", "--out", str(tmp_path)),
-                          "corrupt or truncated", "--fresh")
+    assert_one_line_error(
+        gradlab("run", "gradient_flow", *TINY, "--quiet", "--out", str(tmp_path)), "corrupt or truncated", "--fresh"
+    )
     assert path.read_bytes() == before
     fresh = gradlab("run", "gradient_flow", *TINY, "--quiet", "--no-figure", "--fresh", "--out", str(tmp_path))
     assert fresh.returncode == 0, fresh.stderr
@@ -156,10 +192,21 @@ def test_ctrl_c_exits_130_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     import signal
     import time
 
-    args = ["run", "gradient_flow", *TINY, "steps=4000", "chunk_steps=5", "--quiet", "--no-figure", "--out", str(tmp_path)]
+    args = [
+        "run",
+        "gradient_flow",
+        *TINY,
+        "steps=4000",
+        "chunk_steps=5",
+        "--quiet",
+        "--no-figure",
+        "--out",
+        str(tmp_path),
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "gradlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(tmp_path.glob("runs/*/ckpt/*.npz")):
         time.sleep(0.1)

@@ -15,8 +15,12 @@ TAU = 1.0  # the tiny net's |g| stays above it: the branch |g| < tau is tested o
 
 
 def sgd_step(clip: str, threshold: float, grads):
-    hp = {f"optim.{k}": jnp.float32(v) for k, v in dict(lr=1.0, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8,
-                                                        weight_decay=0.0, clip_threshold=threshold).items()}
+    hp = {
+        f"optim.{k}": jnp.float32(v)
+        for k, v in dict(
+            lr=1.0, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_threshold=threshold
+        ).items()
+    }
     tx = transforms.build(OptimConfig(name="sgd", clip=clip), hp, 10)
     params = jax.tree.map(jnp.ones_like, grads)
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -99,8 +103,10 @@ def test_rnn_final_equals_a_numpy_loop_and_its_gradient_finite_differences():
         # Away from the wall the loss is smooth: central differences in float64 (h = 1e-5, error ~h^2)
         # against float32 autodiff, agreeing to ~1e-4 relative.
         h = 1e-5
-        fd = [((loop(w + h, b) + 1) ** 2 - (loop(w - h, b) + 1) ** 2) / (2 * h),
-              ((loop(w, b + h) + 1) ** 2 - (loop(w, b - h) + 1) ** 2) / (2 * h)]
+        fd = [
+            ((loop(w + h, b) + 1) ** 2 - (loop(w - h, b) + 1) ** 2) / (2 * h),
+            ((loop(w, b + h) + 1) ** 2 - (loop(w, b - h) + 1) ** 2) / (2 * h),
+        ]
         grad = jax.grad(clipping.cliff_loss)(jnp.asarray([w, b], jnp.float32))
         np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-3, atol=1e-4)
 
@@ -158,17 +164,25 @@ def test_agc_clips_each_unit_of_each_stacked_layer_on_its_own():
 
     rng = np.random.default_rng(0)
     depth, width, n_in = 3, 5, 4
-    params = {"input": {"w": rng.normal(size=(n_in, width)), "b": rng.normal(size=width)},
-              "hidden": {"w": rng.normal(size=(depth, width, width)), "b": rng.normal(size=(depth, width))}}
+    params = {
+        "input": {"w": rng.normal(size=(n_in, width)), "b": rng.normal(size=width)},
+        "hidden": {"w": rng.normal(size=(depth, width, width)), "b": rng.normal(size=(depth, width))},
+    }
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape) * rng.choice([1e-3, 1.0], size=p.shape[-1:]), params)
     params, grads = jax.tree.map(lambda x: np.asarray(x, np.float32), (params, grads))
     a = 0.05
     tx = layerwise_agc(a)
     out, _ = tx.update(grads, tx.init(params), params)
-    expect = {"input": {"w": _agc_reference(grads["input"]["w"], params["input"]["w"], a, (0,)),
-                        "b": _agc_reference(grads["input"]["b"], params["input"]["b"], a, (0,))},
-              "hidden": {"w": _agc_reference(grads["hidden"]["w"], params["hidden"]["w"], a, (1,)),
-                         "b": _agc_reference(grads["hidden"]["b"], params["hidden"]["b"], a, (1,))}}
+    expect = {
+        "input": {
+            "w": _agc_reference(grads["input"]["w"], params["input"]["w"], a, (0,)),
+            "b": _agc_reference(grads["input"]["b"], params["input"]["b"], a, (0,)),
+        },
+        "hidden": {
+            "w": _agc_reference(grads["hidden"]["w"], params["hidden"]["w"], a, (1,)),
+            "b": _agc_reference(grads["hidden"]["b"], params["hidden"]["b"], a, (1,)),
+        },
+    }
     jax.tree.map(lambda o, e: np.testing.assert_allclose(np.asarray(o), e, rtol=1e-5, atol=1e-8), out, expect)
     # Units with tiny gradients pass untouched, large ones are clipped: a unit is one layer's column.
     hidden = np.asarray(out["hidden"]["w"])

@@ -28,8 +28,11 @@ def test_scalar_overrides_are_parsed_as_yaml(tmp_path):
 
 
 def test_logspace_linspace_and_list_axes(tmp_path):
-    spec = load(tmp_path, "optim: {lr: {logspace: [-4, -1, 4]}}\nmodel: {norm: [none, layernorm]}\n",
-                ["model.bias_std={linspace: [0, 0.3, 4]}", "seeds=3"])
+    spec = load(
+        tmp_path,
+        "optim: {lr: {logspace: [-4, -1, 4]}}\nmodel: {norm: [none, layernorm]}\n",
+        ["model.bias_std={linspace: [0, 0.3, 4]}", "seeds=3"],
+    )
     axes = {a.path: a for a in spec.axes}
     np.testing.assert_allclose(axes["optim.lr"].values, [1e-4, 1e-3, 1e-2, 1e-1], rtol=1e-12)
     np.testing.assert_allclose(axes["model.bias_std"].values, [0.0, 0.1, 0.2, 0.3], atol=1e-12)
@@ -48,8 +51,10 @@ def test_plan_groups_static_axes_and_vmaps_traced_ones(tmp_path):
     assert group.config.model.depth == 6  # built at the largest depth, masked below it
     assert group.points == 2 * 2 * 2
     assert sorted(set(group.hp["model.depth"].tolist())) == [2, 6]
-    assert sorted(set(group.hp["model.init"].tolist())) == [config.INIT_SCHEMES.index("he_normal"),
-                                                            config.INIT_SCHEMES.index("orthogonal")]
+    assert sorted(set(group.hp["model.init"].tolist())) == [
+        config.INIT_SCHEMES.index("he_normal"),
+        config.INIT_SCHEMES.index("orthogonal"),
+    ]
     assert group.hp["optim.lr"].dtype == np.float32 and np.all(group.hp["optim.lr"] == np.float32(0.01))
 
 
@@ -137,8 +142,9 @@ class ProbedConfig(ExperimentConfig):
 
     def validate(self) -> None:
         if self.probe_depth > self.model.depth:
-            raise ConfigError(f"must be at most model.depth ({self.model.depth}), got {self.probe_depth}",
-                              key="probe_depth")
+            raise ConfigError(
+                f"must be at most model.depth ({self.model.depth}), got {self.probe_depth}", key="probe_depth"
+            )
 
 
 def load_probed(tmp_path, text, overrides=()):

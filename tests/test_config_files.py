@@ -21,9 +21,17 @@ SHRINK = {
 }
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("1e-4", 1e-4), ("1E3", 1000.0), (".5", 0.5), ("-2.5e-3", -2.5e-3), ("3", 3), ("-inf", -math.inf),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("1e-4", 1e-4),
+        ("1E3", 1000.0),
+        (".5", 0.5),
+        ("-2.5e-3", -2.5e-3),
+        ("3", 3),
+        ("-inf", -math.inf),
+    ],
+)
 def test_overrides_read_numbers_as_numbers(value, expected):
     _, parsed = config.parse_override(f"optim.lr={value}")
     assert parsed == expected and type(parsed) is type(expected)
@@ -43,12 +51,15 @@ def test_a_bad_learning_rate_is_refused_naming_the_key(value, needle):
     assert "overridden on the command line" in str(e.value)
 
 
-@pytest.mark.parametrize("experiment, overrides, scale", [
-    ("gradient_flow", [], None),
-    ("lr_sweep", ["optim.lr={logspace: [-4, -1, 7]}", "seeds=3"], "tiny"),
-    ("quadratic", ["seed=[3, 5]"], None),
-    ("init_schemes", ["model.width=48", "optim.weight_decay=1e-4"], "paper"),
-])
+@pytest.mark.parametrize(
+    "experiment, overrides, scale",
+    [
+        ("gradient_flow", [], None),
+        ("lr_sweep", ["optim.lr={logspace: [-4, -1, 7]}", "seeds=3"], "tiny"),
+        ("quadratic", ["seed=[3, 5]"], None),
+        ("init_schemes", ["model.width=48", "optim.weight_decay=1e-4"], "paper"),
+    ],
+)
 def test_show_prints_a_file_that_runs_to_the_same_hash(tmp_path, experiment, overrides, scale):
     spec = api.resolve(experiment, overrides, scale)
     mine = tmp_path / "mine.yaml"
@@ -79,13 +90,16 @@ def test_a_seed_list_in_a_file_replaces_the_seeds_count(tmp_path):
     assert api.resolve(str(mine)).axis("seed").values == (7, 9)
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("model:\n  depth: 32\n", "experiment: a config file names its experiment"),
-    ("experiment: gradient_flo\n", "unknown experiment 'gradient_flo'"),
-    ("experiment: gradient_flow\nmodel:\n  detph: 3\n", "model.detph: unknown key"),
-    ("experiment: gradient_flow\noptim:\n  lr: -1\n", "mine.yaml: optim.lr: must be > 0"),
-    ("experiment: gradient_flow\nscale: huge\n", "scale: 'huge' is not a preset"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("model:\n  depth: 32\n", "experiment: a config file names its experiment"),
+        ("experiment: gradient_flo\n", "unknown experiment 'gradient_flo'"),
+        ("experiment: gradient_flow\nmodel:\n  detph: 3\n", "model.detph: unknown key"),
+        ("experiment: gradient_flow\noptim:\n  lr: -1\n", "mine.yaml: optim.lr: must be > 0"),
+        ("experiment: gradient_flow\nscale: huge\n", "scale: 'huge' is not a preset"),
+    ],
+)
 def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path, text, needle):
     mine = tmp_path / "mine.yaml"
     mine.write_text(text)
@@ -95,8 +109,14 @@ def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path, text, needle):
 
 
 def test_a_run_folders_config_runs_again_to_the_same_folder(tmp_path):
-    first = api.execute("gradient_flow", ["model.width=8", "model.depth=2", "seeds=1", "data.examples=16"],
-                        scale="tiny", out=tmp_path, progress=False, draw=False)
+    first = api.execute(
+        "gradient_flow",
+        ["model.width=8", "model.depth=2", "seeds=1", "data.examples=16"],
+        scale="tiny",
+        out=tmp_path,
+        progress=False,
+        draw=False,
+    )
     again = api.execute(str(first.run_dir / "config.yaml"), out=tmp_path, progress=False, draw=False)
     assert again.cached and again.run_dir == first.run_dir
 
@@ -118,10 +138,15 @@ def test_every_example_resolves_and_runs(tmp_path, name):
 
 
 def test_the_cli_runs_a_file_and_show_round_trips(tmp_path):
-    shown = subprocess.run([sys.executable, "-m", "gradlab", "show", "gradient_flow", "model.depth=6"],
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "gradlab", "show", "gradient_flow", "model.depth=6"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     mine = tmp_path / "mine.yaml"
     mine.write_text(shown)
-    again = subprocess.run([sys.executable, "-m", "gradlab", "show", str(mine)],
-                           capture_output=True, text=True, check=True).stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "gradlab", "show", str(mine)], capture_output=True, text=True, check=True
+    ).stdout
     assert again == shown

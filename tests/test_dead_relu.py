@@ -14,8 +14,9 @@ from gradlab.experiments import dead_relu
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The experiment at its tiny scale (gradlab/configs/dead_relu.yaml)."""
-    return api.execute("dead_relu", [], scale="tiny", out=tmp_path_factory.mktemp("dead_relu"), progress=False,
-                       draw=False)
+    return api.execute(
+        "dead_relu", [], scale="tiny", out=tmp_path_factory.mktemp("dead_relu"), progress=False, draw=False
+    )
 
 
 def test_dead_probability_is_two_to_minus_n_uncorrelated_and_matches_monte_carlo_correlated():
@@ -40,8 +41,15 @@ def test_relu_correlation_map_matches_monte_carlo(rho):
 
 def test_a_dead_relu_unit_has_exactly_zero_gradient_and_a_leaky_one_does_not():
     spec = models.MLPSpec(in_dim=3, out_dim=1, depth=1, width=4, activation="relu")
-    hyper = models.MLPHyper(depth=1, residual=False, init=inits.scheme_index("he_normal"), init_std=0.0,
-                            init_gain=1.0, bias_std=0.0, leaky_slope=0.01)
+    hyper = models.MLPHyper(
+        depth=1,
+        residual=False,
+        init=inits.scheme_index("he_normal"),
+        init_std=0.0,
+        init_gain=1.0,
+        bias_std=0.0,
+        leaky_slope=0.01,
+    )
     params = models.init(jax.random.PRNGKey(0), spec, hyper)
     params["hidden"]["b"] = params["hidden"]["b"].at[0, 2].set(-100.0)  # unit 2 of layer 1: always off
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 3))

@@ -12,7 +12,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from cli_sweeps import assert_identical, finish, results_of
 
 from gradlab import config, engine, trials
@@ -66,7 +65,7 @@ def test_healthy_points_are_the_same_with_or_without_diverging_ones(tmp_path):
     bad = mixed.first_bad_step[2:]
     assert np.all((bad >= 0) & (bad < 12)), bad
     for i, step in zip((2, 3), bad):
-        assert np.all(np.isnan(mixed.metrics["loss"][i, step + 1:]))
+        assert np.all(np.isnan(mixed.metrics["loss"][i, step + 1 :]))
         assert np.all(np.isfinite(mixed.metrics["loss"][i, :step]))
         assert mixed.first_bad_layer[i] >= 0
     for name in healthy.metrics:
@@ -79,7 +78,9 @@ def test_a_sweep_split_into_batches_to_fit_memory_is_bit_identical(tmp_path):
     group = config.plan(spec).groups[0]
     trial = trials.supervised_mlp(group.config)
     devices = jax.local_devices()[:1]
-    need = {lanes: engine.group_bytes(engine.compile_group(trial, group.hp, 12, 4, devices, lanes)) for lanes in (8, 16, 24)}
+    need = {
+        lanes: engine.group_bytes(engine.compile_group(trial, group.hp, 12, 4, devices, lanes)) for lanes in (8, 16, 24)
+    }
     assert need[8] < need[16] < need[24]
     whole = sweep(spec, devices=devices)
     notes = []
@@ -91,15 +92,33 @@ def test_a_sweep_split_into_batches_to_fit_memory_is_bit_identical(tmp_path):
 
 
 # Through the CLI in subprocesses: the host device count is fixed before jax starts.
-SWEEP = ["model.width=16", "model.depth=3", "data.examples=32", "data.input_dim=8", "model.activation=tanh",
-         "model.norm=none", "model.residual=false", "optim.name=momentum", "optim.lr={logspace: [-3, -1, 32]}",
-         "seeds=1", "steps=24", "chunk_steps=8", "--quiet", "--no-figure"]
+SWEEP = [
+    "model.width=16",
+    "model.depth=3",
+    "data.examples=32",
+    "data.input_dim=8",
+    "model.activation=tanh",
+    "model.norm=none",
+    "model.residual=false",
+    "optim.name=momentum",
+    "optim.lr={logspace: [-3, -1, 32]}",
+    "seeds=1",
+    "steps=24",
+    "chunk_steps=8",
+    "--quiet",
+    "--no-figure",
+]
 
 
 def gradlab(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.Popen([sys.executable, "-m", "gradlab", "run", "gradient_flow", *SWEEP, *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradlab", "run", "gradient_flow", *SWEEP, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def free_port():
@@ -117,7 +136,16 @@ def test_one_four_host_devices_and_two_processes_agree(tmp_path):
     finish(gradlab("--devices", "1", "--out", str(tmp_path / "one")))
     finish(gradlab("--devices", "4", "--out", str(tmp_path / "four")))
     port = free_port()
-    hosts = ["--devices", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--out", str(tmp_path / "two")]
+    hosts = [
+        "--devices",
+        "2",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--out",
+        str(tmp_path / "two"),
+    ]
     procs = [gradlab(*hosts, "--process-id", str(i)) for i in (0, 1)]
     outs = [finish(p) for p in procs]
     assert "results:" in outs[0] and "process 1 of 2: done" in outs[1] and "results:" not in outs[1]

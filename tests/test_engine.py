@@ -70,7 +70,9 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
     trial = trials.supervised_mlp(config.plan(spec).groups[0].config)
     group = config.plan(spec).groups[0]
     with pytest.raises(Interrupt):
-        engine.run_group(trial, group.hp, 6, 2, jax.local_devices(), ckpt / "group-0000.ckpt.npz", stop_after_first_chunk)
+        engine.run_group(
+            trial, group.hp, 6, 2, jax.local_devices(), ckpt / "group-0000.ckpt.npz", stop_after_first_chunk
+        )
     assert int(results.load_checkpoint(ckpt / "group-0000.ckpt.npz")["t"]) == 2
     resumed = sweep(spec, checkpoint_dir=ckpt)
     for name in reference.metrics:

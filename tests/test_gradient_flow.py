@@ -4,8 +4,14 @@ import numpy as np
 
 from gradlab import api
 
-SMALL = ["model.width=64", "model.depth=12", "seeds=2", "data.examples=64",
-         "model.activation=[sigmoid, relu]", "model.norm=[none, layernorm]"]
+SMALL = [
+    "model.width=64",
+    "model.depth=12",
+    "seeds=2",
+    "data.examples=64",
+    "model.activation=[sigmoid, relu]",
+    "model.norm=[none, layernorm]",
+]
 
 
 def test_checks_pass_and_vanishing_matches_the_sigmoid_bound(tmp_path):
@@ -29,8 +35,16 @@ def test_notebook_api_returns_data_and_figures(tmp_path):
 
     import gradlab
 
-    tiny = dict(model__width=8, model__depth=2, seeds=1, data__examples=16, data__input_dim=4,
-                model__activation="tanh", model__norm="none", model__residual=False)
+    tiny = dict(
+        model__width=8,
+        model__depth=2,
+        seeds=1,
+        data__examples=16,
+        data__input_dim=4,
+        model__activation="tanh",
+        model__norm="none",
+        model__residual=False,
+    )
     ds = gradlab.run("gradient_flow", out=tmp_path, progress=False, **tiny)
     assert ds["grad_norm"].dims == ("step", "layer")  # no swept axis left: dims are step and layer
     assert ds.attrs["experiment"] == "gradient_flow" and len(ds.attrs["config_hash"]) == 12

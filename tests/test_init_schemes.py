@@ -86,8 +86,13 @@ def tanh_mean_field(sigma_w2, m0, layers):
 
 
 def test_tanh_standard_init_shrinks_the_signal_normalized_keeps_it(tmp_path):
-    overrides = ["model.activation=tanh", "scheme=[standard, xavier_uniform]", "optimizer=momentum",
-                 f"seeds={SEEDS}", "steps=1"]
+    overrides = [
+        "model.activation=tanh",
+        "scheme=[standard, xavier_uniform]",
+        "optimizer=momentum",
+        f"seeds={SEEDS}",
+        "steps=1",
+    ]
     ds = api.execute("init_schemes", overrides, "quick", out=tmp_path, progress=False, draw=False).dataset
     tol = slope_tol(WIDTH, DEPTH, SEEDS)
     # Glorot & Bengio eq. 1: U[-1/sqrt(n), 1/sqrt(n)] has Var = 1/(3n): sigma_w^2 = 1/3; eq. 16 on a
@@ -102,8 +107,16 @@ def test_tanh_standard_init_shrinks_the_signal_normalized_keeps_it(tmp_path):
 def test_zero_init_trains_yet_every_weight_matrix_stays_rank_one():
     """sigmoid(0) = 1/2, so a zero-init sigmoid net learns; its units stay identical. Run the Trial by
     hand, then look at the trained weights' singular values (numpy, outside the compiled step)."""
-    overrides = ["model.activation=sigmoid", "model.depth=4", "model.width=16", "scheme=[zero, he_normal]",
-                 "optimizer=momentum", "optim.lr=0.1", "seeds=1", "steps=100"]
+    overrides = [
+        "model.activation=sigmoid",
+        "model.depth=4",
+        "model.width=16",
+        "scheme=[zero, he_normal]",
+        "optimizer=momentum",
+        "optim.lr=0.1",
+        "seeds=1",
+        "steps=100",
+    ]
     spec = api.resolve("init_schemes", overrides, "quick")
     group = config.plan(spec).groups[0]
     trial = init_schemes.trial(group.config)

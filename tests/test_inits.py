@@ -50,8 +50,9 @@ def test_gain_scales_the_std_quadratically_in_variance():
 
 @pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])
 def test_orthogonal_has_orthonormal_columns_or_rows(shape):
-    w = np.asarray(inits.sample_weight(jax.random.PRNGKey(2), shape, inits.scheme_index("orthogonal"), 0.0, 1.0),
-                   np.float64)
+    w = np.asarray(
+        inits.sample_weight(jax.random.PRNGKey(2), shape, inits.scheme_index("orthogonal"), 0.0, 1.0), np.float64
+    )
     rows, cols = shape
     # lecun scaling of an orthogonal matrix: singular values sqrt(max/fan_in) -> 1 when square
     gram = w.T @ w if rows >= cols else w @ w.T

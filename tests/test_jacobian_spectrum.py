@@ -28,15 +28,21 @@ def test_orthogonal_linear_net_is_an_isometry(outcome):
     # J^T J = I to float32 rounding: every singular value is 1 (no SVD needed for this).
     gram_error = np.abs(np.einsum("bij,bik->bjk", jac, jac) - np.eye(WIDTH)).max()
     assert gram_error <= 2 * js.isometry_tolerance(8, WIDTH)
-    gauss = outcome.dataset["jacobian"].sel({"model.activation": "linear", "model.init": "lecun_normal", "model.depth": 8})
+    gauss = outcome.dataset["jacobian"].sel(
+        {"model.activation": "linear", "model.init": "lecun_normal", "model.depth": 8}
+    )
     s = np.linalg.svd(gauss.isel(step=0).values.astype(np.float64), compute_uv=False)
     assert s.max() / s.min() > 10  # the Gaussian product is far from isometric: the test can tell them apart
 
 
 def test_jacobian_is_the_product_of_layer_factors():
     """Rebuild one point's net and multiply out W_l diag(tanh'(z_l)) in numpy."""
-    spec = config.load("jacobian_spectrum", js.Config, ["model.activation=tanh", "model.init=lecun_normal",
-                                                         "model.depth=4", "seeds=1"], "tiny")
+    spec = config.load(
+        "jacobian_spectrum",
+        js.Config,
+        ["model.activation=tanh", "model.init=lecun_normal", "model.depth=4", "seeds=1"],
+        "tiny",
+    )
     group = config.plan(spec).groups[0]
     trial = js.trial(group.config)
     hp = {k: v[0] for k, v in group.hp.items()}

@@ -10,8 +10,15 @@ from gradlab import api, data, models, trials
 from gradlab.config import DataConfig, ExperimentConfig, ModelConfig
 from gradlab.experiments import lr_sweep
 
-NET = ["model.width=8", "model.depth=1", "model.activation=relu", "model.init=he_normal", "data.examples=32",
-       "data.input_dim=4", "telemetry=loss"]
+NET = [
+    "model.width=8",
+    "model.depth=1",
+    "model.activation=relu",
+    "model.init=he_normal",
+    "data.examples=32",
+    "data.input_dim=4",
+    "telemetry=loss",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +31,10 @@ def tiny(tmp_path_factory):
 def test_sharpness_at_init_is_the_top_eigenvalue_of_the_dense_hessian(tiny):
     """Power iteration in the trial against numpy's eigvalsh of jax.hessian on the flat params."""
     outcome, _ = tiny
-    cfg = ExperimentConfig(model=ModelConfig(depth=1, width=8, activation="relu", init="he_normal"),
-                           data=DataConfig(examples=32, input_dim=4))
+    cfg = ExperimentConfig(
+        model=ModelConfig(depth=1, width=8, activation="relu", init="he_normal"),
+        data=DataConfig(examples=32, input_dim=4),
+    )
     spec = trials.mlp_spec(cfg)
     hyper = models.MLPHyper.from_config(cfg.model)
     k_params, _ = jax.random.split(jax.random.PRNGKey(0))  # supervised_mlp's split of the seed's key
@@ -46,8 +55,19 @@ def test_sharpness_at_init_is_the_top_eigenvalue_of_the_dense_hessian(tiny):
 
 def reference_losses(tmp_path, lr, **optim):
     """The same net trained by the plain supervised_mlp (gradient_flow's trial) with a static chain."""
-    over = NET + ["steps=40", "chunk_steps=40", "seeds=1", "model.residual=false", "model.norm=none",
-                  "optim.name=sgd", f"optim.lr={lr!r}"] + [f"optim.{k}={v}" for k, v in optim.items()]
+    over = (
+        NET
+        + [
+            "steps=40",
+            "chunk_steps=40",
+            "seeds=1",
+            "model.residual=false",
+            "model.norm=none",
+            "optim.name=sgd",
+            f"optim.lr={lr!r}",
+        ]
+        + [f"optim.{k}={v}" for k, v in optim.items()]
+    )
     return api.execute("gradient_flow", over, out=tmp_path, progress=False, draw=False).dataset["loss"].values
 
 

@@ -8,8 +8,9 @@ from gradlab import meanfield as mf
 
 # erf has closed-form Gaussian integrals: E[erf(sqrt(q) z)^2] = (2/pi) arcsin(2q / (1 + 2q)) and
 # E[erf'(sqrt(q) z)^2] = (4/pi) / sqrt(1 + 4q) (Williams 1997).
-ERF = mf.Activation(erf, lambda x: 2 / np.sqrt(np.pi) * np.exp(-x**2),
-                    lambda x: -4 * x / np.sqrt(np.pi) * np.exp(-x**2))
+ERF = mf.Activation(
+    erf, lambda x: 2 / np.sqrt(np.pi) * np.exp(-(x**2)), lambda x: -4 * x / np.sqrt(np.pi) * np.exp(-(x**2))
+)
 SIN = mf.Activation(np.sin, np.cos, lambda x: -np.sin(x))
 
 

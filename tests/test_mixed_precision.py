@@ -9,9 +9,16 @@ from gradlab.errors import ConfigError
 from gradlab.experiments import mixed_precision as mp
 
 
-@pytest.mark.parametrize("override,allowed", [("loss_scale=auto", "none, static, dynamic"),
-                                              ("growth_interval=0", ">= 1"), ("static_scale=0.5", ">= 1.0"),
-                                              ("loss_weight=0", "> 0.0"), ("telemetry=layers", "must be loss")])
+@pytest.mark.parametrize(
+    "override,allowed",
+    [
+        ("loss_scale=auto", "none, static, dynamic"),
+        ("growth_interval=0", ">= 1"),
+        ("static_scale=0.5", ">= 1.0"),
+        ("loss_weight=0", "> 0.0"),
+        ("telemetry=layers", "must be loss"),
+    ],
+)
 def test_config_errors_name_the_key_and_what_is_allowed(override, allowed):
     with pytest.raises(ConfigError, match=override.split("=")[0]) as info:
         api.resolve("mixed_precision", [override])
@@ -78,8 +85,10 @@ def test_fp16_weights_lose_updates_that_master_weights_keep(tiny):
     ds = tiny[0].dataset
     for mode in ("none", "static", "dynamic"):
         for precision in ("fp16", "fp32"):
-            np.testing.assert_array_equal(lane(ds, "float16", mode, f"lost_mass_{precision}"),
-                                          lane(ds, "float16", mode, f"lost_mass_{precision}_closed"))
+            np.testing.assert_array_equal(
+                lane(ds, "float16", mode, f"lost_mass_{precision}"),
+                lane(ds, "float16", mode, f"lost_mass_{precision}_closed"),
+            )
     lost16 = lane(ds, "float16", "dynamic", "lost_mass_fp16")[:, -50:].sum()
     lost32 = lane(ds, "float16", "dynamic", "lost_mass_fp32")
     mass = lane(ds, "float16", "dynamic", "update_mass")[:, -50:].sum()

@@ -9,10 +9,14 @@ from jax.test_util import check_grads
 from gradlab import inits, models
 from gradlab.config import ACTIVATIONS
 
-VARIANTS = [(a, "none", "pre", False) for a in ACTIVATIONS] + [
-    ("tanh", norm, position, residual)
-    for norm, position, residual in itertools.product(("layernorm", "rmsnorm"), ("pre", "post"), (False, True))
-] + [("relu", "none", "pre", True)]
+VARIANTS = (
+    [(a, "none", "pre", False) for a in ACTIVATIONS]
+    + [
+        ("tanh", norm, position, residual)
+        for norm, position, residual in itertools.product(("layernorm", "rmsnorm"), ("pre", "post"), (False, True))
+    ]
+    + [("relu", "none", "pre", True)]
+)
 
 
 def hyper(depth, residual=False, init="lecun_normal"):
@@ -21,8 +25,9 @@ def hyper(depth, residual=False, init="lecun_normal"):
 
 @pytest.mark.parametrize("activation, norm, position, residual", VARIANTS)
 def test_gradients_match_finite_differences(activation, norm, position, residual):
-    spec = models.MLPSpec(3, 2, depth=3, width=5, activation=activation, norm=norm, norm_position=position,
-                          dtype="float64")
+    spec = models.MLPSpec(
+        3, 2, depth=3, width=5, activation=activation, norm=norm, norm_position=position, dtype="float64"
+    )
     with jax.enable_x64(True):
         h = hyper(3, residual)
         params = jax.tree.map(lambda a: a.astype(jnp.float64), models.init(jax.random.PRNGKey(0), spec, h))
@@ -82,8 +87,9 @@ def test_residual_block_formula():
 def test_straight_line_blocks_equal_the_scan(activation, norm, position, residual, traced):
     """model.unroll >= depth runs the blocks as straight-line code: same outputs, taps and gradients
     as the scan, with depth and residual as constants of the program or traced (depth masked to 3 of 4)."""
-    scan = models.MLPSpec(3, 2, depth=4, width=6, activation=activation, norm=norm, norm_position=position,
-                          dtype="float64", unroll=1)
+    scan = models.MLPSpec(
+        3, 2, depth=4, width=6, activation=activation, norm=norm, norm_position=position, dtype="float64", unroll=1
+    )
     line = models.MLPSpec(**{**scan.__dict__, "unroll": 4})
     assert line.unrolled and not scan.unrolled
     with jax.enable_x64(True):
@@ -141,7 +147,7 @@ def test_layer_taps_match_numpy(activation, shift, unroll):
         assert np.mean(hs[1]) > 1000 * hidden_std
     else:
         assert 0 < np.mean(np.all(pres[1] <= 0, axis=0)) < 1  # some units dead, not all
-    np.testing.assert_allclose(taps["act_rms"], [np.sqrt(np.mean(a ** 2)) for a in hs], rtol=1e-5)
+    np.testing.assert_allclose(taps["act_rms"], [np.sqrt(np.mean(a**2)) for a in hs], rtol=1e-5)
     np.testing.assert_allclose(taps["act_std"], [np.std(a) for a in hs], rtol=1e-3)
-    np.testing.assert_allclose(taps["preact_rms"], [np.sqrt(np.mean(z ** 2)) for z in pres], rtol=1e-5)
+    np.testing.assert_allclose(taps["preact_rms"], [np.sqrt(np.mean(z**2)) for z in pres], rtol=1e-5)
     np.testing.assert_array_equal(taps["dead_frac"], [np.mean(np.all(z <= 0, axis=0)) for z in pres])

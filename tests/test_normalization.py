@@ -43,5 +43,9 @@ def test_tiny_batchnorm_group_end_to_end(tiny):
     assert np.all(np.isfinite(g[0, :3])) and np.all(np.isnan(g[0, 3:-1])) and np.isfinite(g[0, -1])
     # The standard loss is the net trained on the whole minibatch (the last bn_batch).
     np.testing.assert_array_equal(ds["loss"].values, ds["bn_loss"].isel(bn_batch=-1).values)
-    assert [p.name for p in tiny.figures] == ["normalization.png", "normalization.pdf",
-                                              "normalization_batchnorm.png", "normalization_batchnorm.pdf"]
+    assert [p.name for p in tiny.figures] == [
+        "normalization.png",
+        "normalization.pdf",
+        "normalization_batchnorm.png",
+        "normalization_batchnorm.pdf",
+    ]

@@ -16,8 +16,9 @@ from gradlab import precision
 # ----------------------------------------------------------------------------- number formats
 
 
-@pytest.mark.parametrize("dtype,exponent_bits,mantissa_bits", [(jnp.float16, 5, 10), (jnp.bfloat16, 8, 7),
-                                                               (jnp.float32, 8, 23)])
+@pytest.mark.parametrize(
+    "dtype,exponent_bits,mantissa_bits", [(jnp.float16, 5, 10), (jnp.bfloat16, 8, 7), (jnp.float32, 8, 23)]
+)
 def test_finfo_matches_the_format_built_from_its_bits(dtype, exponent_bits, mantissa_bits):
     assert precision.representable_range(dtype) == precision.format_range(exponent_bits, mantissa_bits)
 
@@ -70,7 +71,9 @@ def test_log2_histogram_matches_numpy():
     x[:50] = 0.0
     where = x != 0
     got = np.asarray(precision.log2_histogram(jnp.asarray(x, jnp.float32), precision.GRAD_BINS, jnp.asarray(where)))
-    exps = np.clip(np.floor(np.log2(np.abs(np.asarray(x[where], np.float32)))), precision.GRAD_BINS[0], precision.GRAD_BINS[-1])
+    exps = np.clip(
+        np.floor(np.log2(np.abs(np.asarray(x[where], np.float32)))), precision.GRAD_BINS[0], precision.GRAD_BINS[-1]
+    )
     expected = np.array([np.sum(exps == e) for e in precision.GRAD_BINS])
     np.testing.assert_array_equal(got, expected)
 
@@ -84,6 +87,7 @@ def test_the_numpy_replay_agrees_with_adjust():
         path.append(float(state.scale))
         state = adjust(state, jnp.bool_(not b), 7)
     np.testing.assert_array_equal(precision.replay_dynamic_scale(2.0**20, bad, 7), path)
+
 
 def test_shadow_weights_pass_updates_through_and_keep_a_float16_copy():
     """The chain's updates are untouched; its state is the float16 weights given the same updates
@@ -102,6 +106,7 @@ def test_shadow_weights_pass_updates_through_and_keep_a_float16_copy():
 
 
 # ----------------------------------------------------------------------------- loss scaling
+
 
 class ReferenceScale:
     """Dynamic loss scaling as the paper states it, written as a plain object."""
@@ -208,7 +213,7 @@ def test_wrapper_skips_nonfinite_steps_bit_identically_and_matches_inner_on_fini
     state, ref_state = tx.init(params), inner.init(ref_params)
     update, ref_update = jax.jit(tx.update), jax.jit(inner.update)
     rng = np.random.default_rng(1)
-    for i, finite in enumerate([True, False, True, True, False, True]):
+    for finite in [True, False, True, True, False, True]:
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
         scaled = jax.tree.map(lambda g: g * precision.current_scale(state), grads)
         if not finite:
@@ -230,8 +235,14 @@ def test_wrapper_skips_nonfinite_steps_bit_identically_and_matches_inner_on_fini
 
 
 def test_static_scale_lets_an_overflow_through_when_told_not_to_skip():
-    tx = precision.loss_scaling(optax.sgd(0.1), initial_scale=8.0, growth_interval=1, growth_factor=1.0,
-                                   backoff_factor=1.0, skip_nonfinite=False)
+    tx = precision.loss_scaling(
+        optax.sgd(0.1),
+        initial_scale=8.0,
+        growth_interval=1,
+        growth_factor=1.0,
+        backoff_factor=1.0,
+        skip_nonfinite=False,
+    )
     params = quadratic_params()
     state = tx.init(params)
     grads = {"w": jnp.array([8.0, jnp.inf, 0.0]), "b": jnp.array(8.0)}
@@ -272,8 +283,16 @@ def test_one_compile_for_any_scale_and_interval():
     step(jnp.float32(2.0**4), jnp.int32(7), {"w": jnp.ones(2)})
 
 
-@pytest.mark.parametrize("name,value", [("initial_scale", 0.0), ("growth_interval", 0), ("growth_factor", 0.5),
-                                        ("backoff_factor", 1.5), ("min_scale", -1.0)])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("initial_scale", 0.0),
+        ("growth_interval", 0),
+        ("growth_factor", 0.5),
+        ("backoff_factor", 1.5),
+        ("min_scale", -1.0),
+    ],
+)
 def test_bad_arguments_are_refused_when_built_naming_the_value(name, value):
     with pytest.raises(ValueError, match=f"{name}={value}"):
         precision.loss_scaling(optax.sgd(0.1), **{name: value})

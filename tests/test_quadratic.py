@@ -32,9 +32,19 @@ def gd_bowl(tmp_path_factory):
 def cli_run(tmp_path_factory):
     """A small sweep through the command line: (exit code, printed text, dataset, out folder)."""
     out = tmp_path_factory.mktemp("cli")
-    argv = ["run", "quadratic", "optim.name=[sgd, momentum, adamw]", "surface=[bowl, rosenbrock]",
-            "optim.lr=[0.001, 0.01, 0.15, 0.26]", "optim.weight_decay=[0, 0.1]", "steps=60", "--out", str(out),
-            "--quiet", "--check"]
+    argv = [
+        "run",
+        "quadratic",
+        "optim.name=[sgd, momentum, adamw]",
+        "surface=[bowl, rosenbrock]",
+        "optim.lr=[0.001, 0.01, 0.15, 0.26]",
+        "optim.weight_decay=[0, 0.1]",
+        "steps=60",
+        "--out",
+        str(out),
+        "--quiet",
+        "--check",
+    ]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = cli.main(argv)
@@ -131,15 +141,32 @@ def test_momentum_and_adamw_follow_their_update_rules(cli_run, surface, momentum
 
 def test_each_vmapped_lane_equals_its_own_run(cli_run, tmp_path):
     ds = cli_run[2]
-    alone = api.run("quadratic", overrides=["surface=rosenbrock", "optim.name=adamw", "optim.lr=0.15",
-                                            "optim.weight_decay=0.1", "steps=60"], out=tmp_path, progress=False)
+    alone = api.run(
+        "quadratic",
+        overrides=["surface=rosenbrock", "optim.name=adamw", "optim.lr=0.15", "optim.weight_decay=0.1", "steps=60"],
+        out=tmp_path,
+        progress=False,
+    )
     lane = ds["w"].sel({"surface": "rosenbrock", "optim.name": "adamw", "optim.lr": 0.15, "optim.weight_decay": 0.1})
     np.testing.assert_array_equal(alone["w"].values, lane.values)
 
 
 def test_cli_start_override_is_a_value_not_a_sweep(tmp_path: Path):
-    argv = ["run", "quadratic", "optim.name=sgd", "surface=bowl", "optim.lr=0.15", "optim.weight_decay=0",
-            "steps=30", "start=[3, 2]", "--out", str(tmp_path), "--quiet", "--no-figure", "--check"]
+    argv = [
+        "run",
+        "quadratic",
+        "optim.name=sgd",
+        "surface=bowl",
+        "optim.lr=0.15",
+        "optim.weight_decay=0",
+        "steps=30",
+        "start=[3, 2]",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--no-figure",
+        "--check",
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli.main(argv) == 0
 

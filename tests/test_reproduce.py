@@ -39,10 +39,13 @@ def test_a_failing_check_fails_reproduce_check_only(tmp_path, monkeypatch):
     assert code == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--only", "quadratc"], "unknown experiment 'quadratc' (did you mean 'quadratic'?)"),
-    (["--scale", "huge", "--only", "quadratic"], "--scale 'huge' is not a preset"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--only", "quadratc"], "unknown experiment 'quadratc' (did you mean 'quadratic'?)"),
+        (["--scale", "huge", "--only", "quadratic"], "--scale 'huge' is not a preset"),
+    ],
+)
 def test_bad_reproduce_arguments_are_one_line_and_exit_2(tmp_path, args, message):
     code, out, err = reproduce(*args, "--out", str(tmp_path))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

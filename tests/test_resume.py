@@ -11,12 +11,24 @@ import sys
 import time
 
 import numpy as np
-
 from cli_sweeps import assert_identical, finish, results_of
 
-SWEEP = ["model.width=16", "model.depth=3", "data.examples=32", "data.input_dim=8", "model.activation=tanh",
-         "model.norm=none", "model.residual=false", "optim.name=momentum", "optim.lr=[0.01, 0.03, 0.1]",
-         "seeds=1", "steps=40", "chunk_steps=4", "--quiet", "--no-figure"]
+SWEEP = [
+    "model.width=16",
+    "model.depth=3",
+    "data.examples=32",
+    "data.input_dim=8",
+    "model.activation=tanh",
+    "model.norm=none",
+    "model.residual=false",
+    "optim.name=momentum",
+    "optim.lr=[0.01, 0.03, 0.1]",
+    "seeds=1",
+    "steps=40",
+    "chunk_steps=4",
+    "--quiet",
+    "--no-figure",
+]
 
 LAUNCH = """
 import errno, os, signal, sys
@@ -53,13 +65,23 @@ def env():
 
 
 def gradlab(*args):
-    return subprocess.Popen([sys.executable, "-m", "gradlab", "run", "gradient_flow", *SWEEP, *args], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradlab", "run", "gradient_flow", *SWEEP, *args],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def with_fault(fault, at, *args):
-    return subprocess.run([sys.executable, "-c", LAUNCH, fault, str(at), "run", "gradient_flow", *SWEEP, *args],
-                          env=env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", LAUNCH, fault, str(at), "run", "gradient_flow", *SWEEP, *args],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def one_line(stderr):
@@ -80,7 +102,7 @@ def test_sigkill_mid_chunk_or_mid_checkpoint_write_then_rerun_is_bit_identical(t
         time.sleep(0.05)
     assert victim.poll() is None, "the run ended before it could be killed"
     victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    victim.communicate(timeout=60)  # waits, and closes its pipes (else a ResourceWarning at collection)
     assert not list((tmp_path / "mid-chunk").glob("runs/*/results.nc"))
 
     # (2) SIGKILL inside the third checkpoint write: half a temporary file, the second checkpoint intact.

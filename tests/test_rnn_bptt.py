@@ -44,6 +44,7 @@ def test_linear_rnn_input_gradient_is_gain_to_the_distance(gain):
         def step(h, x_BxN):
             h = h @ (gain * Q).T + x_BxN @ U.T
             return h, None
+
         return jax.lax.scan(step, jnp.zeros((B, N)), jnp.swapaxes(xs, 0, 1))[0]
 
     loss = lambda xs: jnp.mean(0.5 * jnp.sum(jnp.square(last_state(xs)), axis=-1))
@@ -132,11 +133,14 @@ def test_a_huge_clip_threshold_is_no_clipping():
     """The config's 'no clipping' lane: clip_by_global_norm at 1e30 returns the same updates as no clip."""
     params = {"w": jnp.arange(6.0).reshape(2, 3)}
     grads = {"w": jnp.array([[3.0, -40.0, 5.0], [1e3, 0.5, -2.0]])}
-    hp = {f"optim.{k}": jnp.float32(v) for k, v in dict(lr=0.01, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8,
-                                                        weight_decay=0.0, clip_threshold=1e30).items()}
+    hp = {
+        f"optim.{k}": jnp.float32(v)
+        for k, v in dict(
+            lr=0.01, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_threshold=1e30
+        ).items()
+    }
     updates = {}
     for clip in ("global_norm", "none"):
         tx = transforms.build(OptimConfig(name="adam", clip=clip), hp, 10)
         updates[clip] = tx.update(grads, tx.init(params), params)[0]["w"]
     np.testing.assert_array_equal(np.asarray(updates["global_norm"]), np.asarray(updates["none"]))
-

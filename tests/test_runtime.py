@@ -22,8 +22,9 @@ YNN = f"--{runtime.YNN_FLAG}="
 def python(code: str, tmp_path: Path, **env) -> dict:
     """Run `code` in a fresh interpreter with PATH, HOME and `env` only; its last line of output, as JSON."""
     clean = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu", **env}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=clean, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -64,10 +65,12 @@ def test_a_ynn_setting_in_xla_flags_is_respected(fresh, flags):
 
 def test_the_flag_added_is_one_the_installed_jaxlib_accepts(tmp_path):
     """In a fresh process: added exactly where the scan finds it, and jax then starts and computes."""
-    out = python("import json, os; from gradlab import runtime; runtime.xla_cpu_defaults(); runtime.xla_cpu_defaults()\n"
-                 "import jax, jax.numpy as jnp; total = float(jax.jit(jnp.sum)(jnp.ones(8)))\n"
-                 "print(json.dumps([os.environ.get('XLA_FLAGS', ''), runtime.xla_knows_flag(runtime.YNN_FLAG), total]))",
-                 tmp_path)
+    out = python(
+        "import json, os; from gradlab import runtime; runtime.xla_cpu_defaults(); runtime.xla_cpu_defaults()\n"
+        "import jax, jax.numpy as jnp; total = float(jax.jit(jnp.sum)(jnp.ones(8)))\n"
+        "print(json.dumps([os.environ.get('XLA_FLAGS', ''), runtime.xla_knows_flag(runtime.YNN_FLAG), total]))",
+        tmp_path,
+    )
     flags, known, total = out
     assert flags.split().count(YNN) == (1 if known else 0) and total == 8.0
 
@@ -100,8 +103,10 @@ def test_the_scan_counts_registered_flags_not_proto_field_names(tmp_path):
 
 
 def test_import_gradlab_leaves_xla_flags_unchanged(tmp_path):
-    code = ("import json, os; import gradlab, gradlab.api, gradlab.cli, gradlab.runtime\n"
-            "print(json.dumps(os.environ.get('XLA_FLAGS')))")
+    code = (
+        "import json, os; import gradlab, gradlab.api, gradlab.cli, gradlab.runtime\n"
+        "print(json.dumps(os.environ.get('XLA_FLAGS')))"
+    )
     assert python(code, tmp_path) is None
     assert python(code, tmp_path, XLA_FLAGS="--xla_dump_to=/nowhere") == "--xla_dump_to=/nowhere"
 
@@ -153,9 +158,11 @@ def test_cache_base_from_the_environment(monkeypatch, tmp_path):
     assert runtime.default_cache_base() == tmp_path / "home" / ".cache" / "gradlab" / "jax"
 
 
-CACHE = ("import json, jax; from gradlab import runtime\n"
-         "chosen = runtime.compilation_cache()\n"
-         "print(json.dumps([str(chosen) if chosen else None, jax.config.jax_compilation_cache_dir]))")
+CACHE = (
+    "import json, jax; from gradlab import runtime\n"
+    "chosen = runtime.compilation_cache()\n"
+    "print(json.dumps([str(chosen) if chosen else None, jax.config.jax_compilation_cache_dir]))"
+)
 
 
 def test_compilation_cache_goes_to_gradlab_cache_dir(tmp_path):
@@ -165,9 +172,12 @@ def test_compilation_cache_goes_to_gradlab_cache_dir(tmp_path):
 
 def test_a_users_jax_compilation_cache_dir_is_respected(tmp_path):
     user = str(tmp_path / "users")
-    assert python(CACHE, tmp_path, JAX_COMPILATION_CACHE_DIR=user, GRADLAB_CACHE_DIR=str(tmp_path / "ours")) == [user, user]
+    assert python(CACHE, tmp_path, JAX_COMPILATION_CACHE_DIR=user, GRADLAB_CACHE_DIR=str(tmp_path / "ours")) == [
+        user,
+        user,
+    ]
     assert not (tmp_path / "ours").exists()
-    code = "import jax; jax.config.update('jax_compilation_cache_dir', %r)\n" % user + CACHE
+    code = f"import jax; jax.config.update('jax_compilation_cache_dir', {user!r})\n" + CACHE
     assert python(code, tmp_path, GRADLAB_CACHE_DIR=str(tmp_path / "ours")) == [user, user]
     assert not (tmp_path / "ours").exists()
 
@@ -178,13 +188,16 @@ def test_an_unwritable_cache_folder_means_no_cache(tmp_path):
     assert python(CACHE, tmp_path, GRADLAB_CACHE_DIR=str(a_file / "cache")) == [None, None]
 
 
-@pytest.mark.parametrize("args, message", [
-    (("10.0.0.1:8476", None, None), "missing --num-processes, --process-id"),
-    (("localhost", 2, 0), "--coordinator must be HOST:PORT"),
-    (("localhost:99999", 2, 0), "--coordinator must be HOST:PORT"),
-    (("localhost:8476", 0, 0), "--num-processes must be >= 1, got 0"),
-    (("localhost:8476", 2, 2), r"--process-id must be in 0\.\.1, got 2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("10.0.0.1:8476", None, None), "missing --num-processes, --process-id"),
+        (("localhost", 2, 0), "--coordinator must be HOST:PORT"),
+        (("localhost:99999", 2, 0), "--coordinator must be HOST:PORT"),
+        (("localhost:8476", 0, 0), "--num-processes must be >= 1, got 0"),
+        (("localhost:8476", 2, 2), r"--process-id must be in 0\.\.1, got 2"),
+    ],
+)
 def test_distributed_checks_its_arguments_before_joining(args, message):
     with pytest.raises(SetupError, match=message):
         runtime.distributed(*args)

@@ -68,8 +68,9 @@ def expected(schedule, t, total=T, warmup=0, r=R, a=A, c=C):
 
 
 def shape_of(schedule, warmup=0, total=T):
-    cfg = dataclasses.replace(OptimConfig(), schedule=schedule, warmup_steps=warmup, decay_rate=R,
-                              final_lr_fraction=A, cycles=C)
+    cfg = dataclasses.replace(
+        OptimConfig(), schedule=schedule, warmup_steps=warmup, decay_rate=R, final_lr_fraction=A, cycles=C
+    )
     return transforms.schedule_shape(cfg, total)
 
 

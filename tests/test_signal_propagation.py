@@ -66,9 +66,18 @@ def test_preactivations_are_those_of_models_apply():
     """The module's written-out forward pass against models.apply: same readout output."""
     from gradlab import config
 
-    spec_cfg = config.load("signal_propagation", sp.Config, ["model.width=16", "model.depth=5", "model.init_gain=1.3",
-                                                              "model.bias_std=0.4", "data.examples=6",
-                                                              "skip_layers=1"]).config
+    spec_cfg = config.load(
+        "signal_propagation",
+        sp.Config,
+        [
+            "model.width=16",
+            "model.depth=5",
+            "model.init_gain=1.3",
+            "model.bias_std=0.4",
+            "data.examples=6",
+            "skip_layers=1",
+        ],
+    ).config
     spec = trials.mlp_spec(spec_cfg)
     hyper = models.MLPHyper.from_config(spec_cfg.model)._replace(depth=3)  # masked: 3 of 5 blocks
     params = models.init(jax.random.PRNGKey(3), spec, hyper)
@@ -80,7 +89,9 @@ def test_preactivations_are_those_of_models_apply():
     np.testing.assert_allclose(np.sqrt(np.mean(np.square(pre), axis=(1, 2)))[:4], taps["preact_rms"][:4], rtol=1e-5)
     # 1 - cos of the disjoint pairs, written with numpy dot products
     p = np.asarray(pre, np.float64)
-    cos = np.sum(p[:, 0::2] * p[:, 1::2], -1) / np.linalg.norm(p[:, 0::2], axis=-1) / np.linalg.norm(p[:, 1::2], axis=-1)
+    cos = (
+        np.sum(p[:, 0::2] * p[:, 1::2], -1) / np.linalg.norm(p[:, 0::2], axis=-1) / np.linalg.norm(p[:, 1::2], axis=-1)
+    )
     np.testing.assert_allclose(sp.decorrelation(pre), np.mean(1 - cos, axis=1), atol=1e-6)
 
 
@@ -106,8 +117,15 @@ def test_probe_records_supervised_mlps_delta_rms_at_step_0():
     """The probe's own forward/backward against the training Trial's telemetry before its first update."""
     from gradlab import config
 
-    overrides = ["model.width=16", "model.depth=5", "model.init_gain=1.3", "model.bias_std=0.4", "data.examples=8",
-                 "data.input_dim=6", "skip_layers=1"]
+    overrides = [
+        "model.width=16",
+        "model.depth=5",
+        "model.init_gain=1.3",
+        "model.bias_std=0.4",
+        "data.examples=8",
+        "data.input_dim=6",
+        "skip_layers=1",
+    ]
     spec = config.load("signal_propagation", sp.Config, overrides)
     hp = {k: v[0] for k, v in config.plan(spec).groups[0].hp.items()}
     key = jax.random.PRNGKey(7)

@@ -166,7 +166,9 @@ def closed_form(cfg, t, total):
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "exponential", "inverse_time", "linear"])
 @pytest.mark.parametrize("warmup", [0, 10])
 def test_schedule_values_equal_their_closed_forms(schedule, warmup):
-    cfg = dataclasses.replace(OptimConfig(), schedule=schedule, warmup_steps=warmup, final_lr_fraction=0.1, decay_rate=0.2)
+    cfg = dataclasses.replace(
+        OptimConfig(), schedule=schedule, warmup_steps=warmup, final_lr_fraction=0.1, decay_rate=0.2
+    )
     lr = transforms.learning_rate(cfg, 0.5, 100)
     for t in (0, 5, 10, 37, 60, 99, 100):
         assert float(lr(t)) == pytest.approx(0.5 * closed_form(cfg, t, 100), rel=1e-5, abs=1e-7)
@@ -180,11 +182,12 @@ def test_dot_sums_match_numpy_in_float64(size):
     x = np.random.default_rng(size).standard_normal((size, 1)).astype(np.float32)
     exact = x.astype(np.float64)
     np.testing.assert_allclose(float(sums.total(x)), exact.sum(), atol=1e-6 * size)
-    np.testing.assert_allclose(float(sums.sum_of_squares(x)), (exact ** 2).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums.sum_of_squares(x)), (exact**2).sum(), rtol=1e-5)
     lanes = jax.vmap(sums.sum_of_squares)(np.stack([x, -2 * x]))  # how a sweep computes it: one per lane
-    np.testing.assert_allclose(np.asarray(lanes), [(exact ** 2).sum(), 4 * (exact ** 2).sum()], rtol=1e-5)
-    np.testing.assert_allclose(float(sums.global_norm({"a": x, "b": x[:3]})),
-                               np.sqrt((exact ** 2).sum() + (exact[:3] ** 2).sum()), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lanes), [(exact**2).sum(), 4 * (exact**2).sum()], rtol=1e-5)
+    np.testing.assert_allclose(
+        float(sums.global_norm({"a": x, "b": x[:3]})), np.sqrt((exact**2).sum() + (exact[:3] ** 2).sum()), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 5), (4, 64, 128)])
@@ -200,9 +203,12 @@ def test_row_sums_and_stack_telemetry_match_numpy(shape):
     entries = exact.shape[1]
     # float32 accumulation of `entries` terms of size ~1: error well under 1e-6 * entries
     np.testing.assert_allclose(np.asarray(sums.row_totals(x)), exact.sum(1), atol=1e-6 * entries)
-    np.testing.assert_allclose(np.asarray(sums.row_sums_of_squares(x)), (exact ** 2).sum(1), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(jax.vmap(sums.row_sums_of_squares)(x[None].repeat(2, 0))),
-                               np.tile((exact ** 2).sum(1), (2, 1)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sums.row_sums_of_squares(x)), (exact**2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jax.vmap(sums.row_sums_of_squares)(x[None].repeat(2, 0))),
+        np.tile((exact**2).sum(1), (2, 1)),
+        rtol=1e-5,
+    )
     x[1, 0, 0], x[1, -1, -1] = np.nan, np.inf
     norms = np.asarray(telemetry.frobenius_rows(x))
     fractions = np.asarray(telemetry.nonfinite_fraction_rows(x))
@@ -216,8 +222,10 @@ def test_row_sums_and_stack_telemetry_match_numpy(shape):
 def test_clip_by_global_norm_is_optaxs_rule(threshold):
     """Clips (threshold 0.5) or passes (1e3) exactly where optax.clip_by_global_norm does, to float32 rounding."""
     rng = np.random.default_rng(3)
-    grads = {"big": jnp.asarray(rng.standard_normal((3, 100, 50)), jnp.float32),
-             "small": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+    grads = {
+        "big": jnp.asarray(rng.standard_normal((3, 100, 50)), jnp.float32),
+        "small": jnp.asarray(rng.standard_normal(5), jnp.float32),
+    }
     ours, _ = transforms.clip_by_global_norm(threshold).update(grads, optax.EmptyState())
     theirs, _ = optax.clip_by_global_norm(threshold).update(grads, optax.EmptyState())
     norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
@@ -239,8 +247,13 @@ def test_spectral_norm_matches_numpys_svd():
     q2, _ = np.linalg.qr(rng.standard_normal((24, 24)))
     close = q1 @ np.diag(np.r_[1.001, np.linspace(1.0, 0.1, 23)]) @ q2.T
     orthogonal = 0.7 * np.asarray(inits.orthogonal(jax.random.PRNGKey(0), (16, 16)))
-    cases = [rng.standard_normal((16, 16)), rng.standard_normal((64, 32)), rng.standard_normal((8, 40)) * 1e3,
-             orthogonal, close]
+    cases = [
+        rng.standard_normal((16, 16)),
+        rng.standard_normal((64, 32)),
+        rng.standard_normal((8, 40)) * 1e3,
+        orthogonal,
+        close,
+    ]
     for w in cases:
         w = np.asarray(w, np.float32)
         exact = np.linalg.svd(w.astype(np.float64), compute_uv=False)[0]

@@ -14,8 +14,10 @@ from gradlab.config import DataConfig, ModelConfig, OptimConfig
 
 LR, B1, B2, EPS, WD, TOTAL = 0.1, 0.8, 0.95, 1e-8, 0.3, 10
 PARAMS = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.asarray([0.3, -0.7])}
-GRADS = [{"w": jnp.asarray([[0.2, -0.1], [0.4, 0.05]]), "b": jnp.asarray([-0.3, 0.6])},
-         {"w": jnp.asarray([[-0.1, 0.3], [0.2, -0.2]]), "b": jnp.asarray([0.1, 0.2])}]
+GRADS = [
+    {"w": jnp.asarray([[0.2, -0.1], [0.4, 0.05]]), "b": jnp.asarray([-0.3, 0.6])},
+    {"w": jnp.asarray([[-0.1, 0.3], [0.2, -0.2]]), "b": jnp.asarray([0.1, 0.2])},
+]
 COSINE = OptimConfig(schedule="cosine")  # the schedule multiplier is cos-shaped, so s_1 != 1
 
 
@@ -142,8 +144,9 @@ def test_k_step_accumulation_of_batch_b_equals_one_step_of_batch_kb(name, clip, 
     xy = data.make(DataConfig(examples=k * b * updates, input_dim=6, output_dim=2, noise=0.1, seed=3))
     params = models.init(jax.random.PRNGKey(1), SPEC, HYPER)
     base = OptimConfig(name=name, clip=clip, warmup_steps=2, schedule="cosine")
-    small_tx = transforms.build(dataclasses.replace(base, accumulate_steps=k), hp(clip_threshold=0.05),
-                                total_steps=k * updates)
+    small_tx = transforms.build(
+        dataclasses.replace(base, accumulate_steps=k), hp(clip_threshold=0.05), total_steps=k * updates
+    )
     big_tx = transforms.build(base, hp(clip_threshold=0.05), total_steps=updates)
     grad = jax.jit(jax.grad(loss))
     small_update, big_update = jax.jit(small_tx.update), jax.jit(big_tx.update)
@@ -151,12 +154,12 @@ def test_k_step_accumulation_of_batch_b_equals_one_step_of_batch_kb(name, clip, 
     for u in range(updates):
         lo = u * k * b
         for j in range(k):
-            g = grad(p_small, xy.x[lo + j * b: lo + (j + 1) * b], xy.y[lo + j * b: lo + (j + 1) * b])
+            g = grad(p_small, xy.x[lo + j * b : lo + (j + 1) * b], xy.y[lo + j * b : lo + (j + 1) * b])
             step, s_small = small_update(g, s_small, p_small)
             if j < k - 1:  # nothing moves until the k-th gradient
                 assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in jax.tree.leaves(step))
             p_small = optax.apply_updates(p_small, step)
-        step, s_big = big_update(grad(p_big, xy.x[lo: lo + k * b], xy.y[lo: lo + k * b]), s_big, p_big)
+        step, s_big = big_update(grad(p_big, xy.x[lo : lo + k * b], xy.y[lo : lo + k * b]), s_big, p_big)
         p_big = optax.apply_updates(p_big, step)
         for a, c in zip(jax.tree.leaves(p_small), jax.tree.leaves(p_big)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)

@@ -59,7 +59,9 @@ def mse(out, batch):
 
 
 def norms_by_label(tree):
-    return dict(zip(usermodels.leaf_labels(tree), [float(np.linalg.norm(np.asarray(g))) for g in jax.tree.leaves(tree)]))
+    return dict(
+        zip(usermodels.leaf_labels(tree), [float(np.linalg.norm(np.asarray(g))) for g in jax.tree.leaves(tree)])
+    )
 
 
 def normal(seed, *shape):
@@ -82,13 +84,20 @@ def test_probe_linen_cnn_grad_norms_equal_direct_jax_grad():
 
     (loss, out), grads = jax.jit(jax.value_and_grad(direct, has_aux=True))(variables["params"])
     expected = norms_by_label(grads)
-    assert sorted(ds.param.values) == sorted(expected) == sorted(
-        f"{m}/{k}" for m in ("Conv_0", "Conv_1", "Dense_0") for k in ("bias", "kernel"))
+    assert (
+        sorted(ds.param.values)
+        == sorted(expected)
+        == sorted(f"{m}/{k}" for m in ("Conv_0", "Conv_1", "Dense_0") for k in ("bias", "kernel"))
+    )
     for label, norm in expected.items():
         np.testing.assert_allclose(float(ds.grad_norm.sel(param=label)), norm, rtol=RTOL)
     kernel = np.asarray(variables["params"]["Conv_1"]["kernel"])
-    np.testing.assert_allclose(float(ds.param_norm.sel(param="Conv_1/kernel")), np.sqrt(np.sum(kernel.astype(np.float64) ** 2)), rtol=RTOL)
-    np.testing.assert_allclose(ds.grad_param_ratio, (ds.grad_norm / ds.param_norm).where(ds.param_norm > 0, 0.0), rtol=RTOL)
+    np.testing.assert_allclose(
+        float(ds.param_norm.sel(param="Conv_1/kernel")), np.sqrt(np.sum(kernel.astype(np.float64) ** 2)), rtol=RTOL
+    )
+    np.testing.assert_allclose(
+        ds.grad_param_ratio, (ds.grad_norm / ds.param_norm).where(ds.param_norm > 0, 0.0), rtol=RTOL
+    )
     np.testing.assert_allclose(float(ds.loss), float(loss), rtol=RTOL)
     assert int(ds.param_size.sel(param="Conv_1/kernel")) == 3 * 3 * 4 * 4
     assert np.all(ds.grad_nonfinite == 0)
@@ -128,7 +137,9 @@ def test_probe_nnx_module_matches_nnx_grad_and_a_numpy_forward():
     assert sorted(expected) == sorted(ds.param.values) == ["hidden/bias", "hidden/kernel", "out/bias", "out/kernel"]
     for label, norm in expected.items():
         np.testing.assert_allclose(float(ds.grad_norm.sel(param=label)), norm, rtol=RTOL)
-    pre = np.asarray(x, np.float64) @ np.asarray(model.hidden.kernel[...], np.float64) + np.asarray(model.hidden.bias[...])
+    pre = np.asarray(x, np.float64) @ np.asarray(model.hidden.kernel[...], np.float64) + np.asarray(
+        model.hidden.bias[...]
+    )
     np.testing.assert_allclose(float(ds.act_rms.sel(activation="hidden")), np.sqrt(np.mean(pre**2)), rtol=RTOL)
     np.testing.assert_allclose(float(ds.act_std.sel(activation="hidden")), np.std(pre), rtol=RTOL)
     np.testing.assert_allclose(float(ds.act_rms.sel(activation="tanh")), np.sqrt(np.mean(np.tanh(pre) ** 2)), rtol=RTOL)
@@ -189,8 +200,9 @@ def test_sweep_linen_cnn_each_lane_equals_its_own_adam_loop():
         for j, seed in enumerate(seeds):
             params_key, _ = jax.random.split(jax.random.PRNGKey(seed))
             params = init(params_key, batch[0])["params"]
-            losses, norms = reference_curves(lambda p, t: mse(model.apply({"params": p}, batch[0]), batch), params,
-                                             optax.adam, lr, steps)
+            losses, norms = reference_curves(
+                lambda p, t: mse(model.apply({"params": p}, batch[0]), batch), params, optax.adam, lr, steps
+            )
             np.testing.assert_allclose(ds.loss[i, j], losses, rtol=RTOL)
             np.testing.assert_allclose(ds.grad_global_norm[i, j, 0], norms[0], rtol=RTOL)  # same params
             # Later, the params differ by float32 reassociation (batched vs single convolutions) and
@@ -205,8 +217,13 @@ def test_sweep_transformer_block_momentum_matches_loop_and_seeds_differ():
     ds = usermodels.sweep(model, mse, batch, optimizer="momentum", lr=[0.05], seeds=2, steps=4)
     params_key, _ = jax.random.split(jax.random.PRNGKey(1))
     params = jax.jit(model.init)(params_key, batch[0])["params"]
-    losses, _ = reference_curves(lambda p, t: mse(model.apply({"params": p}, batch[0]), batch), params,
-                                 lambda lr: optax.sgd(lr, momentum=0.9), 0.05, 4)
+    losses, _ = reference_curves(
+        lambda p, t: mse(model.apply({"params": p}, batch[0]), batch),
+        params,
+        lambda lr: optax.sgd(lr, momentum=0.9),
+        0.05,
+        4,
+    )
     np.testing.assert_allclose(ds.loss[0, 1], losses, rtol=RTOL)
     assert float(abs(ds.loss[0, 0, 0] - ds.loss[0, 1, 0])) > 1e-3  # seeds initialise differently
 
@@ -214,8 +231,9 @@ def test_sweep_transformer_block_momentum_matches_loop_and_seeds_differ():
 def test_sweep_nnx_module_matches_nnx_optimizer():
     x = normal(9, 6, 4)
     model = MLP(nnx.Rngs(0))
-    ds = usermodels.sweep(model, None, x, optimizer=optax.sgd, lr=[0.1, 0.5], seeds=[3], steps=5,
-                          init=lambda key: MLP(nnx.Rngs(key)))
+    ds = usermodels.sweep(
+        model, None, x, optimizer=optax.sgd, lr=[0.1, 0.5], seeds=[3], steps=5, init=lambda key: MLP(nnx.Rngs(key))
+    )
 
     @nnx.jit
     def train_step(module, opt):
@@ -243,21 +261,31 @@ def test_sweep_plain_function_one_compile_and_a_diverging_lr_is_isolated():
         return {"w1": jax.random.normal(a, (4, 6)) / 2, "w2": jax.random.normal(b, (6, 3)) / 2}
 
     lrs, seeds, steps = [0.05, 0.2, 1e6], [0, 1], 12
-    ds = usermodels.sweep(apply, mse, lambda step, key: (xs[step % 4], ys[step % 4]), optimizer="sgd",
-                          lr=lrs, seeds=seeds, steps=steps, init=init, chunk_steps=4)
+    ds = usermodels.sweep(
+        apply,
+        mse,
+        lambda step, key: (xs[step % 4], ys[step % 4]),
+        optimizer="sgd",
+        lr=lrs,
+        seeds=seeds,
+        steps=steps,
+        init=init,
+        chunk_steps=4,
+    )
     assert len(calls) == 1  # 3 lr x 2 seeds x 3 chunks: one trace, one compiled program
 
     assert ds.diverged.values.tolist() == [[False, False], [False, False], [True, True]]
     for j in range(2):
         bad = int(ds.first_bad_step[2, j])
         assert 0 < bad < steps
-        assert np.all(np.isnan(ds.loss[2, j, bad + 1:])) and np.all(np.isfinite(ds.loss[2, j, :bad]))
+        assert np.all(np.isnan(ds.loss[2, j, bad + 1 :])) and np.all(np.isfinite(ds.loss[2, j, :bad]))
     jitted_init = jax.jit(init)
     for i, lr in enumerate(lrs[:2]):
         for j, seed in enumerate(seeds):
             params = jitted_init(jax.random.split(jax.random.PRNGKey(seed))[0])
-            losses, _ = reference_curves(lambda p, t: mse(apply(p, xs[t % 4]), (xs[t % 4], ys[t % 4])), params,
-                                         optax.sgd, lr, steps)
+            losses, _ = reference_curves(
+                lambda p, t: mse(apply(p, xs[t % 4]), (xs[t % 4], ys[t % 4])), params, optax.sgd, lr, steps
+            )
             np.testing.assert_allclose(ds.loss[i, j], losses, rtol=RTOL)
 
 
@@ -273,8 +301,19 @@ def small_init(key):
 def test_sweep_dataset_has_the_layout_of_a_gradlab_run_and_isolates_a_diverging_lr(tmp_path):
     xs, ys = normal(12, 8, 4), normal(13, 8, 3)
     lrs, steps = [0.05, 1e6, 0.1], 10
-    ds = usermodels.sweep(small_net, mse, (xs, ys), optimizer="sgd", lr=lrs, seeds=2, steps=steps, init=small_init,
-                          chunk_steps=4, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    ds = usermodels.sweep(
+        small_net,
+        mse,
+        (xs, ys),
+        optimizer="sgd",
+        lr=lrs,
+        seeds=2,
+        steps=steps,
+        init=small_init,
+        chunk_steps=4,
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=False,
+    )
     # The variables and dims of `gradlab run`'s Dataset (results.build_dataset), param labelled.
     assert ds.loss.dims == ("lr", "seed", "step") and ds.grad_norm.dims == ("lr", "seed", "step", "param")
     assert list(ds.param.values) == ["w1", "w2"] and ds.lr.values.tolist() == lrs
@@ -286,7 +325,7 @@ def test_sweep_dataset_has_the_layout_of_a_gradlab_run_and_isolates_a_diverging_
     assert np.all(np.isfinite(ds.loss.values[[0, 2]]))
     for j in range(2):
         bad, layer = int(ds.first_bad_step[1, j]), int(ds.first_bad_layer[1, j])
-        assert 0 <= bad < steps and np.all(np.isnan(ds.loss[1, j, bad + 1:]))
+        assert 0 <= bad < steps and np.all(np.isnan(ds.loss[1, j, bad + 1 :]))
         assert -1 <= layer < 2
         if layer >= 0:  # the first leaf with a non-finite norm at the first bad step
             at = np.stack([ds.grad_norm[1, j, bad].values, ds.param_norm[1, j, bad].values])
@@ -309,11 +348,22 @@ def test_sweep_dataset_has_the_layout_of_a_gradlab_run_and_isolates_a_diverging_
 def test_sweep_optim_settings_use_the_configs_optimizer_and_a_list_is_an_axis():
     x = normal(14, 8, 4)
     decays = [0.0, 0.1]
-    ds = usermodels.sweep(small_net, None, x, optimizer="lion", lr=[0.01], seeds=[5], steps=4, init=small_init,
-                          optim={"weight_decay": decays, "b2": 0.99}, progress=False)
+    ds = usermodels.sweep(
+        small_net,
+        None,
+        x,
+        optimizer="lion",
+        lr=[0.01],
+        seeds=[5],
+        steps=4,
+        init=small_init,
+        optim={"weight_decay": decays, "b2": 0.99},
+        progress=False,
+    )
     assert ds.loss.dims == ("lr", "weight_decay", "seed", "step")
     params = jax.jit(small_init)(jax.random.split(jax.random.PRNGKey(5))[0])
     for i, wd in enumerate(decays):
+
         def lion(lr, wd=wd):
             def matrices(p):
                 return jax.tree.map(lambda a: a.ndim >= 2, p)

@@ -34,8 +34,9 @@ def test_optax_adamw_decay_depends_on_lr_times_wd_and_the_papers_on_wd_alone(tin
     under the paper's form the decay ignores the lr, and its per-step factor is 1 - wd eta_t."""
     ds = tiny[0].dataset
     np.testing.assert_allclose(norm_path(ds, "adamw", 0.001, 1.0), norm_path(ds, "adamw", 0.01, 0.1), rtol=1e-5)
-    np.testing.assert_allclose(norm_path(ds, "adamw_decoupled", 0.001, 0.1),
-                               norm_path(ds, "adamw_decoupled", 0.01, 0.1), rtol=1e-5)
+    np.testing.assert_allclose(
+        norm_path(ds, "adamw_decoupled", 0.001, 0.1), norm_path(ds, "adamw_decoupled", 0.01, 0.1), rtol=1e-5
+    )
     steps = ds.sizes["step"]
     eta = 0.5 * (1 + np.cos(np.pi * np.arange(steps) / steps))  # optax cosine_decay_schedule(1, steps)
     path = norm_path(ds, "adamw_decoupled", 0.01, 0.1)
@@ -62,8 +63,10 @@ def test_scalar_recursion_equals_optax_adam_with_l2_on_one_weight():
     lr_t = 0.02 * (0.5 + 0.5 * np.cos(np.pi * np.arange(steps) / steps))
     sim = weight_decay.scalar_adam_l2(0.7, lr_t, wd, 0.9, 0.999, 1e-8)
     cfg = OptimConfig(name="adam", schedule="cosine")
-    hp = {f"optim.{k}": jnp.float32(v) for k, v in dict(lr=0.02, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8,
-                                                        weight_decay=wd, clip_threshold=1.0).items()}
+    hp = {
+        f"optim.{k}": jnp.float32(v)
+        for k, v in dict(lr=0.02, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, clip_threshold=1.0).items()
+    }
     tx = transforms.build(cfg, hp, steps)
     w = {"w": jnp.full((1, 1), 0.7)}
     state, path = tx.init(w), []
@@ -78,8 +81,8 @@ def test_held_out_set_is_fresh_examples_with_the_dead_features_zeroed():
     cfg = weight_decay.Config()
     train, test = weight_decay.split(cfg)
     assert train.x.shape == (cfg.data.examples, cfg.data.input_dim) and test.x.shape[0] == cfg.held_out
-    assert float(jnp.max(jnp.abs(train.x[:, -cfg.dead_inputs:]))) == 0.0
-    assert float(jnp.max(jnp.abs(test.x[:, -cfg.dead_inputs:]))) == 0.0
+    assert float(jnp.max(jnp.abs(train.x[:, -cfg.dead_inputs :]))) == 0.0
+    assert float(jnp.max(jnp.abs(test.x[:, -cfg.dead_inputs :]))) == 0.0
     assert not np.any(np.all(np.isclose(np.asarray(test.x)[:, None], np.asarray(train.x)[None]), axis=-1))
 
 

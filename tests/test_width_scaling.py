@@ -14,8 +14,9 @@ LR = 1e-3
 
 def point(overrides, index=0):
     """(trial, hp, config) of one sweep point, called directly (no engine)."""
-    spec = api.resolve("width_scaling", ["model.width=32", "seeds=1", "steps=2", "chunk_steps=2", f"optim.lr={LR}",
-                                         *overrides])
+    spec = api.resolve(
+        "width_scaling", ["model.width=32", "seeds=1", "steps=2", "chunk_steps=2", f"optim.lr={LR}", *overrides]
+    )
     group = config.plan(spec).groups[0]
     hp = {k: v[index].item() for k, v in group.hp.items()}
     return ws.trial(group.config), hp, group.config
@@ -25,8 +26,15 @@ def point(overrides, index=0):
 def test_layer_outputs_are_what_models_apply_computes(residual):
     """Every layer's RMS against models.apply's act_rms taps, and the output itself, with a masked block."""
     spec = models.MLPSpec(in_dim=5, out_dim=3, depth=3, width=8, activation="tanh")
-    hyper = models.MLPHyper(depth=2, residual=residual, init=inits.scheme_index("lecun_normal"), init_std=0.01,
-                            init_gain=1.0, bias_std=0.1, leaky_slope=0.01)
+    hyper = models.MLPHyper(
+        depth=2,
+        residual=residual,
+        init=inits.scheme_index("lecun_normal"),
+        init_std=0.01,
+        init_gain=1.0,
+        bias_std=0.1,
+        leaky_slope=0.01,
+    )
     params = models.init(jax.random.PRNGKey(3), spec, hyper)
     x = jax.random.normal(jax.random.PRNGKey(4), (7, 5))
     out, taps = models.apply(params, x, spec, hyper)
@@ -78,16 +86,21 @@ def test_adam_first_update_is_lr_per_entry_at_every_layer():
 def test_fit_slope_and_bias_limits():
     widths = np.array([64, 128, 256, 1024])
     scale = np.array([[0.5], [2.0], [3.0]])  # a per-seed constant factor moves no slope
-    slope, err = analysis.seed_slope(np.log(widths), np.log(scale * widths ** 0.75))
+    slope, err = analysis.seed_slope(np.log(widths), np.log(scale * widths**0.75))
     assert abs(slope - 0.75) < 1e-12 and err < 1e-12
     assert ws.finite_width_bias(widths, 1e-9) < 1e-9  # no sub-leading term: no bias
     # A term n^(p - 1) dominating at every width lowers the slope by exactly 1.
     assert abs(ws.finite_width_bias(widths, 1e12) - 1.0) < 1e-6
 
 
-@pytest.mark.parametrize("override, key", [("model.norm=layernorm", "model.norm"),
-                                           ("probe_examples=100", "probe_examples"),
-                                           ("optim.name=adam", "optim.name")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.norm=layernorm", "model.norm"),
+        ("probe_examples=100", "probe_examples"),
+        ("optim.name=adam", "optim.name"),
+    ],
+)
 def test_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         point([override])
@@ -115,5 +128,5 @@ def test_sgd_output_change_grows_with_width_and_adam_faster(sweep):
     ds = sweep[0].dataset
     output = {opt: ws.series(ds, "act_change_rms", opt, ws.layer_index(ds)["output"], 1) for opt in ("sgd", "adam")}
     ratio = {opt: np.exp(np.mean(np.log(output[opt][:, 1] / output[opt][:, 0]))) for opt in ("sgd", "adam")}
-    assert 8 ** 0.5 < ratio["sgd"] <= 8 ** 1.25
+    assert 8**0.5 < ratio["sgd"] <= 8**1.25
     assert ratio["adam"] > ratio["sgd"]
