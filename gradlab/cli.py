@@ -95,7 +95,7 @@ def _run(args) -> int:
         return 0
     ds = outcome.dataset
     print(
-        f"{args.experiment}: {'reused stored results' if outcome.cached else 'ran'}"
+        f"{outcome.dataset.attrs['experiment']}: {'reused stored results' if outcome.cached else 'ran'}"
         f" in {time.perf_counter() - start:.1f} s"
         f" ({ds.attrs['static_groups']} compiled groups, compile {ds.attrs['compile_seconds']:.1f} s,"
         f" run {ds.attrs['run_seconds']:.1f} s on {ds.attrs['device_count']} x {ds.attrs['device_kind']})"
@@ -257,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ngradlab: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `gradlab list | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
