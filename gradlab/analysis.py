@@ -96,10 +96,9 @@ def final(x, diverged=None, tail: int = 1, axis: int = -1) -> np.ndarray:
 
 
 def reference(ds, name: str) -> np.ndarray:
-    """The run-time reference `ref.<name>` of a result set (an experiment's `reference(cfg)`), without
-    the length-1 sweep axes `results.with_axes` adds to every variable."""
-    var = ds[f"ref.{name}"]
-    return np.asarray(var.isel({dim: 0 for dim in var.dims if not dim.startswith(f"ref.{name}.")}).values)
+    """The run-time reference `ref.<name>` of a result set (an experiment's `reference(cfg)`);
+    `results.with_axes` leaves these variables with their own dims only."""
+    return np.asarray(ds[f"ref.{name}"].values)
 
 
 def exponential_average(x, start: float, momentum: float) -> np.ndarray:

@@ -112,17 +112,23 @@ def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
         raise ResultsError(f"{path}: checkpoint is unreadable ({e}); rerun with --fresh") from None
 
 
+def versions() -> dict[str, str]:
+    """{"version_<package>": version} of gradlab and the libraries its numbers depend on."""
+    from gradlab import __version__
+
+    found = {"version_gradlab": __version__}
+    for package in ("jax", "jaxlib", "optax", "numpy", "xarray"):
+        try:
+            found[f"version_{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[f"version_{package}"] = "unknown"
+    return found
+
+
 def provenance(command: str | None = None) -> dict[str, str]:
     """Versions, command line, git commit: what makes a result reproducible."""
     info = {"command": command if command is not None else " ".join(sys.argv), "python": platform.python_version()}
-    from gradlab import __version__
-
-    info["version_gradlab"] = __version__
-    for package in ("jax", "jaxlib", "optax", "numpy", "xarray"):
-        try:
-            info[f"version_{package}"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[f"version_{package}"] = "unknown"
+    info.update(versions())
     flags = os.environ.get("XLA_FLAGS", "")
     info["xla_flags"] = flags
     info["deterministic_ops"] = _deterministic_ops(flags)
@@ -229,7 +235,7 @@ VERSIONED = ("gradlab", "jax", "jaxlib")  # a stored result made under others is
 
 def version_note(ds: xr.Dataset) -> str:
     """One line when ds was made by another gradlab, jax or jaxlib than this one; "" otherwise."""
-    now = provenance("")
+    now = versions()  # not provenance(): no git subprocess on every reuse
     moved = [
         f"{p} {ds.attrs.get(f'version_{p}', 'unknown')} (now {now[f'version_{p}']})"
         for p in VERSIONED

@@ -141,7 +141,7 @@ def measure(ds) -> Measured:
         for name, sel in found.items()
     }
     best = {name: np.median(np.min(final, axis=0), axis=0) for name, final in finals.items()}
-    chance = float(ds["ref.constant_loss"].item()) if cfg["data"]["task"] == "regression" else float("nan")
+    chance = float(analysis.reference(ds, "constant_loss")) if cfg["data"]["task"] == "regression" else float("nan")
     rate = plain_rate(model)
     slope = power = tolerance = stall = worst = None
     if "plain" in found and rate is not None and deep.sum() >= 2:
@@ -223,8 +223,7 @@ def figures(ds, m: Measured) -> dict:
         ylabel=r"$\|\partial L/\partial W_0\|_F$ at init",
         title="first-layer gradient at init",
     )
-    ax.set_xticks(depths, [str(d) for d in depths])
-    ax.minorticks_off()
+    plotting.value_ticks(ax, depths)
     lines = []
     if m.plain_slope is not None:
         lines.append(
@@ -296,5 +295,4 @@ def _loss_panel(ax, m: Measured, lr_index: int | None, title: str):
         ax.set_yscale("log")
         ax.set_ylim(max(ax.get_ylim()[0], 1e-8), 4 * chance)
     ax.set(xscale="log", yscale="log", xlabel="depth L", ylabel="final training loss", title=title)
-    ax.set_xticks(depths, [str(d) for d in depths])
-    ax.minorticks_off()
+    plotting.value_ticks(ax, depths)

@@ -201,7 +201,7 @@ def measure(ds) -> Measured:
     if "relu" in acts and "he_normal" in schemes:
         m = moments(ds, "relu", "he_normal").mean(axis=0)[1:-1]
         he_flat = float(np.max(np.abs(np.log(m / m[0]))))
-    constant = float(ds["ref.constant_loss"].values.flat[0])  # with_axes gave it the unswept axes' dims
+    constant = float(analysis.reference(ds, "constant_loss"))
     final = {}
     if "relu" in acts:
         for optimizer in opts:
