@@ -95,6 +95,17 @@ def final(x, diverged=None, tail: int = 1, axis: int = -1) -> np.ndarray:
     return out if diverged is None else np.where(np.asarray(diverged, bool), np.inf, out)
 
 
+def variants(ds, residual_first: bool = False):
+    """(name, selection) of each residual x norm variant a result set holds: "plain", "layernorm",
+    "residual", "residual+layernorm", ...; norms outer unless `residual_first`."""
+    pairs = [(r, n) for r in ds["model.residual"].values for n in ds["model.norm"].values]
+    if not residual_first:
+        pairs = [(r, n) for n in ds["model.norm"].values for r in ds["model.residual"].values]
+    for residual, norm in pairs:
+        name = "+".join((["residual"] if residual else []) + ([] if norm == "none" else [str(norm)])) or "plain"
+        yield name, {"model.residual": residual, "model.norm": norm}
+
+
 def reference(ds, name: str) -> np.ndarray:
     """The run-time reference `ref.<name>` of a result set (an experiment's `reference(cfg)`);
     `results.with_axes` leaves these variables with their own dims only."""

@@ -84,3 +84,13 @@ def test_slope_is_invariant_to_adding_a_line(ys, a, b):
     x = np.arange(len(ys), dtype=float)
     y = np.asarray(ys)
     assert analysis.slope(x, y + a + b * x) == pytest.approx(analysis.slope(x, y) + b, abs=1e-6)
+
+
+def test_variants_name_every_residual_norm_pair_in_the_asked_order():
+    import xarray as xr
+
+    ds = xr.Dataset(coords={"model.residual": [False, True], "model.norm": ["none", "layernorm"]})
+    assert [name for name, _ in analysis.variants(ds)] == ["plain", "residual", "layernorm", "residual+layernorm"]
+    first = list(analysis.variants(ds, residual_first=True))
+    assert [name for name, _ in first] == ["plain", "layernorm", "residual", "residual+layernorm"]
+    assert first[3][1] == {"model.residual": True, "model.norm": "layernorm"}

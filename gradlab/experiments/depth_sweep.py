@@ -105,14 +105,6 @@ def residual_layernorm_exponent() -> float:
 # ----------------------------------------------------------------------------- measured
 
 
-def variants(ds):
-    """(name, selection) of each norm x residual variant the run holds: "plain", "residual+layernorm", ..."""
-    for norm in ds["model.norm"].values:
-        for residual in ds["model.residual"].values:
-            name = "+".join((["residual"] if residual else []) + ([] if norm == "none" else [str(norm)])) or "plain"
-            yield name, {"model.norm": norm, "model.residual": residual}
-
-
 class Measured(NamedTuple):
     depths: np.ndarray
     first_grad: dict  # variant name -> |dL/dW_0| at init, (seeds, depths): the same at every lr
@@ -131,7 +123,7 @@ def measure(ds) -> Measured:
     model, seeds = cfg["model"], ds.sizes["seed"]
     depths = ds["model.depth"].values
     deep = depths >= FIT_FROM
-    found = dict(variants(ds))
+    found = dict(analysis.variants(ds))
     grads = {
         name: ds["first_grad_norm"].sel(sel).isel({"optim.lr": 0, "step": 0}).transpose("seed", "model.depth").values
         for name, sel in found.items()

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradlab import plotting, trials
+from gradlab import analysis, plotting, trials
 from gradlab.config import ExperimentConfig
 from gradlab.experiments import Check
 
@@ -27,13 +27,6 @@ AXES = ["model.activation", "model.residual", "model.norm", "seed"]
 
 def trial(cfg):
     return trials.supervised_mlp(cfg)
-
-
-def _variants(ds):
-    for residual in ds["model.residual"].values:
-        for norm in ds["model.norm"].values:
-            parts = (["residual"] if residual else []) + ([] if norm == "none" else [str(norm)])
-            yield "+".join(parts) or "plain", {"model.residual": residual, "model.norm": norm}
 
 
 def _at_init(ds, var, activation, sel):
@@ -98,7 +91,7 @@ def figures(ds, m: Measured | None) -> dict:
             [("grad_norm", r"$\|\partial L/\partial W_l\|_F$"), ("act_rms", "activation RMS")]
         ):
             ax = axes[row, col]
-            for name, sel in _variants(ds):
+            for name, sel in analysis.variants(ds, residual_first=True):
                 plotting.band(ax, layers, _at_init(ds, var, activation, sel), name)
             ax.set_yscale("log")
             if col == 0:
