@@ -129,3 +129,12 @@ def moving_average(x, window: int) -> np.ndarray:
     part: window - 1 entries fewer), entry j averaging x[..., j : j + window]."""
     kernel = np.ones(window) / window
     return np.apply_along_axis(lambda row: np.convolve(row, kernel, mode="valid"), -1, np.asarray(x, float))
+
+
+def lr_sensitivity(final, initial: float) -> float:
+    """Wortsman et al. 2023's LR sensitivity E_eta[min(L(eta), L0) - L*] over a log-spaced grid of
+    rates, divided by L0: `final` the final loss per rate (non-finite: diverged, counted as L0),
+    `initial` L0 the loss at initialisation, L* the best capped loss of the grid (as lr_sweep.Curve)."""
+    final = np.asarray(final, float)
+    capped = np.minimum(np.where(np.isfinite(final), final, initial), initial)
+    return float(np.mean(capped - capped.min()) / initial)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 import xarray as xr
 
 from gradlab import config, engine, experiments, plotting, results
-from gradlab.errors import GradlabError
+from gradlab.errors import ArgumentError, FigureError, GradlabError, ResultsError
 from gradlab.experiments import Check
 
 
@@ -76,8 +77,6 @@ def execute(
     run = results.run_dir(out, experiment, spec.hash)
     results_path = run / results.RESULTS_FILE
     writer = jax.process_index() == 0
-    if fresh and writer:  # the old results stay until the new ones replace them, so a failed run loses nothing
-        results.clear_checkpoints(run)
     cached = results_path.exists() and not fresh
     if cached:
         try:
@@ -90,33 +89,50 @@ def execute(
             note = results.version_note(ds)
             if note and on_note is not None and writer:
                 on_note(note)
-    if not cached:
-        ckpt = run / "ckpt"
+    with contextlib.ExitStack() as held:
+        if not cached and writer:  # one writer per run folder (an OS lock, released however the process ends)
+            held.enter_context(results.RunLock(results.ensure_dir(run)))
+            if fresh:  # the old results stay until the new ones replace them, so a failed run loses nothing
+                results.clear_checkpoints(run)
         if writer:
-            results.ensure_dir(run)
-            results.ensure_dir(ckpt)
-            results.remove_stale_temporaries(run)
-            results.write_text(run / "config.yaml", config.runnable_yaml(spec))
-        sweep = engine.run_sweep(
-            module.trial,
-            config.plan(spec),
-            checkpoint_dir=ckpt,
-            progress=progress and writer,
-            devices=devices,
-            stop=stop,
-            memory=memory,
-            on_note=on_note if writer else None,
-        )
-        reference = module.reference(spec.config) if hasattr(module, "reference") else None
-        ds = results.build_dataset(sweep, spec.to_dict(), spec.hash, reference=reference)
-        if writer:
-            results.save(ds, results_path)
-            results.clear_checkpoints(run)
-    measured, found = experiments.evaluate(module, ds)
+            results.remove_orphaned_checkpoints(out)
+        if not cached:
+            ds = _run_and_store(spec, module, run, writer, progress, devices, stop, memory, on_note)
+    measured, found = _evaluate(module, ds, str(results_path))
     figures = []
     if draw and writer:
-        figures = save_figures(experiment, ds, Path(out) / "figures", measured)
+        try:
+            figures = save_figures(experiment, ds, Path(out) / "figures", measured)
+        except FigureError as e:  # a narrowed sweep: the results and checks stand without a figure
+            if on_note is not None:
+                on_note(f"no figure: {e}")
     return Outcome(ds, run, found, figures, cached, measured)
+
+
+def _run_and_store(spec, module, run: Path, writer: bool, progress, devices, stop, memory, on_note) -> xr.Dataset:
+    """Run a sweep (resuming from its checkpoints), store its results, clear its checkpoints."""
+    ckpt = run / "ckpt"
+    if writer:
+        results.ensure_dir(ckpt)
+        results.remove_stale_temporaries(run)
+        results.write_text(run / "config.yaml", config.runnable_yaml(spec))
+    sweep = engine.run_sweep(
+        module.trial,
+        config.plan(spec),
+        checkpoint_dir=ckpt,
+        progress=progress and writer,
+        devices=devices,
+        stop=stop,
+        memory=memory,
+        on_note=on_note if writer else None,
+        tag=spec.hash,
+    )
+    reference = module.reference(spec.config) if hasattr(module, "reference") else None
+    ds = results.build_dataset(sweep, spec.to_dict(), spec.hash, reference=reference)
+    if writer:
+        results.save(ds, run / results.RESULTS_FILE)
+        results.clear_checkpoints(run)
+    return ds
 
 
 def dry_run(
@@ -161,6 +177,8 @@ def dry_run(
         )
         if compiled.batches > 1:
             lines.append(f"    {engine.split_note(compiled)}")
+    if hasattr(module, "cost"):  # an experiment's own cost beyond the table (e.g. HVPs per measurement)
+        lines.append(f"  {module.cost(spec.config)}")
     return "\n".join(lines)
 
 
@@ -172,32 +190,97 @@ def run(
     Keyword arguments are overrides, `__` standing for a dot:
     `gradlab.run("gradient_flow", seeds=8, model__depth=32)`.
     """
-    items = list(overrides) + [(key.replace("__", "."), value) for key, value in kwargs.items()]
+    if not isinstance(experiment, (str, os.PathLike)):
+        raise ArgumentError(f"gradlab.run: experiment must be a name or a config file path, got {experiment!r}")
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(o, (str, tuple, list)) for o in overrides):
+        raise ArgumentError(
+            f"gradlab.run: overrides must be a list of 'key=value' strings or (key, value) pairs, got {overrides!r} "
+            "(a single one goes in a list: overrides=['steps=5'], or as a keyword: steps=5)"
+        )
+    if scale is not None and not isinstance(scale, str):
+        raise ArgumentError(f"gradlab.run: scale must be a preset name such as 'quick', got {scale!r}")
+    items = [config.parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    items += [(key.replace("__", "."), value) for key, value in kwargs.items()]
     return execute(experiment, items, scale, out=out, fresh=fresh, progress=progress, draw=False).dataset
 
 
 def load(run_dir) -> xr.Dataset:
-    """The stored results of a run folder."""
-    return results.load(run_dir)
+    """The stored results of a run folder (or results file), checked against its experiment."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise ArgumentError(f"gradlab.load: run_dir must be a run folder or results file path, got {run_dir!r}")
+    ds = results.load(run_dir)
+    path = Path(run_dir)
+    folder = (path if path.is_dir() else path.parent).name
+    named, names = folder.rsplit("-", 1)[0], experiments.names()
+    if named in names and ds.attrs.get("experiment") in names and named != ds.attrs["experiment"]:
+        raise ResultsError(f"{path}: the file is for {ds.attrs['experiment']!r} but its run folder is {named!r}")
+    _module_of(ds, str(path))
+    return ds
 
 
-def figures(ds: xr.Dataset, measured=None) -> dict:
-    """Every figure of a result set, by suffix ("" is the main one)."""
-    module = experiments.get(ds.attrs["experiment"])
+def _module_of(ds, where: str = "the results"):
+    """The experiment module of a result set, after checking the set names one and holds its axes."""
+    if not isinstance(ds, xr.Dataset):
+        raise ArgumentError(f"expected a run's Dataset (from gradlab.load(path) or gradlab.run), got {ds!r:.80}")
+    name = ds.attrs.get("experiment")
+    if not isinstance(name, str) or name not in experiments.names():
+        raise ResultsError(f"{where}: names no known experiment (experiment attribute: {name!r})")
+    module = experiments.get(name)
+    try:
+        cfg = results.run_config(ds)
+    except (KeyError, TypeError, ValueError):
+        raise ResultsError(f"{where}: its config attribute is missing or unreadable") from None
+    missing = [a for a in module.AXES if a not in ds.dims and not _has_key(cfg, a)]
+    missing += [v for v in ("diverged", "first_bad_step") if v not in ds.data_vars]
+    if missing:
+        raise ResultsError(f"{where}: these {name} results lack {', '.join(missing)}")
+    return module
+
+
+def _has_key(cfg, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return False
+        cfg = cfg[part]
+    return True
+
+
+def _evaluate(module, ds, where: str = "the results"):
+    """experiments.evaluate, with a KeyError (a variable or axis value the results lack) as one line."""
+    try:
+        return experiments.evaluate(module, ds)
+    except KeyError as e:
+        raise ResultsError(f"{where}: {module.NAME} cannot read these results ({_missing(e)})") from None
+
+
+def _missing(e: KeyError) -> str:
+    """A KeyError's first sentence: what was missing (xarray's messages go on to suggest options)."""
+    text = str(e.args[0] if e.args else e).split(". ")[0]
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
+def figures(ds: xr.Dataset, measured=None, style: str = "screen") -> dict:
+    """Every figure of a result set, by suffix ("" is the main one); `style` is `screen` or `paper`
+    (one or two journal columns wide, 8 pt)."""
+    module = _module_of(ds)
     if measured is None:
-        measured, _ = experiments.evaluate(module, ds)
-    return experiments.draw(module, ds, measured)
+        measured, _ = _evaluate(module, ds)
+    try:
+        return experiments.draw(module, ds, measured, style)
+    except KeyError as e:
+        why = _missing(e)
+        raise FigureError(f"{module.NAME}: its figure cannot be drawn from this narrowed sweep ({why})") from None
 
 
-def plot(ds: xr.Dataset):
+def plot(ds: xr.Dataset, style: str = "screen"):
     """The main figure of a result set, as a matplotlib Figure."""
-    return figures(ds)[""]
+    return figures(ds, style=style)[""]
 
 
-def save_figures(experiment: str, ds: xr.Dataset, folder: Path, measured=None) -> list[Path]:
+def save_figures(experiment: str, ds: xr.Dataset, folder: Path, measured=None, style: str = "screen") -> list[Path]:
     folder = results.ensure_dir(Path(folder))
     paths = []
-    for suffix, fig in figures(ds, measured).items():
+    for suffix, fig in figures(ds, measured, style).items():
         stem = folder / (f"{experiment}_{suffix}" if suffix else experiment)
         paths += plotting.save(fig, stem)
     return paths
@@ -205,12 +288,12 @@ def save_figures(experiment: str, ds: xr.Dataset, folder: Path, measured=None) -
 
 def measure(ds: xr.Dataset):
     """The experiment's measured numbers (its `Measured`) from a result set."""
-    return experiments.evaluate(experiments.get(ds.attrs["experiment"]), ds)[0]
+    return _evaluate(_module_of(ds), ds)[0]
 
 
 def checks(ds: xr.Dataset) -> list[Check]:
     """The experiment's checks on a result set."""
-    return experiments.evaluate(experiments.get(ds.attrs["experiment"]), ds)[1]
+    return _evaluate(_module_of(ds), ds)[1]
 
 
 @dataclass
@@ -223,6 +306,7 @@ class Reproduced:
     seconds: float
     cached: bool
     error: str = ""
+    run_dir: Path | None = None  # where its results are stored (None when it failed)
 
     @property
     def passed(self) -> bool:
@@ -245,7 +329,7 @@ def reproduce(
 
     An experiment that fails with a gradlab error is reported as failed and the others go on; an
     interrupted reproduce resumes where it stopped, since finished experiments are stored and the
-    running one checkpoints after every chunk.
+    running one checkpoints after every chunk. OUT/figures/report.html shows them all (`gradlab report`).
     """
     from gradlab import runtime
 
@@ -261,10 +345,24 @@ def reproduce(
         module = experiments.get(target(name)[0])
         try:
             outcome = execute(name, (), scale, out=out, progress=progress, stop=stop, memory=memory)
-            row = Reproduced(name, module.CLAIM, outcome.checks, time.perf_counter() - start, outcome.cached)
+            row = Reproduced(
+                name, module.CLAIM, outcome.checks, time.perf_counter() - start, outcome.cached, run_dir=outcome.run_dir
+            )
         except GradlabError as e:
             row = Reproduced(name, module.CLAIM, [], time.perf_counter() - start, False, error=str(e))
         done.append(row)
         if on_done is not None:
             on_done(i, len(names), row)
+    stored = [row.run_dir for row in done if row.run_dir is not None]
+    if stored and jax_writer():
+        from gradlab import report
+
+        report.write(stored, Path(out) / "figures" / "report.html")
     return done
+
+
+def jax_writer() -> bool:
+    """Whether this process writes (process 0 of a jax.distributed cluster, or the only one)."""
+    import jax
+
+    return jax.process_index() == 0

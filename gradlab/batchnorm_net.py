@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import analysis, models
+from gradlab import analysis, data, models
 
 EPS = 1e-5  # flax.linen.BatchNorm's default epsilon
 ULP = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff, 2^-24
@@ -119,7 +119,7 @@ def apply(params, stats, x, mask, spec: models.MLPSpec, hyper: models.MLPHyper, 
 
 def masked_loss(data_cfg, out, y, mask):
     """data.loss over the rows where mask is true: mean squared error or softmax cross-entropy."""
-    if data_cfg.task == "classification":
+    if data.kind(data_cfg) == "classification":
         per_row = optax.softmax_cross_entropy_with_integer_labels(out, y)
     else:
         per_row = jnp.mean(jnp.square(out - y), axis=-1)

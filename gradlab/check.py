@@ -30,13 +30,30 @@ class Check:
       name: what is measured, as the check table shows it (unique within an experiment).
       measured: the measured number.
       expected: the bound in words, e.g. "<= 10 x 0.25^9 = 3.815e-05".
-      passed: whether the measured number meets the bound (NaN never does).
+      passed: whether the measured number meets the bound (NaN never does); a skipped check passes.
+      skipped: the sweep, narrowed by the user, lacks what the check reads; `expected` says what.
     """
 
     name: str
     measured: float
     expected: str
     passed: bool
+    skipped: bool = False
+
+    @property
+    def result(self) -> str:
+        """What a check table prints: pass, FAIL, skipped, or "no healthy point" for a NaN
+        measurement (every point the check reads diverged, so there is nothing to compare)."""
+        if self.skipped:
+            return "skipped"
+        if self.passed:
+            return "pass"
+        return "FAIL: no healthy point" if self.measured != self.measured else "FAIL"
+
+    @classmethod
+    def skip(cls, name: str, needs: str) -> Check:
+        """A check this sweep cannot compute: `needs` says what the sweep must hold for it."""
+        return cls(name, float("nan"), f"skipped: needs {needs}", True, skipped=True)
 
     @classmethod
     def at_most(cls, name: str, measured: float, bound: float, why: str = "") -> Check:

@@ -13,6 +13,7 @@ from gradlab.cli_parser import UsageError, build_parser, overrides_first
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 CLAIM_WIDTH = 60  # `gradlab list` prints the claims in full
 
 
@@ -36,7 +37,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def check_table(checks) -> str:
-    rows = [[c.name, f"{c.measured:.4g}", c.expected, "pass" if c.passed else "FAIL"] for c in checks]
+    rows = [[c.name, f"{c.measured:.4g}", c.expected, c.result] for c in checks]
     return _table(rows, ["check", "measured", "expected", "result"])
 
 
@@ -59,7 +60,13 @@ def _stop_on_ctrl_c():
             raise KeyboardInterrupt
         asked.append(signum)
 
+    def terminate(signum, frame):
+        from gradlab.errors import Terminated
+
+        raise Terminated
+
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, terminate)  # checkpoints are written atomically: stopping anywhere is safe
     return lambda: bool(asked)
 
 
@@ -122,9 +129,7 @@ def reproduce_table(rows) -> str:
             table.append([head[0], head[1], "error: " + r.error, "", "", "FAIL", head[2]])
         for k, c in enumerate(r.checks):
             first = head if k == 0 else ["", "", ""]
-            table.append(
-                [first[0], first[1], c.name, f"{c.measured:.4g}", c.expected, "pass" if c.passed else "FAIL", first[2]]
-            )
+            table.append([first[0], first[1], c.name, f"{c.measured:.4g}", c.expected, c.result, first[2]])
     return _table(table, ["experiment", "claim", "check", "measured", "expected", "result", "time"])
 
 
@@ -214,8 +219,16 @@ def _plot(args) -> int:
     from gradlab import api
 
     ds = api.load(args.run_dir)
-    for path in api.save_figures(ds.attrs["experiment"], ds, Path(args.out) / "figures"):
+    for path in api.save_figures(ds.attrs["experiment"], ds, Path(args.out) / "figures", style=args.style):
         print(f"figure:  {path}")
+    return 0
+
+
+def _report(args) -> int:
+    from gradlab import report
+
+    path = report.write(args.runs, args.output, every=args.all, root=args.root)
+    print(f"report:  {path}")
     return 0
 
 
@@ -236,7 +249,7 @@ def _one_line_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gradlab.errors import GradlabError
+    from gradlab.errors import GradlabError, Terminated
 
     _one_line_warnings()
     try:
@@ -248,12 +261,18 @@ def main(argv: list[str] | None = None) -> int:
             "list": _list,
             "show": _show,
             "plot": _plot,
+            "report": _report,
             "completion": _completion,
         }
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # a full disk or a closed pipe on stdout is met here, not at exit
+        return code
     except (GradlabError, UsageError) as e:
         print(f"gradlab: error: {e}" if isinstance(e, GradlabError) else f"{e}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        print("\ngradlab: terminated; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("\ngradlab: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -262,6 +281,24 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # what the OS refuses (a full disk, a name too long, no permission, a read-only disk)
+        return _os_error(e)
+
+
+def _os_error(e: OSError) -> int:
+    """One line for an OSError; every file gradlab writes is replaced atomically, so earlier ones are intact."""
+    import os
+
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # stdout itself failed: drop what is left
+    where = f"{e.filename}: " if e.filename else "writing the output: "
+    print(
+        f"gradlab: error: {where}{e.strerror or e}; files written before are intact (every write is atomic)",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -159,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="redraw the figures of a stored run")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=".", help="figures go to OUT/figures (default: .)")
+    pl.add_argument(
+        "--style",
+        choices=("screen", "paper"),
+        default="screen",
+        help="screen (default) or paper: one or two journal columns (3.3 / 7.0 in) wide, 8 pt, TrueType fonts",
+    )
+
+    rep = sub.add_parser(
+        "report",
+        help="one offline HTML page of runs: claims, figures, checks, how to reproduce, a data explorer",
+        description="Write one self-contained HTML file (it works offline) showing, for every run: its claim, "
+        "figures, checks, the command and config that reproduce it, its provenance, and an explorer of its "
+        "results (metric, x axis, series, the other axes fixed by sliders, log axes, diverged points marked).",
+    )
+    rep.add_argument("runs", nargs="*", metavar="RUN", help="run folders (holding results.nc)")
+    rep.add_argument("--all", action="store_true", help="every run under --root (newest per experiment)")
+    rep.add_argument("--root", default=".", help="with --all: the folder holding runs/ (default: .)")
+    rep.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default: report.html)")
     return p
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gradlab import results
@@ -28,8 +27,6 @@ from gradlab.errors import ResultsError, SweepTooLarge  # noqa: F401 (SweepTooLa
 from gradlab.programs import (  # noqa: F401 (re-exported: the engine's public names)
     LANE_MULTIPLE,
     CompiledGroup,
-    _get,
-    _put,
     _same_on_every_process,
     available_bytes,
     compile_group,
@@ -74,23 +71,51 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _checkpoint_arrays(t: int, carry, metrics: dict, points: int) -> dict:
+def _checkpoint_arrays(t: int, carry: dict, metrics: dict, points: int) -> dict:
     arrays = {"t": np.asarray(t)}
-    for i, leaf in enumerate(jax.tree.leaves(_get(carry))):
+    for i, leaf in enumerate(jax.tree.leaves(carry)):
         arrays[f"state_{i:04d}"] = leaf
     for name, chunks in metrics.items():
         arrays[f"metric.{name}"] = np.concatenate(chunks, axis=1) if chunks else np.zeros((points, 0))
     return arrays
 
 
-def _restore(path: Path, group: CompiledGroup):
-    arrays = results.load_checkpoint(path)
+def _identity(group: CompiledGroup, tag: str) -> dict:
+    """What a checkpoint must match to be resumed: the run (config hash, group), the gradlab that
+    wrote it, and the state's tree structure, dtypes and per-point shapes (not the device count)."""
+    from gradlab import __version__
+
+    leaves, treedef = jax.tree.flatten(group.carry_shape)
+    return {
+        "run": tag,
+        "gradlab": __version__,
+        "tree": str(treedef),
+        "leaves": [[str(np.dtype(s.dtype)), list(s.shape[1:])] for s in leaves],
+    }
+
+
+def _rows(a: np.ndarray, real: int, batch: int) -> np.ndarray:
+    """A checkpointed array's first `real` points, padded to `batch` by repeating the last one (as
+    the padded lanes do), so a checkpoint resumes on another device count."""
+    return np.concatenate([a[:real], np.repeat(a[real - 1 : real], batch - real, axis=0)])
+
+
+def _restore(path: Path, group: CompiledGroup, tag: str, real: int):
+    """(t, carry, metrics) from a checkpoint, or the reason it cannot be resumed."""
+    try:
+        arrays, meta = results.read_checkpoint(path)
+    except ResultsError as e:
+        return str(e).rsplit("checkpoint is ", 1)[-1].replace("; rerun with --fresh", "")
+    want = _identity(group, tag)
+    wrong = [k for k in want if meta.get(k) != want[k]]
+    if wrong:
+        return f"it was written for another {' and '.join(wrong)}"
     leaves_shape, treedef = jax.tree.flatten(group.carry_shape)
-    leaves = [arrays.get(f"state_{i:04d}") for i in range(len(leaves_shape))]
-    if any(a is None or a.shape != s.shape for a, s in zip(leaves, leaves_shape)):
-        raise ResultsError(f"{path}: checkpoint does not match this program; rerun with --fresh")
-    carry = _put(jax.tree.unflatten(treedef, leaves), group.sharding)
-    metrics = {k[len("metric.") :]: [v] for k, v in arrays.items() if k.startswith("metric.")}
+    leaves = [arrays.get(f"state_{i:04d}", np.zeros(0)) for i in range(len(leaves_shape))]
+    if any(a.shape[1:] != s.shape[1:] or a.shape[0] < real for a, s in zip(leaves, leaves_shape)):
+        return "it holds other points"
+    carry = group.put(jax.tree.unflatten(treedef, [_rows(a, real, group.batch) for a in leaves]))
+    metrics = {k[len("metric.") :]: [_rows(v, real, group.batch)] for k, v in arrays.items() if k.startswith("metric.")}
     return int(arrays["t"]), carry, metrics
 
 
@@ -109,11 +134,15 @@ def run_group(
     checkpoint: Path | None = None,
     on_chunk: Callable[[int], None] | None = None,
     compiled: CompiledGroup | None = None,
+    tag: str = "",
+    on_note: Callable[[str], None] | None = None,
 ):
     """Run one static group to the end; returns (metrics (points, steps, ...), first bad step, compile s).
 
     Each batch of points checkpoints after every chunk (only process 0 writes; every process reads,
-    so with several hosts --out must be a folder they all see).
+    so with several hosts --out must be a folder they all see). A checkpoint resumes only when it
+    was written for the same run (`tag`), by the same gradlab, for a state of the same structure,
+    and reads back with its checksum; otherwise it is discarded with a note and the batch starts over.
     """
     group = compiled or fit_group(trial, hp_host, steps, chunk, devices)
     writer = jax.process_index() == 0
@@ -121,27 +150,29 @@ def run_group(
     for b in range(group.batches):
         path = batch_checkpoint(checkpoint, group, b)
         hp = group.hp(b)
-        if path is not None and path.exists():
-            t, carry, metrics = _restore(path, group)
-        else:
-            t, carry, metrics = 0, group.init(hp), {}
+        real = min(group.batch, group.points - b * group.batch)
+        restored = _restore(path, group, tag, real) if path is not None and path.exists() else None
+        if isinstance(restored, str):
+            if on_note is not None and writer:
+                on_note(f"checkpoint {path} discarded ({restored}); starting the group over")
+            restored = None
+        t, carry, metrics = restored or (0, group.init(hp), {})
         _same_on_every_process(t, f"the checkpoint step of {path}")
         if on_chunk and t:
             on_chunk(t)
         while t < steps:
-            carry, out = group.chunk(hp, carry, jnp.int32(t))
+            carry, out = group.advance(hp, carry, t)
             n = min(chunk, steps - t)
-            for name, value in _get(out).items():
+            for name, value in group.gather(out).items():
                 metrics.setdefault(name, []).append(value[:, :n])
             t += n
             if path is not None:
-                arrays = _checkpoint_arrays(t, carry, metrics, group.batch)
+                arrays = _checkpoint_arrays(t, group.gather(carry), metrics, group.batch)
                 if writer:
-                    results.save_checkpoint(path, arrays)
+                    results.save_checkpoint(path, arrays, _identity(group, tag))
             if on_chunk:
                 on_chunk(n)
-        real = min(group.batch, group.points - b * group.batch)
-        bad.append(_get(carry[1])[:real])
+        bad.append(group.gather([c[1] for c in carry])[:real])
         for k, v in metrics.items():
             merged.setdefault(k, []).append(np.concatenate(v, axis=1)[:real])
     merged = {k: np.concatenate(v, axis=0) for k, v in merged.items()}
@@ -154,20 +185,22 @@ LAYER_DIMS = ("layer", "param")
 
 
 def first_bad_layers(metrics: dict, dims: dict, bad_step: np.ndarray) -> np.ndarray:
-    """The first layer with a non-finite statistic at each point's first bad step (-1: none)."""
-    out = np.full(bad_step.shape, -1, np.int32)
+    """The first layer with a non-finite statistic at each point's first bad step (-1: none).
+
+    Array operations over the diverged points only: a sweep of millions of points takes no Python loop per point.
+    """
+    out = np.full(bad_step.size, -1, np.int32)
     layer_dim = next((d for d in LAYER_DIMS if (d,) in dims.values()), None)
-    layered = [m for name, m in metrics.items() if dims[name] == (layer_dim,)]
-    for idx in np.ndindex(bad_step.shape):
-        if bad_step[idx] < 0:
-            continue
-        at = [m[idx][bad_step[idx]] for m in layered]
-        bad = np.zeros(at[0].shape, bool) if at else np.zeros(0, bool)
-        for a in at:
-            bad |= ~np.isfinite(a)
-        if bad.any():
-            out[idx] = int(np.argmax(bad))
-    return out
+    points = bad_step.size
+    layered = [m.reshape((points,) + m.shape[bad_step.ndim :]) for n, m in metrics.items() if dims[n] == (layer_dim,)]
+    (where,) = np.nonzero(bad_step.reshape(-1) >= 0)
+    if layered and where.size:
+        at = bad_step.reshape(-1)[where]  # each diverged point at its first bad step: (diverged, layer)
+        bad = np.zeros((where.size, max(m.shape[-1] for m in layered)), bool)
+        for m in layered:
+            bad[:, : m.shape[-1]] |= ~np.isfinite(m[where, at])
+        out[where] = np.where(bad.any(axis=1), np.argmax(bad, axis=1), -1)
+    return out.reshape(bad_step.shape)
 
 
 def run_sweep(
@@ -180,6 +213,7 @@ def run_sweep(
     stop: Callable[[], bool] | None = None,
     memory: int | None = None,
     on_note: Callable[[str], None] | None = None,
+    tag: str = "",
 ) -> SweepResult:
     """Run every group of the plan; metrics come back labelled by the sweep axes.
 
@@ -194,6 +228,7 @@ def run_sweep(
       memory: bytes per device a group may use (default: what the devices have free); a group
         that needs more runs in batches of points (fit_group).
       on_note: called with each note as it is made (e.g. that a group runs in batches).
+      tag: names the run in its checkpoints (the config hash); a checkpoint of another is discarded.
     """
     from tqdm.auto import tqdm
 
@@ -221,7 +256,7 @@ def run_sweep(
                 on_note(notes[-1])
             bar.total += steps * (compiled.batches - 1)
             bar.refresh()
-        metrics, bad, seconds = run_group(trial, group.hp, steps, chunk, devices, ckpt, tick, compiled)
+        metrics, bad, seconds = run_group(trial, group.hp, steps, chunk, devices, ckpt, tick, compiled, tag, on_note)
         compile_seconds += seconds
         per_group.append((group.index, trial, metrics, bad))
     bar.close()

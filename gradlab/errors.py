@@ -25,12 +25,24 @@ class ResultsError(GradlabError):
     """A run folder or results file is unwritable, missing, corrupt or from another version."""
 
 
+class ArgumentError(GradlabError, TypeError):
+    """A Python API call got an argument of the wrong type (the message says what it takes)."""
+
+
+class FigureError(ResultsError):
+    """An experiment's figure cannot be drawn from these results (a sweep narrowed by the user)."""
+
+
 class SweepTooLarge(GradlabError):
     """A sweep's compiled program needs more memory than a device has."""
 
 
 class SetupError(GradlabError):
     """The runtime cannot be set up as asked: a device count, a conflicting XLA flag, a cluster."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM); like Ctrl-C, a rerun resumes from the last checkpoint."""
 
 
 class LapackOnCpuWarning(UserWarning):

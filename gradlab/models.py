@@ -13,6 +13,11 @@ and a block at index >= the (traced) active depth passes h through unchanged, so
 be a vmapped sweep axis under one compile. With `final_norm` (and a norm) the last hidden state
 is normalised once more before the readout, as in Pre-LN transformers; with `remat` each block
 is wrapped in jax.checkpoint, trading recomputation for activation memory.
+
+A parametrization (gradlab/parametrization.py: NTK, muP, depth-muP) adds numbers to MLPHyper, traced
+or constant: a multiplier on each layer kind's init std, forward multipliers on W's product
+(h <- act(a_l (h W) + b)) and on a residual block's branch (h <- h + beta act(...)). Under the
+standard parametrization all are a constant 1 and cost nothing.
 """
 
 from __future__ import annotations
@@ -103,16 +108,34 @@ class MLPHyper(NamedTuple):
     init_gain: jax.Array | float
     bias_std: jax.Array | float
     leaky_slope: jax.Array | float
+    # The parametrization's numbers (gradlab/parametrization.py; 1: the standard parametrization).
+    input_init: jax.Array | float = 1.0  # multiplies the input projection's init std
+    hidden_init: jax.Array | float = 1.0  # ... the hidden blocks' weights' init std
+    output_init: jax.Array | float = 1.0  # ... the readout's init std
+    hidden_multiplier: jax.Array | float = 1.0  # forward multiplier of h @ W in every hidden block
+    output_multiplier: jax.Array | float = 1.0  # ... of h @ W_out in the readout
+    branch_multiplier: jax.Array | float = 1.0  # residual blocks: h + branch_multiplier * act(...)
 
     @classmethod
     def from_hp(cls, hp: dict, prefix: str = "model.") -> MLPHyper:
-        return cls(*(hp[prefix + name] for name in cls._fields))
+        """The config's numbers from a sweep point; the parametrization's are SP's (Parametrized.hyper sets them)."""
+        return cls(*(hp[prefix + name] for name in CONFIG_FIELDS))
 
     @classmethod
     def from_config(cls, model) -> MLPHyper:
-        values = {name: getattr(model, name) for name in cls._fields}
+        values = {name: getattr(model, name) for name in CONFIG_FIELDS}
         values["init"] = inits.scheme_index(model.init)
         return cls(**values)
+
+
+CONFIG_FIELDS = ("depth", "residual", "init", "init_std", "init_gain", "bias_std", "leaky_slope")  # model.<name>
+
+
+def _scaled(x, scale):
+    """x * scale, or x itself where scale is a constant 1 (the standard parametrization: no op)."""
+    if _concrete(scale) and scale == 1:
+        return x
+    return x * jnp.asarray(scale).astype(x.dtype)
 
 
 def _concrete(value) -> bool:
@@ -147,20 +170,21 @@ def init(key, spec: MLPSpec, hyper: MLPHyper) -> dict:
     """Parameters of an MLP, float32, under the (possibly traced) init scheme in `hyper`."""
     d, w, n_in, n_out = spec.depth, spec.width, spec.in_dim, spec.out_dim
 
-    def weight(z):
-        return inits.weight_from_normal(z, hyper.init, hyper.init_std, hyper.init_gain)
+    def weight(z, scale):
+        return _scaled(inits.weight_from_normal(z, hyper.init, hyper.init_std, hyper.init_gain), scale)
 
     # One random draw, split: every jax.random call adds about half a second of compile time.
     sizes = [n_in * w, d * w * w, w * n_out, w, d * w, n_out]
     z = jnp.split(jax.random.normal(key, (sum(sizes),)), np.cumsum(sizes)[:-1])
-    hidden = {"w": jax.vmap(weight)(z[1].reshape(d, w, w)), "b": hyper.bias_std * z[4].reshape(d, w)}
+    hidden_w = jax.vmap(weight, (0, None))(z[1].reshape(d, w, w), hyper.hidden_init)
+    hidden = {"w": hidden_w, "b": hyper.bias_std * z[4].reshape(d, w)}
     if spec.norm != "none":
         hidden["scale"] = jnp.ones((d, w))
         hidden["bias"] = jnp.zeros((d, w))
     params = {
-        "input": {"w": weight(z[0].reshape(n_in, w)), "b": hyper.bias_std * z[3]},
+        "input": {"w": weight(z[0].reshape(n_in, w), hyper.input_init), "b": hyper.bias_std * z[3]},
         "hidden": hidden,
-        "output": {"w": weight(z[2].reshape(w, n_out)), "b": hyper.bias_std * z[5]},
+        "output": {"w": weight(z[2].reshape(w, n_out), hyper.output_init), "b": hyper.bias_std * z[5]},
     }
     if spec.final_norm and spec.norm != "none":
         params["final"] = {"scale": jnp.ones((w,)), "bias": jnp.zeros((w,))}
@@ -235,11 +259,14 @@ def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None =
     def block(h, layer):
         index, lp, probe = layer
         z = apply_norm(spec.norm, h, lp) if pre_norm else h
-        pre = z @ lp["w"] + lp["b"][None]
+        pre = _scaled(z @ lp["w"], hyper.hidden_multiplier) + lp["b"][None]
         if _concrete(residual):  # a constant of the group: no multiply by 0 or 1 on every step
-            new = h + act(pre) if residual else act(pre)
+            new = h + _scaled(act(pre), hyper.branch_multiplier) if residual else act(pre)
         else:
-            new = jnp.asarray(residual).astype(dtype) * h + act(pre)
+            branch = hyper.branch_multiplier
+            if not (_concrete(branch) and branch == 1):  # a plain (non-residual) lane keeps its act(pre)
+                branch = jnp.where(residual, branch, 1.0)
+            new = jnp.asarray(residual).astype(dtype) * h + _scaled(act(pre), branch)
         if post_norm:
             new = apply_norm(spec.norm, new, lp)
         if not all_active:
@@ -264,7 +291,7 @@ def apply(params: dict, x, spec: MLPSpec, hyper: MLPHyper, probes: dict | None =
         h, taps_hidden = jax.lax.scan(block, h, layers, unroll=spec.unroll)
     if "final" in p:
         h = apply_norm(spec.norm, h, p["final"])
-    out = h @ p["output"]["w"] + p["output"]["b"][None]
+    out = _scaled(h @ p["output"]["w"], hyper.output_multiplier) + p["output"]["b"][None]
     if probed:
         out = out + probes["output"].astype(dtype)
     taps_out = _layer_taps(out, out)

@@ -1,5 +1,10 @@
-"""A static group's compiled programs: the vmapped, sharded init and chunk of a Trial, how many
-lanes each device holds, and how many fit in its memory.
+"""A static group's compiled programs: the vmapped init and chunk of a Trial, compiled once per
+device, how many lanes each device holds, and how many fit in its memory.
+
+Every device runs its own single-device program over its own block of lanes: one program
+partitioned over several devices (a sharded jit, shard_map or pmap) rounded some sums differently
+from the same program on one device (measured with jaxlib 0.10.2 on XLA:CPU), so a point's bits
+depended on the device count. A block of lanes runs the same code whatever the device count.
 
 The engine (gradlab.engine) runs these programs chunk by chunk; this module only builds them.
 """
@@ -15,7 +20,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from gradlab import sums
 from gradlab.errors import LapackOnCpuWarning, ResultsError, SweepTooLarge
@@ -103,8 +107,9 @@ def lanes_per_device(points: int, devices: int) -> int:
     XLA:CPU vectorises the vmapped (lane) axis 8 floats at a time, and the order in which it
     rounds a program's sums may depend on the lane count: measured on AVX2 with jaxlib 0.10.2
     (YNNPACK off, see gradlab.runtime), 2 to 128 lanes gave a point the same bits and 1 lane
-    did not. A multiple of 8 keeps a point's numbers independent of how many devices, processes
-    or other points share its program (1 and 4 devices agree bit for bit, and so does a sweep
+    did not. A multiple of 8, in one single-device program per device (compile_group), keeps a
+    point's numbers independent of how many devices, processes or other points share its
+    program (1, 2 and 4 devices agree bit for bit after training steps, and so does a sweep
     split into batches) with room to spare. Padding costs at most 7 idle lanes per device;
     padded lanes repeat the last point and are dropped from the results.
     """
@@ -117,17 +122,8 @@ def _pad(hp: dict, total: int) -> dict:
     return {k: np.concatenate([v, np.repeat(v[-1:], total - n)]) for k, v in hp.items()}
 
 
-def _put(tree, sharding):
-    """Host arrays -> global arrays laid out by `sharding`; every process passes the same values."""
-    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index]), tree)
-
-
 def _get(tree):
-    """Global arrays -> host numpy arrays, gathered from every process when there are several."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        tree = multihost_utils.process_allgather(tree, tiled=True)
+    """Device arrays -> host numpy arrays."""
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
@@ -149,16 +145,39 @@ def default_dims(name: str, shape: tuple) -> tuple[str, ...]:
     return tuple(f"{name}_{i}" for i in range(len(shape)))
 
 
+class OnEachDevice:
+    """The same program compiled for each local device; called with one argument list per device.
+
+    A plain argument (not a list) goes to every device. `as_text`, `cost_analysis` and
+    `memory_analysis` are those of one device's program (they are all the same program).
+    """
+
+    def __init__(self, programs):
+        self.programs = tuple(programs)
+
+    def __call__(self, *args):
+        return [p(*(a[i] if isinstance(a, list) else a for a in args)) for i, p in enumerate(self.programs)]
+
+    def __getattr__(self, name):
+        return getattr(self.programs[0], name)
+
+
+def ordered(devices) -> list:
+    """Devices in the order their lanes take in a batch: by process, then id (the same on every process)."""
+    return sorted(devices, key=lambda d: (d.process_index, d.id))
+
+
 class CompiledGroup(NamedTuple):
     """A static group's compiled init and chunk programs, for batches of lanes x devices points.
 
-    The whole group is one batch unless it did not fit in memory (fit_group).
+    Device i of `devices` holds lanes [i * lanes, (i + 1) * lanes) of each batch. The whole group
+    is one batch unless it did not fit in memory (fit_group).
     """
 
-    init: Any
-    chunk: Any
-    carry_shape: Any
-    sharding: NamedSharding
+    init: OnEachDevice
+    chunk: OnEachDevice
+    carry_shape: Any  # one device's carry: leaves (lanes, ...)
+    devices: tuple  # every device of the sweep, in lane order (ordered)
     varying: dict  # host values of the fields that vary over the group's points, unpadded
     lanes: int  # lanes per device in one batch
     compile_seconds: float
@@ -169,42 +188,73 @@ class CompiledGroup(NamedTuple):
 
     @property
     def batch(self) -> int:
-        return self.lanes * self.sharding.mesh.size
+        return self.lanes * len(self.devices)
 
     @property
     def batches(self) -> int:
         return -(-self.points // self.batch)
 
-    def hp(self, b: int = 0):
-        """The (padded, sharded) swept values of batch b."""
+    @property
+    def local(self) -> list[int]:
+        """Positions in `devices` of this process's devices."""
+        return [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
+
+    def hp(self, b: int = 0) -> list:
+        """The swept values of batch b (padded), one dict per local device."""
         part = {k: v[b * self.batch : (b + 1) * self.batch] for k, v in self.varying.items()}
-        return _put(_pad(part, self.batch), self.sharding)
+        return self.put(_pad(part, self.batch))
+
+    def put(self, tree) -> list:
+        """Host arrays of a whole batch (rows = lanes) -> each local device's block of them."""
+        rows = [(slice(i * self.lanes, (i + 1) * self.lanes), self.devices[i]) for i in self.local]
+        return [jax.tree.map(lambda a, at=at, on=on: jax.device_put(a[at], on), tree) for at, on in rows]
+
+    def gather(self, blocks: list):
+        """Each local device's block -> host arrays of the whole batch, from every process."""
+        host = jax.tree.map(lambda *parts: np.concatenate(parts), *[_get(b) for b in blocks])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            host = _get(multihost_utils.process_allgather(host, tiled=True))
+        return host
+
+    def advance(self, hp: list, carry: list, t: int) -> tuple[list, list]:
+        """One chunk from step t on every local device: (carries, metrics), one per device."""
+        done = self.chunk(hp, carry, np.int32(t))
+        return [c for c, _ in done], [m for _, m in done]
 
 
 def compile_group(
     trial: Trial, hp_host: dict, steps: int, chunk: int, devices, lanes: int | None = None
 ) -> CompiledGroup:
-    """Lower and compile a group's init and chunk programs for `lanes` points per device (no step is run)."""
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("sweep",))
-    sharding = NamedSharding(mesh, PartitionSpec("sweep"))
+    """Lower a group's init and chunk programs for `lanes` points per device and compile them for
+    each local device (the compiles run side by side; no step is run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    devices = ordered(devices)
+    local = [d for d in devices if d.process_index == jax.process_index()]
     varying, constant = split_hp(hp_host)
     varying = {k: np.asarray(v, jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)) for k, v in varying.items()}
     lanes = lanes or lanes_per_device(len(hp_host["seed"]), len(devices))
-    hp = {k: jax.ShapeDtypeStruct((lanes * len(devices),), v.dtype, sharding=sharding) for k, v in varying.items()}
-    start = time.perf_counter()
     point_init = jax.vmap(_point_init(trial, constant))
-    init = jax.jit(point_init, out_shardings=sharding).lower(hp).compile()
-    carry_shape = jax.eval_shape(point_init, hp)
-    carry_shape = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), carry_shape)
-    chunk_fn = jax.jit(
-        jax.vmap(_point_chunk(trial, chunk, steps, constant), in_axes=(0, 0, None)),
-        out_shardings=(sharding, sharding),
-        donate_argnums=(1,),
-    )
-    compiled = chunk_fn.lower(hp, carry_shape, jax.ShapeDtypeStruct((), jnp.int32)).compile()
-    if devices[0].platform == "cpu":
+    point_chunk = jax.vmap(_point_chunk(trial, chunk, steps, constant), in_axes=(0, 0, None))
+    start = time.perf_counter()
+    lowered, carry_shape = [], None
+    for device in local:
+        on = jax.sharding.SingleDeviceSharding(device)
+        hp = {k: jax.ShapeDtypeStruct((lanes,), v.dtype, sharding=on) for k, v in varying.items()}
+        shape = jax.eval_shape(point_init, hp)
+        shape = jax.tree.map(lambda s, on=on: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), shape)
+        carry_shape = carry_shape or shape
+        t0 = jax.ShapeDtypeStruct((), jnp.int32, sharding=on)
+        lowered.append(jax.jit(point_init).lower(hp))
+        lowered.append(jax.jit(point_chunk, donate_argnums=(1,)).lower(hp, shape, t0))
+    with ThreadPoolExecutor(max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
+        programs = list(pool.map(lambda program: program.compile(), lowered))
+    init, compiled = OnEachDevice(programs[0::2]), OnEachDevice(programs[1::2])
+    if local[0].platform == "cpu":
         _warn_of_lapack(init, compiled)
-    return CompiledGroup(init, compiled, carry_shape, sharding, varying, lanes, time.perf_counter() - start)
+    return CompiledGroup(init, compiled, carry_shape, tuple(devices), varying, lanes, time.perf_counter() - start)
 
 
 def _warn_of_lapack(*programs) -> None:
@@ -287,8 +337,12 @@ def fit_group(trial: Trial, hp_host: dict, steps: int, chunk: int, devices, memo
 
 
 def size(n: float) -> str:
-    """Bytes in the unit a person reads: 0.3 MiB, 2.1 GiB."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """Bytes in the unit a person reads: 512 bytes, 3.0 KiB, 0.3 MiB, 2.1 GiB (never a 0.0 for a nonzero size)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{int(n)} bytes"
 
 
 def split_note(group: CompiledGroup) -> str:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from importlib import metadata
 from pathlib import Path
 
@@ -49,23 +50,43 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+def os_error_in(error: BaseException | None) -> OSError | None:
+    """The OSError behind an exception, if any: one raised while handling it counts (matplotlib
+    raises AttributeError while it handles a full disk)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename over `path`; never leaves a partial file."""
+    """Call write(tmp_path), fsync it, then rename over `path`; never leaves a partial file.
+
+    Any OSError (a full disk, a read-only or unwritable folder, a name too long), even one that
+    the writer turned into another exception, becomes one ResultsError line.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is as readable as any file
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise ResultsError(f"{path}: could not be written ({e.strerror}); the previous file is untouched") from None
-    except BaseException:
-        _remove(tmp)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            _remove(tmp)
+        cause = os_error_in(e)
+        if cause is None or isinstance(e, KeyboardInterrupt):
+            raise
+        raise ResultsError(
+            f"{path}: could not be written ({cause.strerror or cause}); the previous file is untouched"
+        ) from None
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(dir_fd)
@@ -95,21 +116,47 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """A CRC-32 of every array's name, dtype, shape and bytes, in name order."""
+    crc = 0
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        crc = zlib.crc32(f"{name}:{a.dtype.str}:{a.shape}".encode(), crc)
+        crc = zlib.crc32(a.tobytes(), crc)
+    return f"{crc:08x}"
+
+
+def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> None:
+    """Write a checkpoint atomically with `meta` (what it belongs to) and a checksum of its arrays."""
+    meta = {**(meta or {}), "checksum": checksum(arrays)}
+
     def write(tmp):
         with open(tmp, "wb") as f:
             # numpy's stub matches **arrays against savez's allow_pickle: bool.
-            np.savez(f, **arrays)  # pyright: ignore[reportArgumentType]
+            np.savez(f, **arrays, meta=np.asarray(json.dumps(meta, sort_keys=True)))  # pyright: ignore[reportArgumentType]
 
     atomic_write(path, write)
 
 
-def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
+def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta) of a checkpoint whose checksum holds; ResultsError for one unreadable or damaged."""
     try:  # our own handle: np.load leaks its file when the zip is damaged (a ResourceWarning)
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated checkpoint
-        raise ResultsError(f"{path}: checkpoint is unreadable ({e}); rerun with --fresh") from None
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated checkpoint
+        raise ResultsError(f"{path}: checkpoint is unreadable ({type(e).__name__}); rerun with --fresh") from None
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except (KeyError, ValueError):
+        raise ResultsError(f"{path}: checkpoint is unreadable (no config hash, version or checksum)") from None
+    if not isinstance(meta, dict) or meta.get("checksum") != checksum(arrays):
+        raise ResultsError(f"{path}: checkpoint is unreadable (its checksum does not match its contents)")
+    return arrays, meta
+
+
+def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a checkpoint whose checksum holds (read_checkpoint without its meta)."""
+    return read_checkpoint(path)[0]
 
 
 def versions() -> dict[str, str]:
@@ -201,7 +248,10 @@ def build_dataset(
 
 
 def save(ds: xr.Dataset, path: Path) -> None:
-    atomic_write(Path(path), lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+    """Write ds as netCDF: encoded in memory first, so a full disk meets a plain file write (one
+    line) and never an HDF5 file half open (whose clean-up at exit could crash the process)."""
+    data = ds.to_netcdf(engine="h5netcdf")
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load(run: str | os.PathLike) -> xr.Dataset:
@@ -275,3 +325,71 @@ def with_axes(ds: xr.Dataset, names: list[str]) -> xr.Dataset:
 
 def clear_checkpoints(run: Path) -> None:
     shutil.rmtree(run / "ckpt", ignore_errors=True)
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An OS lock (flock) on a run folder while a process writes it; the OS releases it when the
+    process exits, however it exits. A second writer is refused in one line (ResultsError)."""
+
+    def __init__(self, run: Path):
+        self.run = Path(run)
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        path = self.run / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as e:
+            raise ResultsError(f"{path}: cannot open the run folder's lock ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ResultsError(
+                f"{self.run}: another gradlab process (pid {holder}) is writing this run; "
+                "wait for it to finish (a rerun then reuses its results)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the lock
+            self.fd = None
+
+
+def locked(run: Path) -> bool:
+    """Whether another process holds the run folder's lock."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_orphaned_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Delete the ckpt/ folders of finished runs (results.nc present) that no process is writing:
+    a run killed between storing its results and clearing its checkpoints leaves one behind."""
+    removed = []
+    for ckpt in sorted(Path(out).glob("runs/*/ckpt")):
+        run = ckpt.parent
+        if (run / RESULTS_FILE).exists() and not locked(run):
+            clear_checkpoints(run)
+            removed.append(ckpt)
+    return removed

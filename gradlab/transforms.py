@@ -271,6 +271,28 @@ def layerwise_agc(threshold) -> optax.GradientTransformation:
     )
 
 
+def scale_by_label(scales: dict, labels) -> optax.GradientTransformation:
+    """Multiply each update by the scale of its leaf's label: per-layer learning rates, after the optimizer.
+
+    Args:
+      scales: label -> a number or a traced scalar (a constant 1 leaves its leaves untouched).
+      labels: a pytree of labels with the parameters' structure, or params -> such a pytree.
+    """
+
+    def scaled(update, label):
+        scale = scales[label]
+        if isinstance(scale, (int, float)) and scale == 1:
+            return update
+        return update * jnp.asarray(scale, update.dtype)
+
+    def update(updates, state, params=None):
+        del params
+        tags = labels(updates) if callable(labels) else labels
+        return jax.tree.map(scaled, updates, tags), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def build(cfg: OptimConfig, hp: dict, total_steps: int, prefix: str = "optim.") -> optax.GradientTransformation:
     """clipping -> optimizer, as one optax chain; under optax.MultiSteps when accumulate_steps > 1.
 

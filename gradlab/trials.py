@@ -12,6 +12,11 @@ it through hooks rather than retyping it:
   metrics(view) -> dict         extra metrics from this step's StepView (its batch, gradient,
                                 updates): nothing is computed twice
   data_fn(key) -> Data          the training set (default: data.make(cfg.data))
+  parametrized(hp) -> Parametrized
+                                the parametrization's numbers (default: model.parametrization's,
+                                gradlab/parametrization.py): its init scales and multipliers go into
+                                the MLPHyper, its per-layer lr scales after the default optimizer (an
+                                `optimizer` hook applies them itself: Parametrized.optimizer)
 
 `chosen_by_index(hp[...], txs)` is an `optimizer` for a swept choice among several optax chains.
 """
@@ -25,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradlab import data, models, telemetry, transforms
+from gradlab import data, models, parametrization, telemetry, transforms
 from gradlab.engine import Trial
 
 
@@ -65,6 +70,7 @@ def supervised_mlp(
     loss_and_grad: Callable | None = None,
     metrics: Callable[[StepView], dict] | None = None,
     data_fn: Callable[[jax.Array], data.Data] | None = None,
+    parametrized: Callable[[dict], parametrization.Parametrized] | None = None,
 ) -> Trial:
     """Train the config's MLP with its optax chain; every step records, before the update
     (with `telemetry: loss`, the loss alone), plus whatever the `metrics` hook adds:
@@ -72,13 +78,23 @@ def supervised_mlp(
     loss, grad_global_norm (before clipping), lr, and per layer: grad_norm, param_norm,
     update_norm, update_ratio, grad_nonfinite, act_rms, act_std, preact_rms, dead_frac and
     delta_rms (RMS of dL/dh, the back-propagated signal).
+
+    A real dataset adds test_loss (and test_accuracy, for classification), before the update, on a
+    slice of its test split as large as the minibatch (data.eval_slice: one forward pass, at most a
+    third of the step's cost; any ceil(test / batch) consecutive steps cover the test split; with
+    full-batch training, the whole split every step).
     """
     spec = mlp_spec(cfg)
     total = cfg.steps
     layers = cfg.telemetry == "layers"
     hp_map = hp_map or (lambda hp, step: hp)
-    optimizer = optimizer or (lambda hp: transforms.build(cfg.optim, hp, total))
+    parametrized = parametrized or (
+        lambda hp: parametrization.of_model(cfg.model, cfg.optim.name, spec.width, hp["model.depth"])
+    )
+    optimizer = optimizer or (lambda hp: parametrized(hp).optimizer(transforms.build(cfg.optim, hp, total)))
     data_fn = data_fn or (lambda key: data.make(cfg.data))
+    test = data.held_out(cfg.data)
+    batch_size = cfg.data.batch_size if 0 < cfg.data.batch_size < cfg.data.examples else cfg.data.examples
 
     def default_loss_and_grad(params, batch, hyper, probes):
         def loss_fn(params, probes):
@@ -89,16 +105,19 @@ def supervised_mlp(
 
     loss_and_grad = loss_and_grad or default_loss_and_grad
 
+    def hyper_of(hp):
+        return parametrized(hp).hyper(models.MLPHyper.from_hp(hp))
+
     def init(hp, key):
         hp = hp_map(hp, jnp.int32(0))
         k_params, k_batches = jax.random.split(key)
-        params = models.init(k_params, spec, models.MLPHyper.from_hp(hp))
+        params = models.init(k_params, spec, hyper_of(hp))
         opt_state = optimizer(hp).init(params)
         return TrainState(params, opt_state, data_fn(k_batches), jnp.int32(0), k_batches)
 
     def step(hp, state):
         hp = hp_map(hp, state.step)
-        hyper = models.MLPHyper.from_hp(hp)
+        hyper = hyper_of(hp)
         batch = data.batch(state.data, cfg.data, state.step, state.key)
         probes = models.zero_probes(spec, batch.x.shape[0], jnp.dtype(spec.dtype)) if layers else None
         (loss, taps), (grads, probe_grads) = loss_and_grad(state.params, batch, hyper, probes)
@@ -108,6 +127,12 @@ def supervised_mlp(
         params = cast(dict, optax.apply_updates(state.params, updates))
         new_state = TrainState(params, opt_state, state.data, state.step + 1, state.key)
         out = {"loss": loss}
+        if test is not None:
+            held = data.eval_slice(test, batch_size, state.step)
+            test_out = models.apply(state.params, held.x, spec, hyper)[0]
+            out["test_loss"] = data.loss(cfg.data, test_out, held.y)
+            if data.kind(cfg.data) == "classification":
+                out["test_accuracy"] = data.accuracy(test_out, held.y)
         if layers:
             mask = models.layer_mask(spec, hyper)
             out.update(
@@ -152,4 +177,4 @@ def task_reference(cfg) -> dict:
     from gradlab import analysis
 
     task = data.make(cfg.data)
-    return {"constant_loss": analysis.constant_loss(np.asarray(task.y), cfg.data.task, cfg.data.output_dim)}
+    return {"constant_loss": analysis.constant_loss(np.asarray(task.y), data.kind(cfg.data), cfg.data.output_dim)}

@@ -1,7 +1,9 @@
 """Same config and seed, same numbers: across runs, chunk lengths, batches, devices and processes.
 
-Bit for bit on the CPU: the engine gives every device a multiple of 8 lanes (engine.lanes_per_device),
-so a point's arithmetic does not depend on what else shares its program.
+Bit for bit on the CPU: the engine gives every device a multiple of 8 lanes (engine.lanes_per_device)
+in a program compiled for that one device (programs.compile_group), so a point's arithmetic does not
+depend on what else shares its program or on how many devices there are. Multi-step training across
+device counts, chunk lengths and a resume on another device count: tests/test_faults.py.
 """
 
 import os

@@ -45,12 +45,13 @@ if fault == "kill-mid-checkpoint":
             os.kill(os.getpid(), signal.SIGKILL)
         savez(file, **arrays)
     np.savez = half_then_die
-elif fault == "disk-full-on-results":
-    def full(self, path, *a, **k):
-        with open(path, "wb") as f:
+elif fault == "disk-full-on-results":  # results are encoded in memory, then written as bytes
+    import pathlib
+    def full(self, data):
+        with open(self, "wb") as f:
             f.write(b"\\x89HDF partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    xr.Dataset.to_netcdf = full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    pathlib.Path.write_bytes = full
 elif fault == "disk-full-on-checkpoint":
     def full(file, **arrays):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

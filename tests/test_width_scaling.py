@@ -48,7 +48,7 @@ def test_layer_outputs_are_what_models_apply_computes(residual):
 def test_sgd_first_step_against_the_mse_gradient_written_out():
     """Step 0 records no change; the readout's first SGD update is -lr h^T 2(f - y)/B, and the
     output change after it equals models.apply at theta_1 minus at theta_0."""
-    trial, hp, cfg = point(["optimizer=sgd"])
+    trial, hp, cfg = point(["optimizer=sgd", "parametrization=sp"])
     assert hp["optimizer"] == ws.OPTIMIZERS.index("sgd")
     state0 = trial.init(hp, jax.random.PRNGKey(0))
     state1, m0 = trial.step(hp, state0)
@@ -76,11 +76,35 @@ def test_sgd_first_step_against_the_mse_gradient_written_out():
 def test_adam_first_update_is_lr_per_entry_at_every_layer():
     """Adam's first step is lr g / (|g| + eps) (its bias corrections cancel at step 1): every entry
     moves by lr, up to eps/|g| ~ 1e-8 / 1e-4; the per-entry RMS is lr at every layer."""
-    trial, hp, _ = point(["optimizer=[sgd, adam]"], index=1)
+    trial, hp, _ = point(["optimizer=[sgd, adam]", "parametrization=sp"], index=1)
     assert hp["optimizer"] == ws.OPTIMIZERS.index("adam")
     state0 = trial.init(hp, jax.random.PRNGKey(0))
     _, m0 = trial.step(hp, state0)
     np.testing.assert_allclose(np.asarray(m0["update_rms"]), LR, rtol=1e-3)
+
+
+def test_mup_first_updates_follow_the_table():
+    """muP at width 32, base width 8 (m = 4), by hand: SGD's readout update is -(lr / m) h^T chi and the
+    readout init SP's x m^(-1/2); Adam moves every entry by lr x its layer's scale: input 1, hidden and
+    readout 1/m (Tensor Programs V, Tab. 3)."""
+    over = ["optimizer=[sgd, adam]", "parametrization=[sp, mup]", "model.base_width=8"]
+    sgd_sp, hp_sp, _ = point(over, index=0)  # points: optimizer outer, parametrization, seed
+    sgd_mup, hp, _ = point(over, index=1)
+    assert hp["parametrization"] == 2 and hp["optimizer"] == 0  # PARAMETRIZATIONS = (sp, ntk, mup)
+    state0 = sgd_mup.init(hp, jax.random.PRNGKey(0))
+    w_sp = np.asarray(sgd_sp.init(hp_sp, jax.random.PRNGKey(0)).train.params["output"]["w"])
+    np.testing.assert_allclose(np.asarray(state0.train.params["output"]["w"]), 0.5 * w_sp, rtol=1e-6)
+    _, m0 = sgd_mup.step(hp, state0)
+    h = np.asarray(state0.start_outputs[1][-1], float)
+    w, b = (np.asarray(state0.train.params["output"][k], float) for k in ("w", "b"))
+    y = np.asarray(state0.train.data.y, float)
+    chi = 2.0 * (h @ w + b - y) / y.size
+    np.testing.assert_allclose(float(m0["update_rms"][-1]), np.sqrt(np.mean(np.square(LR / 4 * h.T @ chi))), rtol=1e-5)
+
+    adam, hp_adam, _ = point(over, index=3)
+    assert hp_adam["optimizer"] == 1 and hp_adam["parametrization"] == 2
+    _, m0 = adam.step(hp_adam, adam.init(hp_adam, jax.random.PRNGKey(0)))
+    np.testing.assert_allclose(np.asarray(m0["update_rms"]), LR * np.array([1, 0.25, 0.25, 0.25]), rtol=1e-3)
 
 
 def test_fit_slope_and_bias_limits():
@@ -108,7 +132,7 @@ def test_config_errors_name_the_key(override, key):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """The tiny scale: widths 64 and 512, 3 seeds, 2 steps."""
+    """The tiny scale: widths 256 and 2048, 8 seeds, 2 steps."""
     out = tmp_path_factory.mktemp("width")
     return api.execute("width_scaling", [], "tiny", out=out, progress=False), out
 
@@ -118,12 +142,13 @@ def test_two_width_sweep_makes_every_check_with_one_compile_per_width(sweep):
     ds = outcome.dataset
     assert ds.attrs["static_groups"] == 2  # the optimizer and the seeds are vmapped
     assert [str(o) for o in ds["optimizer"].values] == ["sgd", "adam"]
-    assert len(outcome.checks) == 2 + 2 * 5  # init RMS of 2 hidden layers; 5 slopes per optimizer
+    # init RMS of 2 hidden layers; 5 SP slopes per optimizer; muP: 3 layers' |slope| per optimizer
+    assert len(outcome.checks) == 2 + 2 * 5 + 2 * 3
     assert (out / "figures" / "width_scaling.png").exists() and (out / "figures" / "width_scaling_updates.png").exists()
 
 
 def test_sgd_output_change_grows_with_width_and_adam_faster(sweep):
-    """From width 64 to 512 (8x) SGD's output change grows like n (between n^(1/2) and n, see
+    """From width 256 to 2048 (8x) SGD's output change grows like n (between n^(1/2) and n, see
     finite_width_bias) and Adam's like n^(3/2): Adam's ratio exceeds SGD's."""
     ds = sweep[0].dataset
     output = {opt: ws.series(ds, "act_change_rms", opt, ws.layer_index(ds)["output"], 1) for opt in ("sgd", "adam")}

@@ -35,7 +35,8 @@ from gradlab.config.schema import (
 from gradlab.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-MAX_AXIS_LENGTH = 4096
+MAX_AXIS_LENGTH = 4096  # values of one sweep axis (a list, logspace, linspace or seeds)
+MAX_POINTS = 2**24  # points of a whole sweep: the product of its axes' lengths
 
 
 def config_path(name: str) -> Path:
@@ -95,7 +96,9 @@ def load(
     _layer(raw, user_values, where)
     pairs = [parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides]
     _layer(raw, dict(pairs), "override")
-    origin = Origin(where, frozenset(key for key, _ in pairs), str(own), frozenset(user_values) if path else None)
+    typed = frozenset(str(item.split("=", 1)[0]).strip() for item in overrides if isinstance(item, str))
+    given = frozenset(key for key, _ in pairs)
+    origin = Origin(where, typed, str(own), frozenset(user_values) if path else None, given - typed)
     return resolve(experiment, schema, raw, origin, scale)
 
 
@@ -129,10 +132,11 @@ def resolve(experiment: str, schema: type, raw: dict, where: str, scale: str = "
     config = _structured(schema, raw, where)
     _check_constraints(config, fields, where)
 
+    _check_points(config, fields, axes_raw, where)
     axes = []
     for key, spec in axes_raw.items():
         values = _axis_values(spec, key, where)
-        values = tuple(_coerce(schema, key, v, where) for v in values)
+        values = tuple(_coerce(schema, key, v, where, fields[key]) for v in values)
         for v in values:
             _check_value(fields[key], key, v, where)
         axes.append(Axis(key, values, sweep_mode(fields[key])))
@@ -148,6 +152,21 @@ def resolve(experiment: str, schema: type, raw: dict, where: str, scale: str = "
     order = {k: i for i, k in enumerate(fields)}
     axes.sort(key=lambda a: (a.path == "seed", order[a.path]))
     return RunSpec(experiment, config, tuple(axes), where, scale)
+
+
+def _check_points(config, fields: dict, axes_raw: dict, where: str) -> None:
+    """Every axis (seeds too) within MAX_AXIS_LENGTH and the sweep within MAX_POINTS, before any
+    axis is built: `seeds=1000000000` would fill memory with seeds, even for a dry run."""
+    lengths = {key: len(_axis_values(spec, key, where)) for key, spec in axes_raw.items()}
+    seeds = config.seeds if "seeds" in fields else 1
+    if seeds > MAX_AXIS_LENGTH:
+        _raise(where, "seeds", f"{seeds} seeds; an axis has at most {MAX_AXIS_LENGTH}")
+    if seeds > 1:
+        lengths["seed"] = seeds
+    points = math.prod(lengths.values())
+    if points > MAX_POINTS:
+        sizes = " x ".join(f"{key} {n}" for key, n in lengths.items())
+        raise ConfigError(f"{where}: the sweep has {points} points ({sizes}); a sweep has at most {MAX_POINTS}")
 
 
 def _set_dotted(raw: dict, key: str, value, where: str) -> None:
@@ -268,15 +287,25 @@ class Origin(str):
     cli_keys: frozenset
     own: str
     file_keys: frozenset | None
+    call_keys: frozenset  # given as (key, value) pairs: by a Python call (gradlab.run(..., model__depth=4))
 
-    def __new__(cls, path: str, cli_keys: frozenset = frozenset(), own: str = "", file_keys: frozenset | None = None):
+    def __new__(
+        cls,
+        path: str,
+        cli_keys: frozenset = frozenset(),
+        own: str = "",
+        file_keys: frozenset | None = None,
+        call_keys: frozenset = frozenset(),
+    ):
         obj = super().__new__(cls, path)
-        obj.cli_keys, obj.own, obj.file_keys = cli_keys, own or path, file_keys
+        obj.cli_keys, obj.own, obj.file_keys, obj.call_keys = cli_keys, own or path, file_keys, call_keys
         return obj
 
     def of(self, key: str) -> str:
         if key in self.cli_keys:
             return f"{self} (overridden on the command line)"
+        if key in self.call_keys:
+            return f"{self} (overridden by an argument of the call)"
         if self.file_keys is not None and key not in self.file_keys and key.split(".")[0] not in self.file_keys:
             return self.own
         return str(self)
@@ -287,8 +316,12 @@ def _raise(where: str, key: str, msg: str) -> typing.NoReturn:
     raise ConfigError(f"{origin}: {key}: {msg}" if key else f"{origin}: {msg}") from None
 
 
-def _coerce(schema: type, path: str, value, where: str):
-    """Convert one sweep value to its field's type, with omegaconf's checks."""
+def _coerce(schema: type, path: str, value, where: str, f: FieldInfo | None = None):
+    """Convert one sweep value to its field's type, with omegaconf's checks (a number or string
+    already of its field's type is taken as it is: a 4096-value axis in milliseconds)."""
+    plain = not isinstance(value, bool)
+    if f is not None and ((f.type is float and plain and isinstance(value, (int, float))) or f.type is type(value)):
+        return float(value) if f.type is float else value
     node = OmegaConf.structured(schema)
     OmegaConf.set_readonly(node, False)
     nested: dict = {}

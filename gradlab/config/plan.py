@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,14 +59,19 @@ def plan(spec: RunSpec) -> Plan:
         for axis in traced:
             if axis.mode == "max":
                 cfg = replace_path(cfg, axis.path, max(axis.values))
-        points = list(itertools.product(*(a.values for a in traced)))
+        shape = tuple(len(a.values) for a in traced)
+        points = math.prod(shape)
         hp = {}
-        for path in traced_paths:
+        for path in traced_paths:  # the points in C order over the traced axes, built as arrays (no per-point loop)
             f = fields[path]
             axis_i = next((i for i, a in enumerate(traced) if a.path == path), None)
-            values = [p[axis_i] for p in points] if axis_i is not None else [get_path(spec.config, path)] * len(points)
-            hp[path] = _encode(f, values)
-        groups.append(Group(index, cfg, hp, len(points)))
+            if axis_i is None:
+                hp[path] = np.repeat(_encode(f, [get_path(spec.config, path)]), points)
+            else:
+                along = _encode(f, list(traced[axis_i].values))
+                reps = math.prod(shape[axis_i + 1 :])
+                hp[path] = np.tile(np.repeat(along, reps), math.prod(shape[:axis_i]))
+        groups.append(Group(index, cfg, hp, points))
     steps = spec.config.steps
     return Plan(static, traced, tuple(groups), steps, min(spec.config.chunk_steps, steps))
 

@@ -20,10 +20,13 @@ from typing import Any
 
 import yaml
 
+from gradlab import datasets
 from gradlab.data import TASKS
+from gradlab.errors import ConfigError
 from gradlab.inits import INIT_SCHEMES
 from gradlab.models import ACTIVATIONS, DTYPES
 from gradlab.norms import NORMS
+from gradlab.parametrization import DEPTH_PARAMETRIZATIONS, FAN_IN_SCHEMES, PARAMETRIZATIONS
 from gradlab.transforms import CLIPPING, OPTIMIZERS, SCHEDULES
 
 MAX_SEEDS = 2**31 - 1
@@ -63,6 +66,33 @@ class ModelConfig:
     )
     final_norm: bool = param(False, doc="normalise the last hidden state before the readout (Pre-LN transformers)")
     remat: bool = param(False, doc="jax.checkpoint each hidden block: recompute activations in the backward pass")
+    parametrization: str = param(
+        "sp",
+        choices=PARAMETRIZATIONS,
+        doc="abc-parametrization: per-layer init, multiplier and lr scale against width (gradlab/parametrization.py)",
+    )
+    base_width: int = param(128, low=1, doc="the width at which ntk and mup equal sp (theirs: powers of width/base)")
+    depth_parametrization: str = param(
+        "none",
+        choices=DEPTH_PARAMETRIZATIONS,
+        doc="residual branch x (depth/base_depth)^-alpha: depth_mup alpha=1/2, completep alpha=1 (residual nets)",
+    )
+    base_depth: int = param(1, low=1, doc="the depth at which depth_parametrization changes nothing")
+
+    def validate(self) -> None:
+        """A parametrization rescales a fan-in init; a branch multiplier needs residual blocks."""
+        if self.parametrization != "sp" and self.init not in FAN_IN_SCHEMES:
+            raise ConfigError(
+                f"model.parametrization={self.parametrization} rescales a fan-in init (allowed: "
+                f"{', '.join(FAN_IN_SCHEMES)}), got {self.init!r}",
+                key="model.init",
+            )
+        if self.depth_parametrization != "none" and not self.residual:
+            raise ConfigError(
+                f"model.depth_parametrization={self.depth_parametrization} scales residual branches: "
+                "needs model.residual=true, got false",
+                key="model.residual",
+            )
 
 
 @dataclass(frozen=True)
@@ -98,15 +128,29 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """A synthetic task; `seed` fixes the data, the run's `seed` axis varies the init."""
+    """A synthetic task or a real dataset; `seed` fixes synthetic data, the run's `seed` axis varies the init.
 
-    task: str = param("regression", choices=TASKS, doc="synthetic teacher task")
-    examples: int = param(256, low=1, doc="training set size")
+    With a real dataset (mnist1d, digits, diabetes) examples, input_dim and output_dim are the
+    dataset's: they are set from it whatever a file or an override says, so that every config
+    that names the dataset resolves to the same numbers (`gradlab show` prints them).
+    """
+
+    task: str = param(
+        "regression", choices=TASKS, doc="synthetic teacher task, or a real dataset (mnist1d, digits, diabetes)"
+    )
+    examples: int = param(256, low=1, doc="training set size (a real dataset's own)")
     batch_size: int = param(0, low=0, doc="0: full batch")
-    input_dim: int = param(64, low=1, doc="input features")
-    output_dim: int = param(1, low=1, doc="regression outputs, or classes")
-    noise: float = param(0.0, low=0.0, doc="std of the label noise")
-    seed: int = param(0, low=0, doc="fixes the data; the run's seed axis varies the init")
+    input_dim: int = param(64, low=1, doc="input features (a real dataset's own)")
+    output_dim: int = param(1, low=1, doc="regression outputs, or classes (a real dataset's own)")
+    noise: float = param(0.0, low=0.0, doc="std of the label noise (synthetic tasks only)")
+    seed: int = param(0, low=0, doc="fixes synthetic data; the run's seed axis varies the init")
+
+    def __post_init__(self):
+        shape = datasets.SHAPES.get(self.task)
+        if shape is not None:  # frozen: the dataset's numbers replace whatever was given
+            object.__setattr__(self, "examples", shape.train)
+            object.__setattr__(self, "input_dim", shape.input_dim)
+            object.__setattr__(self, "output_dim", shape.output_dim)
 
 
 @dataclass(frozen=True)
@@ -126,8 +170,19 @@ class ExperimentConfig:
         """Check relations between fields; raise ConfigError(message, key=...) on a bad one.
 
         config.load calls it on the resolved config and once per swept value (one axis at a
-        time), before anything runs. Experiments override it; the base accepts everything.
+        time), before anything runs. Experiments override it and call this one, which checks that
+        a real dataset's package is installed (SetupError naming the extra) and takes no label noise,
+        and the model's own relations (ModelConfig.validate).
         """
+        if isinstance(self.model, ModelConfig):
+            self.model.validate()
+        if self.data.task in datasets.SHAPES:
+            datasets.require(self.data.task)
+            if self.data.noise != 0:
+                raise ConfigError(
+                    f"label noise is for synthetic tasks; data.task={self.data.task} takes 0, got {self.data.noise}",
+                    key="data.noise",
+                )
 
 
 # ----------------------------------------------------------------------------- resolved spec

@@ -54,6 +54,11 @@ def evaluate(module: ModuleType, ds) -> tuple[Any, list[Check]]:
     return measured, list(module.checks(measured))
 
 
-def draw(module: ModuleType, ds, measured) -> dict:
-    """The experiment's figures, {suffix: Figure}, from its stored results and measured numbers."""
-    return module.figures(results.with_axes(ds, list(module.AXES)), measured)
+def draw(module: ModuleType, ds, measured, style: str = "screen") -> dict:
+    """The experiment's figures, {suffix: Figure}, from its stored results and measured numbers,
+    drawn in gradlab's figure style (`screen` or `paper`, see plotting.py)."""
+    from gradlab import plotting  # matplotlib only when something is drawn
+
+    with plotting.style(style):
+        drawn = module.figures(results.with_axes(ds, list(module.AXES)), measured)
+        return {suffix: plotting.finish(fig) for suffix, fig in drawn.items()}

@@ -113,9 +113,9 @@ def _cliff_figure(s: dict, m: M.Measured, cliff: M.Cliff = M.CLIFF):
     ax = axes[0, 0]
     mesh = ax.pcolormesh(s["w"], s["b"], np.log10(s["loss"] + 1e-4).T, shading="auto", cmap="viridis")
     fig.colorbar(mesh, ax=ax, label="log10 loss")
-    for key, color, name in (("plain", "#d1495b", "no clipping"), ("clipped", "white", f"global norm τ={cliff.tau:g}")):
+    for key, color, name in (("plain", "#d55e00", "no clipping"), ("clipped", "white", f"global norm τ={cliff.tau:g}")):
         ax.plot(s[key][:, 0], s[key][:, 1], ".-", color=color, ms=2.5, lw=0.9, label=name)
-    ax.plot(*cliff.start, "*", color="#edae49", mec="k", ms=10)
+    ax.plot(*cliff.start, "*", color="#e69f00", mec="k", ms=10)
     ax.set(
         xlim=cliff.w_range[:2],
         ylim=cliff.b_range[:2],
@@ -137,8 +137,8 @@ def _cliff_figure(s: dict, m: M.Measured, cliff: M.Cliff = M.CLIFF):
     ax = axes[0, 2]
     bound = cliff.lr * cliff.tau
     for key, color, name in (
-        ("plain", "#d1495b", "no clipping"),
-        ("clipped", "#1b6ca8", f"global norm τ={cliff.tau:g}"),
+        ("plain", "#d55e00", "no clipping"),
+        ("clipped", "#0072b2", f"global norm τ={cliff.tau:g}"),
     ):
         steps = M.step_lengths(s[key])
         ax.plot(

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 from matplotlib.lines import Line2D
 
-from gradlab import analysis, plotting, results
+from gradlab import analysis, datasets, plotting, results
 from gradlab.experiments import init_schemes as M
 
 COLOR = dict(
@@ -70,7 +70,9 @@ def _profiles_figure(ds, m: M.Measured):
     handles = {str(s): Line2D([], [], color=COLOR[str(s)]) for s in ds["scheme"].values}
     fig.legend(handles.values(), handles.keys(), loc="outside right center", frameon=False)
     fig.suptitle(
-        f"At initialization (Glorot & Bengio 2010): {m.layers} layers x {m.width}, {m.seeds} seeds", fontsize=10
+        f"At initialization (Glorot & Bengio 2010): {m.layers} layers x {m.width}, {m.seeds} seeds; "
+        f"inputs: {datasets.title(results.run_config(ds)['data']['task'])}",
+        fontsize=10,
     )
     return fig
 
@@ -101,6 +103,7 @@ def _training_figure(ds, m: M.Measured):
         ax.set_xlabel("step")
         text = [
             f"{SHORT[s]}: final / constant = {m.final_ratio[(optimizer, s)]:.2g}"
+            + (f", test acc. {_test_accuracy(ds, optimizer, s):.0%}" if "test_accuracy" in ds else "")
             for s in ("xavier_normal", "he_normal")
             if s in ds["scheme"].values
         ]
@@ -130,10 +133,28 @@ def _training_figure(ds, m: M.Measured):
         plotting.note(ax, "\n".join(text), loc="upper right")
     plotting.legend_outside(fig, axes[0, 0])
     fig.suptitle(
-        "Training from each init (He et al. 2015, Fig. 3)" + ("; zero init stays symmetric" if zero else ""),
+        "Training from each init (He et al. 2015, Fig. 3)"
+        + ("; zero init stays symmetric" if zero else "")
+        + f"\non {datasets.title(cfg['data']['task'])}, batch {_batch(cfg)}",
         fontsize=10,
     )
     return fig
+
+
+def _batch(cfg) -> str:
+    size, n = cfg["data"]["batch_size"], cfg["data"]["examples"]
+    return f"{size} of {n}" if 0 < size < n else f"{n} (full)"
+
+
+def _test_accuracy(ds, optimizer: str, scheme: str) -> float:
+    """The ReLU net's median over seeds of the test accuracy of the last steps, whose test slices
+    (data.eval_slice) cover the test split once."""
+    cfg = results.run_config(ds)
+    size, n = cfg["data"]["batch_size"], cfg["data"]["examples"]
+    test = datasets.SHAPES[cfg["data"]["task"]].test
+    last = -(-test // size) if 0 < size < n else 1
+    acc = ds["test_accuracy"].sel({"model.activation": "relu", "optimizer": optimizer, "scheme": scheme})
+    return float(np.median(acc.isel(step=slice(-last, None)).mean("step").values))
 
 
 def draw(ds, m: M.Measured) -> dict:

@@ -33,8 +33,8 @@ def _range_panel(ax, ds, m: M.Measured, flush_fp32: float, late: slice, static_s
     """Histogram of log2|g| of the fp32 run over late training, against float16's range."""
     lane = M.lane(ds, "float32", "none").isel(step=late)
     lo_sub, lo_norm, hi = np.log2(m.float16_range[:3])
-    ax.axvspan(precision.GRAD_BINS[0], lo_sub - 1, color="#d1495b", alpha=0.12, lw=0)
-    ax.axvspan(lo_sub - 1, lo_norm, color="#edae49", alpha=0.18, lw=0)
+    ax.axvspan(precision.GRAD_BINS[0], lo_sub - 1, color="#d55e00", alpha=0.12, lw=0)
+    ax.axvspan(lo_sub - 1, lo_norm, color="#e69f00", alpha=0.18, lw=0)
     ax.axvspan(hi, precision.GRAD_BINS[-1] + 1, color="0.5", alpha=0.15, lw=0)
     share = {name: lane[name].mean(("step", "seed")).values.astype(float) for name in ("grad_hist", "act_grad_hist")}
     _stairs(
@@ -197,7 +197,7 @@ def draw(ds, m: M.Measured) -> dict:
 
         ax = axes[1, 2]
         lane = M.lane(ds, "float16", "dynamic").isel(step=late)
-        ax.axvspan(precision.HALF_GAP_BINS[0], 0, color="#d1495b", alpha=0.12, lw=0)
+        ax.axvspan(precision.HALF_GAP_BINS[0], 0, color="#d55e00", alpha=0.12, lw=0)
         for name, color, label in (
             ("fp16", plotting.COLORS[1], "fp16 weights"),
             ("fp32", plotting.COLORS[0], "fp32 weights"),
@@ -219,7 +219,7 @@ def draw(ds, m: M.Measured) -> dict:
             "lost:\n|u| < gap/2",
             transform=ax.get_xaxis_transform(),
             fontsize=7,
-            color="#d1495b",
+            color="#d55e00",
             va="top",
         )
         ax.set(

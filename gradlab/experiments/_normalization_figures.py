@@ -121,7 +121,7 @@ def _finals_panel(ax, ds, m: N.Measured):
             label="warmup" if warm else "no warmup",
         )
         for xi in x[~np.isfinite(finals)]:
-            ax.text(xi, 1.0, "x", ha="center", color="#d1495b")
+            ax.text(xi, 1.0, "x", ha="center", color="#d55e00")
     if np.isfinite(m.constant_loss):
         ax.axhline(m.constant_loss, color="0.4", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(labels)), labels, rotation=30, fontsize=7.5)

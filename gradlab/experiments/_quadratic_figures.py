@@ -6,79 +6,99 @@ from __future__ import annotations
 
 import matplotlib
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
+from matplotlib.lines import Line2D
 
 from gradlab import plotting, results
 from gradlab.experiments import quadratic as M
 
 CATALOG_LR = 0.15  # the catalog's example rate, quoted in the figure when the sweep holds it
+FAR = 3.0  # a path reaching past FAR x the default view's width is drawn leaving the view
 
 
-def _view(surface: str, start) -> tuple[tuple[float, float], tuple[float, float]]:
+def _view(surface: str, start, paths) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The panel's limits: round the start and the minimum, widened to hold every finite path
+    that stays within FAR times that extent (one that goes further is drawn leaving the view)."""
     x0, y0 = start
     if surface == "bowl":
         hx, hy = 1.35 * max(abs(x0), 0.5), 1.35 * max(abs(y0), 0.5)
-        return (-hx, hx), (-hy, hy)
-    return (min(x0, 1.0) - 0.8, max(x0, 1.0) + 0.8), (min(y0, 1.0) - 1.5, max(y0, 1.0) + 1.5)
+        (xlo, xhi), (ylo, yhi) = (-hx, hx), (-hy, hy)
+    else:
+        (xlo, xhi), (ylo, yhi) = (min(x0, 1.0) - 0.8, max(x0, 1.0) + 0.8), (min(y0, 1.0) - 1.5, max(y0, 1.0) + 1.5)
+    for xy in paths:
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        if len(xy) and np.abs(xy).max() <= FAR * max(abs(xhi - xlo), abs(yhi - ylo)):
+            pad_x, pad_y = 0.05 * (np.ptp(xy[:, 0]) or 1.0), 0.05 * (np.ptp(xy[:, 1]) or 1.0)
+            xlo, xhi = min(xlo, xy[:, 0].min() - pad_x), max(xhi, xy[:, 0].max() + pad_x)
+            ylo, yhi = min(ylo, xy[:, 1].min() - pad_y), max(yhi, xy[:, 1].max() + pad_y)
+    return (xlo, xhi), (ylo, yhi)
 
 
-def _label(p: M.Path2D, updates: int) -> str:
+def _label(p: M.Path2D | None, updates: int) -> str:
+    if p is None:
+        return "diverged at every η"
     n = p.steps_to(M.TOLERANCE)
     decay = f" wd={p.weight_decay:g}" if p.weight_decay else ""
     reached = f"{n} steps" if n is not None else f"> {updates} steps"
-    return f"{M.LABELS[p.optimizer]} (η={p.lr:g}{decay}): {reached}"
+    return f"η={p.lr:g}{decay}: {reached}"
 
 
-def _contour_panel(ax, surface: str, chosen: dict[str, M.Path2D | None], start):
-    (xlo, xhi), (ylo, yhi) = _view(surface, start)
+def _contour_panel(ax, surface: str, chosen: dict[str, M.Path2D | None], start) -> dict[str, str]:
+    """Each optimizer's path; returns {optimizer: its η and steps here} for the figure's one legend."""
+    (xlo, xhi), (ylo, yhi) = _view(surface, start, [p.xy for p in chosen.values() if p is not None])
     x, y = np.meshgrid(np.linspace(xlo, xhi, 300), np.linspace(ylo, yhi, 300))
     z = M.SURFACE[surface].loss(x, y)
     levels = np.geomspace(max(z.min(), 1e-2), z.max(), 14)
     ax.contour(x, y, z, levels=levels, colors="0.7", linewidths=0.6)
+    labels = {}
     for name, p in chosen.items():
-        color = plotting.COLORS[list(M.LABELS).index(name) % len(plotting.COLORS)]
+        labels[name] = _label(p, 0 if p is None else len(p.xy) - 1)
         if p is None:
-            ax.plot([], [], color=color, ls=":", label=f"{M.LABELS[name]}: diverged at every η of the sweep")
             continue
         inside = (p.xy[:, 0] >= xlo) & (p.xy[:, 0] <= xhi) & (p.xy[:, 1] >= ylo) & (p.xy[:, 1] <= yhi)
         far = np.abs(p.xy[~inside]).max(initial=0.0)
-        ax.plot(
-            p.xy[:, 0],
-            p.xy[:, 1],
-            color=color,
-            lw=1.2,
-            marker="." if len(p.xy) <= 80 else None,
-            ms=3,
-            label=_label(p, len(p.xy) - 1) + (f" (off view: |w| to {far:.3g})" if far else ""),
-        )
+        labels[name] += f" (leaves the view: |w| to {far:.3g})" if far else ""
+        i = list(M.LABELS).index(name)
+        every = max(1, len(p.xy) // 12)  # a dozen markers along a path: its identity, not its steps
+        ax.plot(p.xy[:, 0], p.xy[:, 1], color=plotting.COLORS[i % 8], marker=plotting.MARKERS[i % 8], markevery=every)
     ax.plot(*start, "ko", ms=5, zorder=5)
     ax.plot(*M.SURFACE[surface].minimum, "k*", ms=9, zorder=5)
     ax.set(xlim=(xlo, xhi), ylim=(ylo, yhi), xlabel="$w_0$", ylabel="$w_1$")
-    ax.set_title(
-        f"{M.SURFACE[surface].title}\nfrom ({start[0]:g}, {start[1]:g}); steps until L stays $\\leq$ {M.TOLERANCE:g}"
-    )
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+    ax.set_title(f"{M.SURFACE[surface].title}, from ({start[0]:g}, {start[1]:g})")
+    return labels
 
 
 def _stability_panel(ax, m: M.Measured):
     gd = m.gd
     span = min(len(gd[0].xy), 2 * M.CHECK_STEPS + 1)
     cmap = matplotlib.colormaps["viridis"]
-    for i, p in enumerate(gd):
-        unstable = p.lr > M.STABLE_LR
+    stable = [p.lr for p in gd if p.lr <= M.STABLE_LR]
+    scale = LogNorm(min(stable), max(stable)) if len(stable) > 1 else None
+    unstable = 0
+    for p in gd:
         norm = np.linalg.norm(p.xy[:span], axis=1)
-        ax.plot(
+        if p.lr <= M.STABLE_LR:  # a sequence of rates: colour along viridis, read off the colour bar
+            ax.plot(np.arange(span), norm, lw=1.0, color=cmap(0.85 * scale(p.lr) if scale else 0.0))
+            continue
+        ax.plot(  # each unstable rate its own dash and marker, named in the figure's legend
             np.arange(span),
             norm,
-            lw=1.0,
-            ls="--" if unstable else "-",
-            color="#d1495b" if unstable else cmap(i / max(1, len(gd) - 1) * 0.85),
-            label=f"η={p.lr:g}" + (" (diverged)" if p.diverged else ""),
+            lw=1.1,
+            color="k",
+            ls=plotting.LINESTYLES[1 + unstable],
+            marker=plotting.MARKERS[1 + unstable],
+            markevery=0.12,
+            label=f"GD on the bowl, η={p.lr:g} > 0.25" + (" (diverged)" if p.diverged else ""),
         )
+        unstable += 1
+    if scale is not None:
+        bar = ax.figure.colorbar(ScalarMappable(scale, cmap), ax=ax, pad=0.01, fraction=0.06)
+        bar.set_label("η (stable)")
     ax.set_yscale("log")
     ax.set_ylim(1e-24, 1e10)  # room below the converging lines for the note
     ax.set(xlabel="update t", ylabel=r"$\|w_t\|$")
     ax.set_title(f"GD on the bowl: stable iff η < 2/8 = {M.STABLE_LR:g}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     lines = []
     near = min(m.exact, key=lambda p: abs(p.lr - CATALOG_LR), default=None)
     if near is not None:
@@ -100,13 +120,25 @@ def _stability_panel(ax, m: M.Measured):
 def draw(ds, m: M.Measured) -> dict:
     """{"": the paths and, with GD on the bowl, its stability panel}."""
     panels = [s for s in M.SURFACES if s in m.best]
-    fig, axes = plotting.figure(1, len(panels) + bool(m.gd), width=4.0, height=4.0)
+    fig, axes = plotting.figure(1, len(panels) + bool(m.gd), width=4.0, height=3.4)
     cfg = results.run_config(ds)
+    found = {}
     for ax, surface in zip(axes[0], panels):
-        _contour_panel(ax, surface, m.best[surface], cfg["start"] if surface == "bowl" else cfg["rosenbrock_start"])
+        start = cfg["start"] if surface == "bowl" else cfg["rosenbrock_start"]
+        found[surface] = _contour_panel(ax, surface, m.best[surface], start)
     if m.gd:
         _stability_panel(axes[0, -1], m)
+    # One legend: each optimizer's colour and marker, with its rate and steps on each surface.
+    handles, labels = [], []
+    for i, name in enumerate(M.LABELS):
+        if any(name in f for f in found.values()):
+            where = "; ".join(f"{s}: {f[name]}" for s, f in found.items() if name in f)
+            handles.append(Line2D([], [], color=plotting.COLORS[i % 8], marker=plotting.MARKERS[i % 8]))
+            labels.append(f"{M.LABELS[name]}: {where}")
+    more_handles, more_labels = axes[0, -1].get_legend_handles_labels() if m.gd else ([], [])
+    fig.legend(handles + more_handles, labels + more_labels, loc="outside lower center", ncol=2, frameon=False)
     fig.suptitle(
-        f"Optimizer paths, each at its fastest learning rate of the sweep ({ds.sizes['step']} updates)", fontsize=10
+        f"Optimizer paths at each one's fastest rate of the sweep ({ds.sizes['step']} updates; "
+        f"steps until L stays ≤ {M.TOLERANCE:g})"
     )
     return {"": fig}

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradlab import analysis, inits, plotting, results, trials
+from gradlab import analysis, data, inits, plotting, results, trials
 from gradlab.config import ExperimentConfig
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -133,7 +133,8 @@ def measure(ds) -> Measured:
         for name, sel in found.items()
     }
     best = {name: np.median(np.min(final, axis=0), axis=0) for name, final in finals.items()}
-    chance = float(analysis.reference(ds, "constant_loss")) if cfg["data"]["task"] == "regression" else float("nan")
+    regression = data.task_kind(cfg["data"]["task"]) == "regression"
+    chance = float(analysis.reference(ds, "constant_loss")) if regression else float("nan")
     rate = plain_rate(model)
     slope = power = tolerance = stall = worst = None
     if "plain" in found and rate is not None and deep.sum() >= 2:

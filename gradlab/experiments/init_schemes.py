@@ -193,7 +193,8 @@ def measure(ds) -> Measured:
     acts, schemes, opts = (list(ds[a].values) for a in ("model.activation", "scheme", "optimizer"))
     zero_spread = zero_moved = he_flat = None
     if "zero" in schemes:
-        zero_spread = float(np.nanmax(ds["unit_spread_after"].sel(scheme="zero").isel(step=-1).values))
+        spread = ds["unit_spread_after"].sel(scheme="zero").isel(step=-1, layer=slice(None, -1))  # hidden units only
+        zero_spread = float(np.nanmax(spread.values))
         if "sigmoid" in acts:  # sigmoid(0) = 1/2: the symmetric net still learns, units stay equal
             w = ds["weight_norm_after"].sel({"scheme": "zero", "model.activation": "sigmoid"}).isel(step=-1)
             zero_moved = float(np.nanmin(np.nanmax(w.values[..., 1:-1], axis=-1)))

@@ -36,9 +36,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
+from matplotlib.lines import Line2D
 
-from gradlab import analysis, data, models, plotting, results, trials
+from gradlab import analysis, curvature, data, models, plotting, results, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
@@ -64,18 +64,6 @@ class Config(ExperimentConfig):
 class State(NamedTuple):
     train: trials.TrainState
     sharpness: jax.Array  # lambda_max of the full-data loss Hessian at initialisation (0: not sgd)
-
-
-def top_eigenvalue(loss_fn, params, key, iterations: int = POWER_ITERATIONS):
-    """lambda_max of the Hessian of loss_fn at params: power iteration on Hessian-vector products."""
-    flat, unravel = ravel_pytree(params)
-
-    def hvp(v):
-        return ravel_pytree(jax.jvp(jax.grad(loss_fn), (params,), (unravel(v),))[1])[0]
-
-    v = jax.lax.fori_loop(0, iterations, lambda _, v: hvp(v / jnp.linalg.norm(v)), jax.random.normal(key, flat.shape))
-    v = v / jnp.linalg.norm(v)
-    return jnp.vdot(v, hvp(v))
 
 
 def switched(hp, step):
@@ -106,7 +94,9 @@ def trial(cfg) -> Trial:
         def loss_fn(params):
             return data.loss(cfg.data, models.apply(params, state.data.x, spec, hyper)[0], state.data.y)
 
-        return State(state, top_eigenvalue(loss_fn, state.params, jax.random.fold_in(key, 1)))
+        return State(
+            state, curvature.top_eigenvalue(loss_fn, state.params, jax.random.fold_in(key, 1), POWER_ITERATIONS)
+        )
 
     def step(hp, state):
         train, metrics = base.step(hp, state.train)
@@ -235,23 +225,19 @@ def figures(ds, m: Measured) -> dict:
     norms = list(dict.fromkeys(c.norm for c in found))
     fig, axes = plotting.figure(len(norms), len(names), width=3.6, height=3.0, sharex=True, sharey="row")
     top = 3.0 * max(c.initial for c in found)
-    styles = {}
+    styles: dict[str, dict] = {}  # one colour, marker and dash per variant, the same in every panel
     for row, norm in enumerate(norms):
         for col, name in enumerate(names):
             ax = axes[row, col]
+            numbers = []
             for i, c in enumerate(c for c in found if c.name == name and c.norm == norm):
-                color = styles.setdefault(c.label, plotting.COLORS[len(styles) % len(plotting.COLORS)])
+                style = styles.setdefault(c.label, plotting.series(len(styles)))
+                color = style["color"]
                 shown = np.where(np.isfinite(c.final), np.minimum(c.final, top), np.nan)
                 edge = c.edge()
                 edge_text = f"{edge:.2g}" if np.isfinite(edge) else "none"
-                ax.plot(
-                    c.lrs,
-                    shown,
-                    color=color,
-                    marker=".",
-                    ms=3,
-                    label=f"{c.label}: S={c.sensitivity():.2f}, edge {edge_text}",
-                )
+                ax.plot(c.lrs, shown, **style, ms=3, label=c.label)
+                numbers.append(f"{c.label}: {c.sensitivity():.2f}, {edge_text}")
                 lift = top * 1.6**i  # one row of markers per curve above the data
                 ax.plot(c.lrs[c.diverged], np.full(c.diverged.sum(), lift), "x", color=color, ms=4, mew=1.1)
                 over = np.isfinite(c.final) & (c.final > top)
@@ -274,14 +260,15 @@ def figures(ds, m: Measured) -> dict:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{name}, norm={norm}")
-            ax.legend(
-                loc="upper center",
-                bbox_to_anchor=(0.5, -0.24 if row == len(norms) - 1 else -0.06),
-                frameon=False,
-                fontsize=6.5,
+            # The panel's numbers in a box placed where it covers the fewest points (loc="best").
+            blank = [Line2D([], [], ls="none") for _ in numbers]
+            box = ax.legend(
+                blank, numbers, loc="best", title="S, edge", handlelength=0, handletextpad=0, labelspacing=0.15
             )
+            box.get_frame().set(edgecolor="0.8", alpha=0.9)
             if col == 0:
-                ax.set_ylabel(f"final loss (mean of last {TAIL} steps)")
+                seeds = ds.sizes["seed"]
+                ax.set_ylabel(f"final loss (last {TAIL} steps" + (f", median of {seeds} seeds)" if seeds > 1 else ")"))
             if row == len(norms) - 1:
                 ax.set_xlabel("peak learning rate")
     if m.gd_rise is not None and "sgd" in names:
@@ -293,16 +280,26 @@ def figures(ds, m: Measured) -> dict:
     edges = [(what, ratio) for what, (ratio, _, _) in m.edge_shifts.items()]
     if m.layernorm_edge is not None:
         edges.append(("layernorm (not a check)", m.layernorm_edge))
-    if edges:
-        text = "\n".join(f"{what}: edge x{ratio:.3g}" for what, ratio in edges)
-        # Bottom-left panel: its slowest curves leave the lower left empty for small rates.
-        plotting.note(axes[-1, 0], "min over curves, with/without\n" + text, loc="lower left")
+    shifts = ", ".join(f"{what} x{ratio:.3g}" for what, ratio in edges)
     cfg = results.run_config(ds)
+    marks = [
+        Line2D([], [], color="0.3", marker="x", ls="none", label="diverged"),
+        Line2D([], [], color="0.3", marker="^", mfc="none", ls="none", label="above the axis"),
+        Line2D([], [], color="0.6", ls="--", lw=0.8, label="loss at init $L_0$"),
+        Line2D([], [], color="0.3", ls=":", label="2/λ₀ (GD's stability edge)"),
+    ]
+    handles = [Line2D([], [], **style, ms=3, label=label) for label, style in styles.items()] + marks
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=4,
+        frameon=False,
+        title="S: LR sensitivity E[min(L, L0) - L*]/L0 (Wortsman et al. 2023); "
+        "edge: the first lr past the best that diverges or ends above L0",
+        title_fontsize="small",
+    )
     fig.suptitle(
-        f"Final loss against learning rate ({cfg['steps']} steps, seeds: {ds.sizes['seed']}, median): "
-        f"x diverged, ^ above the axis, dashed: loss at init L0\n"
-        f"S = LR sensitivity E[min(L, L0) - L*]/L0 (Wortsman et al. 2023); "
-        f"edge: first lr past the best that diverges or ends above L0",
-        fontsize=9,
+        f"Final loss against peak learning rate ({cfg['steps']} steps)"
+        + (f"\nedge with / without, min over curves: {shifts}" if shifts else "")
     )
     return {"": fig}

@@ -267,7 +267,7 @@ def measure(ds) -> Measured:
         dynamic_run(ds, cfg["growth_interval"]) if ran("float16", "dynamic") else None,
         late_mean("float16", "grad_zero") if ran("float16", "none") else None,
         late_mean("float32", "grad_flush") if ran("float32", "none") else None,
-        loss_gaps(ds, modes) if "float32" in dtypes and "float16" in dtypes else None,
+        loss_gaps(ds, modes) if "float32" in dtypes and ran("float16", "none") else None,
     )
 
 
@@ -306,9 +306,15 @@ def checks(m: Measured) -> list[Check]:
             ),
             Check.at_least(f"dynamic scale: doublings after {m.growth_interval} finite steps", d.doublings, 1),
         ]
+    else:  # a sweep narrowed by the user (e.g. loss_scale=dynamic alone): say what is not checked
+        out.append(Check.skip("dynamic scale and fp16-weight checks", "model.dtype float16 with loss_scale dynamic"))
+    name = "fp16 unscaled: weight-gradient entries that are zero, last quarter"
     if m.zero_unscaled is not None:
-        name = "fp16 unscaled: weight-gradient entries that are zero, last quarter"
         out.append(Check.at_least(name, m.zero_unscaled, MEASURABLE))
+    else:
+        out.append(Check.skip(name, "model.dtype float16 with loss_scale none"))
+    if gaps is None:
+        out.append(Check.skip("fp16 vs fp32 final loss gaps", "model.dtype float32 and float16 with loss_scale none"))
     if gaps is not None:
         why = "fp32's seed-to-seed range"
         for mode, gap in gaps.scaled:

@@ -303,7 +303,7 @@ def measure(ds) -> Measured:
                     ratios[label] = slope_over_inits(depths, g / probe_table(ds, "init_readout_grad", found[label]))
     warm = sorted({bool(w) for w in ds["warmup"].values})
     finals = {(label, w): float(np.median(final_loss(ds, sel, w))) for label, sel in found.items() for w in warm}
-    regression = cfg["data"]["task"] == "regression"
+    regression = data.task_kind(cfg["data"]["task"]) == "regression"
     chance = float(analysis.reference(ds, "constant_loss")) if regression else float("nan")
     gain = pre = None
     if warm == [False, True] and {"pre-LN", "post-LN"} <= set(found) and ds.sizes["step"] > TAIL:

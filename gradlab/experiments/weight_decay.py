@@ -246,7 +246,7 @@ def figures(ds, m: Measured) -> dict:
             vmin=vmin,
             vmax=vmax,
         )
-        ax.plot(*np.nonzero(~np.isfinite(grid)), "x", color="#d1495b", ms=5, mew=1.2)
+        ax.plot(*np.nonzero(~np.isfinite(grid)), "x", color="#d55e00", ms=5, mew=1.2)
         i, j = np.unravel_index(int(np.argmin(grid)), grid.shape)
         ax.plot(i, j, "*", color="white", mec="k", ms=11)
         ax.set_xticks(range(len(lrs)), _ticks(lrs), rotation=60, fontsize=6.5)

@@ -1,4 +1,4 @@
-"""A6: coordinate check of the standard parametrization against width (Yang & Hu 2021; Yang et al. 2022).
+"""A6: coordinate check of the standard parametrization and muP against width (Yang & Hu 2021; Yang et al. 2022).
 
 Standard parametrization (SP): every weight W ~ N(0, 1/fan_in), one learning rate eta at every
 width n. Every layer's output at init is O(1) coordinate-wise (a sum of n terms of size n^(-1/2)
@@ -42,6 +42,15 @@ tanh saturates and its fitted slopes fall to 0.89 (hidden) and 1.37 (output): th
 only while eta n stays small. After the first step the lines bend: at width 2048 Adam's first
 step moves the output by O(1) and overshoots (median loss 0.48 -> 0.87) while width 64 barely moves
 (0.73 -> 0.72): one lr cannot suit every width, the SP instability the check exists to catch.
+
+muP beside it (`parametrization: [sp, mup]`, a traced choice; gradlab/parametrization.py, equal to
+SP at model.base_width = the narrowest width): the readout's init std x m^(-1/2), m = n / base_width,
+and per-layer lr scales (SGD: input and biases x m, readout x 1/m; Adam: hidden and readout x 1/m).
+Redoing the sums above: SGD's readout update is O(1/n) per entry on O(1) features and the hidden
+updates n^(-1/2) x n^(-1/2) (dL/dh ~ W_out ~ 1/n), so every layer moves by n x (1/n) = O(1); Adam's
+hidden and readout steps are eta/m per entry, summed over n coherent terms: O(1). The check: every
+layer's change after one step has |log-log slope| < MUP_SLOPE = 0.1 against width (the issue's bound,
+no seed allowance), for both optimizers.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlab import analysis, models, transforms, trials
+from gradlab import analysis, models, parametrization, transforms, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -64,9 +73,9 @@ from gradlab.norms import at_least_f32
 NAME = "width_scaling"
 CLAIM = (
     "under SP with one lr the output's first change grows like width (SGD) and width^1.5 (Adam); "
-    "activations at init do not grow"
+    "activations at init do not grow; under muP no layer's change grows or shrinks with width"
 )
-AXES = ["optimizer", "model.width", "seed"]
+AXES = ["parametrization", "optimizer", "model.width", "seed"]
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -81,6 +90,12 @@ class Config(ExperimentConfig):
         doc="replaces optim.name: every choice is built into one program and picked by index",
     )
     probe_examples: int = param(64, low=1, doc="the first training inputs, on which every layer's output is measured")
+    parametrization: str = param(
+        "sp",
+        choices=parametrization.PARAMETRIZATIONS,
+        sweep="choice",
+        doc="replaces model.parametrization: every choice is built into one program and picked by index",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -93,6 +108,18 @@ class Config(ExperimentConfig):
                 f"width_scaling picks optimizers with `optimizer` (allowed: {', '.join(OPTIMIZERS)}); "
                 f"leave optim.name unset, got {self.optim.name!r}",
                 key="optim.name",
+            )
+        if self.model.parametrization != "sp":  # the field's default: a user who set it would be silently ignored
+            raise ConfigError(
+                "width_scaling picks parametrizations with `parametrization`; leave model.parametrization "
+                f"unset, got {self.model.parametrization!r}",
+                key="model.parametrization",
+            )
+        if self.parametrization != "sp" and self.model.init not in parametrization.FAN_IN_SCHEMES:
+            raise ConfigError(
+                f"the parametrizations rescale a fan-in init (allowed: {', '.join(parametrization.FAN_IN_SCHEMES)}), "
+                f"got {self.model.init!r}",
+                key="model.init",
             )
         if self.probe_examples > self.data.examples:
             raise ConfigError(
@@ -118,16 +145,18 @@ def layer_outputs(params: dict, x, spec: models.MLPSpec, hyper: models.MLPHyper)
     act = models.activation_fn(spec.activation, hyper.leaky_slope)
     p = jax.tree.map(lambda a: a.astype(dtype), params)
     residual = jnp.asarray(hyper.residual).astype(dtype)
+    branch = jnp.where(hyper.residual, jnp.asarray(hyper.branch_multiplier), 1.0).astype(dtype)
     first = act(x.astype(dtype) @ p["input"]["w"] + p["input"]["b"][None])
 
     def block(h, layer):
         index, lp = layer
-        new = residual * h + act(h @ lp["w"] + lp["b"][None])
+        pre = (h @ lp["w"]) * jnp.asarray(hyper.hidden_multiplier).astype(dtype) + lp["b"][None]
+        new = residual * h + branch * act(pre)
         new = jnp.where(index < hyper.depth, new, h)
         return new, new
 
     last, hidden = jax.lax.scan(block, first, (jnp.arange(spec.depth), p["hidden"]))
-    out = last @ p["output"]["w"] + p["output"]["b"][None]
+    out = (last @ p["output"]["w"]) * jnp.asarray(hyper.output_multiplier).astype(dtype) + p["output"]["b"][None]
     return first, hidden, at_least_f32(out)
 
 
@@ -157,8 +186,14 @@ def trial(cfg) -> Trial:
     """
     spec = trials.mlp_spec(cfg)
 
+    def parametrized(hp, name="sgd"):  # the init and multipliers do not depend on the optimizer; its lr scales do
+        return parametrization.numbers(hp["parametrization"], name, spec.width, cfg.model.base_width)
+
     def optimizer(hp):
-        choices = [transforms.build(dataclasses.replace(cfg.optim, name=name), hp, cfg.steps) for name in OPTIMIZERS]
+        choices = [
+            parametrized(hp, name).optimizer(transforms.build(dataclasses.replace(cfg.optim, name=name), hp, cfg.steps))
+            for name in OPTIMIZERS
+        ]
         return trials.chosen_by_index(hp["optimizer"], choices)
 
     def update_rms(view):
@@ -166,22 +201,25 @@ def trial(cfg) -> Trial:
             "update_rms": jnp.where(models.layer_mask(spec, view.hyper), models.per_layer(view.updates, _rms), jnp.nan)
         }
 
-    base = trials.supervised_mlp(cfg, optimizer=optimizer, metrics=update_rms)
+    base = trials.supervised_mlp(cfg, optimizer=optimizer, metrics=update_rms, parametrized=parametrized)
+
+    def hyper_of(hp):
+        return parametrized(hp).hyper(models.MLPHyper.from_hp(hp))
 
     def init(hp, key):
         train = base.init(hp, key)
-        probe = layer_outputs(train.params, train.data.x[: cfg.probe_examples], spec, models.MLPHyper.from_hp(hp))
+        probe = layer_outputs(train.params, train.data.x[: cfg.probe_examples], spec, hyper_of(hp))
         return State(train, train.params, probe)
 
     def step(hp, state):
-        hyper = models.MLPHyper.from_hp(hp)
+        hyper = hyper_of(hp)
         mask = models.layer_mask(spec, hyper)
         params, start = state.train.params, state.start
         now = layer_outputs(params, state.train.data.x[: cfg.probe_examples], spec, hyper)
         change = jax.tree.map(jnp.subtract, now, state.start_outputs)
-        readout = state.start_outputs[1][-1] @ (params["output"]["w"] - start["output"]["w"])
+        readout = state.start_outputs[1][-1] @ (params["output"]["w"] - start["output"]["w"]) * hyper.output_multiplier
         readout = readout + (params["output"]["b"] - start["output"]["b"])[None]
-        features = (now[1][-1] - state.start_outputs[1][-1]) @ params["output"]["w"]
+        features = (now[1][-1] - state.start_outputs[1][-1]) @ params["output"]["w"] * hyper.output_multiplier
         train, metrics = base.step(hp, state.train)
         masked = lambda v: jnp.where(mask, v, jnp.nan)
         return State(train, start, state.start_outputs), {
@@ -206,6 +244,7 @@ EXPONENTS = {
 }
 CROSSOVER = 128  # sub-leading terms are assumed no larger than the leading one from this width on
 SIGMAS = 4.0  # seed noise allowed: this many standard errors of the fitted slope
+MUP_SLOPE = 0.1  # the issue's bound on |slope| of every layer's change under muP
 INIT_BIAS = 0.02  # |slope| a width-free RMS at init may show from its O(1/n) bias (c/n, |c| <= 4)
 
 
@@ -222,9 +261,9 @@ def finite_width_bias(widths, crossover: float = CROSSOVER) -> float:
     return max(-analysis.slope(np.log(n), 0.5 * np.log1p((crossover / n) ** k)) for k in (1, 2))
 
 
-def series(ds, var: str, opt: str, layer: int | None, step: int) -> np.ndarray:
-    """(seeds, widths) of a metric at one step (and layer)."""
-    a = ds[var].sel({"optimizer": opt}).isel(step=step)
+def series(ds, var: str, opt: str, layer: int | None, step: int, parametrization: str = "sp") -> np.ndarray:
+    """(seeds, widths) of a metric at one step (and layer), under one parametrization."""
+    a = ds[var].sel({"optimizer": opt, "parametrization": parametrization}).isel(step=step)
     if layer is not None:
         a = a.isel(layer=layer)
     return a.transpose("seed", "model.width").values.astype(float)
@@ -248,16 +287,19 @@ class Measured(NamedTuple):
     change: dict  # (optimizer, what, t) -> RMS of h(t) - h(0): input, hidden, output at t in {1, steps - 1};
     #               the output's readout and feature shares at t = 1
     update: dict  # (optimizer, what) -> per-entry RMS of the first update, what in input, hidden, output
+    mup: dict  # (optimizer, what, t) -> the change's slope under muP, what in input, hidden, output, t as `change`
 
 
 def measure(ds) -> Measured | None:
+    """The slopes against width under SP (every number) and muP (the changes), where swept."""
     widths = ds["model.width"].values
     if len(widths) < 2:
         return None
     x, opts, steps = np.log(np.asarray(widths, float)), [str(o) for o in ds["optimizer"].values], ds.sizes["step"]
+    swept = [str(p) for p in ds["parametrization"].values]
 
-    def fit(var, opt, layer, t):
-        return analysis.seed_slope(x, np.log(series(ds, var, opt, layer, t)))
+    def fit(var, opt, layer, t, parametrization="sp"):
+        return analysis.seed_slope(x, np.log(series(ds, var, opt, layer, t, parametrization)))
 
     where = layer_index(ds)
     act = {
@@ -266,19 +308,39 @@ def measure(ds) -> Measured | None:
         for layer in range(ds.sizes["layer"])
         for t in sorted({0, steps - 1})
     }
+    mup = {}
+    if "mup" in swept and steps >= 2:
+        mup = {
+            (o, what, t): fit("act_change_rms", o, layer, t, "mup")
+            for o in opts
+            for what, layer in where.items()
+            for t in sorted({1, steps - 1})
+        }
+    if "sp" not in swept:
+        return Measured(widths, opts, steps, ds.sizes["layer"], finite_width_bias(widths), {}, {}, {}, mup)
     change, update = {}, {(o, what): fit("update_rms", o, layer, 0) for o in opts for what, layer in where.items()}
     if steps >= 2:
         for o in opts:
             for what, layer in where.items():
                 change.update({(o, what, t): fit("act_change_rms", o, layer, t) for t in sorted({1, steps - 1})})
             change.update({(o, s, 1): fit(f"{s}_change_rms", o, None, 1) for s in ("readout", "feature")})
-    return Measured(widths, opts, steps, ds.sizes["layer"], finite_width_bias(widths), act, change, update)
+    return Measured(widths, opts, steps, ds.sizes["layer"], finite_width_bias(widths), act, change, update, mup)
 
 
 def checks(m: Measured | None) -> list[Check]:
     if m is None:
         return []
+    return _sp_checks(m) + [
+        Check.below(f"{opt}, muP: |d ln|h(1) - h(0)| / d ln width|, {what}", abs(m.mup[(opt, what, 1)][0]), MUP_SLOPE)
+        for opt, what, t in m.mup
+        if t == 1  # muP's coordinate check: no layer's change grows or shrinks with width
+    ]
+
+
+def _sp_checks(m: Measured) -> list[Check]:
     out = []
+    if not m.act:  # SP not swept
+        return out
     for layer in range(1, m.layers - 1):
         slope, err = m.act[(m.optimizers[0], layer, 0)]
         tol = INIT_BIAS + SIGMAS * err
