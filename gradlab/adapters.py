@@ -2,21 +2,24 @@
 
 An adapter splits the user's params into the trainable part and the part held fixed, and runs
 the model forward, capturing its activations when asked (see gradlab.usermodels for what counts
-as a parameter and as an activation). Also the batch and loss conventions both probe and sweep use.
+as a parameter and as an activation). Also the batch and loss conventions both probe and sweep use,
+and sweep's optimizer argument.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 from flax import nnx
 
-from gradlab import telemetry
+from gradlab import telemetry, transforms
 from gradlab.errors import ConfigError
 
 
@@ -193,3 +196,35 @@ def loss_of(loss: Callable | None) -> Callable:
 def name_of(fn) -> str:
     """A function's name for a Dataset's attrs (its type's name for a callable object)."""
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+OptimizerFactory = Callable[..., optax.GradientTransformation]  # e.g. optax.adam: learning_rate -> optimizer
+
+
+def optimizer_factory(optimizer: str | OptimizerFactory) -> OptimizerFactory | None:
+    """sweep's `optimizer`: None for a name of gradlab.transforms' optimizers; the factory itself,
+    checked, otherwise."""
+    allowed = ", ".join(transforms.OPTIMIZERS)
+    if isinstance(optimizer, str):
+        if optimizer not in transforms.OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer: unknown {optimizer!r}; allowed: {allowed}, or an optax factory such as optax.adam"
+            )
+        return None
+    if isinstance(optimizer, optax.GradientTransformation):
+        raise ConfigError(
+            "optimizer: got a built optax transformation; pass its factory so the learning rate can be swept, "
+            "e.g. optimizer=optax.adam or optimizer=lambda learning_rate: optax.adam(learning_rate, b1=0.95)"
+        )
+    if not callable(optimizer):
+        raise ConfigError(f"optimizer: expected one of {allowed} or an optax factory, got {type(optimizer).__name__}")
+    try:
+        names = inspect.signature(optimizer).parameters
+    except (TypeError, ValueError):
+        names = {"learning_rate": None}
+    if "learning_rate" not in names:
+        raise ConfigError(
+            f"optimizer: the factory {name_of(optimizer)} takes no learning_rate argument; "
+            "pass e.g. lambda learning_rate: optax.sgd(learning_rate, momentum=0.9)"
+        )
+    return optimizer

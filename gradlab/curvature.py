@@ -203,7 +203,7 @@ def adam_preconditioner(opt_state, b2, eps):
         raise ValueError("adam_preconditioner: the optimizer state holds no optax ScaleByAdamState")
     state = found[0]
     nu = ravel_pytree(state.nu)[0]
-    correction = 1.0 - jnp.asarray(b2, nu.dtype) ** state.count.astype(nu.dtype)
+    correction = 1.0 - jnp.asarray(b2, nu.dtype) ** jnp.asarray(state.count, nu.dtype)
     return jnp.sqrt(nu / jnp.maximum(correction, jnp.finfo(nu.dtype).tiny)) + eps
 
 

@@ -26,7 +26,6 @@ output, mean(out ** 2), a label-free probe of how the output scale reacts to the
 
 from __future__ import annotations
 
-import inspect
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,13 +38,12 @@ import numpy as np
 import optax
 import xarray as xr
 
-from gradlab import adapters, config, engine, results, telemetry, transforms
-from gradlab.adapters import leaf_labels, mean_squared_output  # noqa: F401 (public here too)
+from gradlab import adapters, config, curvature, engine, results, telemetry, transforms
+from gradlab.adapters import OptimizerFactory, leaf_labels, mean_squared_output  # noqa: F401 (public here too)
 from gradlab.config import MAX_SEEDS, OptimConfig, param
 from gradlab.errors import ConfigError
 
 FACTORY = "factory"  # SweepConfig.name when `optimizer` is an optax factory, not a name
-OptimizerFactory = Callable[..., optax.GradientTransformation]  # e.g. optax.adam: learning_rate -> optimizer
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,9 @@ def _loss_name(loss) -> str:
     return adapters.name_of(loss) if loss is not None else "mean_squared_output"
 
 
-def probe(model, params, batch, loss: Callable | None = None, *, has_aux: bool = False) -> xr.Dataset:
+def probe(
+    model, params, batch, loss: Callable | None = None, *, has_aux: bool = False, lanczos_steps: int = 30
+) -> xr.Dataset:
     """Per-parameter gradient statistics and per-activation statistics at `params` on one batch.
 
     Args:
@@ -88,18 +88,23 @@ def probe(model, params, batch, loss: Callable | None = None, *, has_aux: bool =
       batch: x, (x, y, ...) or {"x": ...}; `loss` gets all of it.
       loss: loss(out, batch) -> scalar; default mean_squared_output (mean of out ** 2).
       has_aux: for a plain function, apply returns (out, {name: activation}).
+      lanczos_steps: Lanczos steps (HVPs) per top Hessian eigenvalue, (1 + leaves) of them; 0: none.
 
     Returns:
       A Dataset with dim `param` (leaf labels such as "Dense_0/kernel"): grad_norm, param_norm,
       grad_param_ratio (grad_norm / param_norm, 0 where the param is 0), grad_nonfinite
       (fraction of non-finite gradient entries), param_size; dim `activation` (labels such as
       "Conv_0", "output"): act_rms = sqrt(mean(a^2)) and act_std (population std) over all of an
-      activation's entries, act_nonfinite; and scalars loss and grad_global_norm.
+      activation's entries, act_nonfinite; and scalars loss and grad_global_norm. With
+      lanczos_steps: hessian_top, the loss Hessian's top eigenvalue (the sharpness), and per param
+      hessian_block_top, that of the leaf's diagonal block (gradlab.curvature.top_eigenvalues).
     """
     adapter = adapters.adapt(model, has_aux)
     loss_fn = adapters.loss_of(loss)
     trainable, fixed = adapter.split(params)
     adapters.inputs(batch)  # a malformed batch fails here with a ConfigError, not inside the trace
+    if isinstance(lanczos_steps, bool) or not isinstance(lanczos_steps, int | np.integer) or lanczos_steps < 0:
+        raise ConfigError(f"lanczos_steps: expected an integer >= 0 (0: no Hessian), got {lanczos_steps!r}")
 
     def measure(trainable, fixed, batch):
         def objective(p):
@@ -133,6 +138,11 @@ def probe(model, params, batch, loss: Callable | None = None, *, has_aux: bool =
         for name in ("grad_norm", "param_norm", "grad_param_ratio", "grad_nonfinite")
     }
     sizes = [int(np.size(leaf)) for leaf in jax.tree.leaves(trainable)]
+    if lanczos_steps:
+        forward = lambda p: loss_fn(adapter.forward(p, fixed, adapters.inputs(batch), False)[0], batch)  # noqa: E731
+        top, blocks = curvature.top_eigenvalues(forward, trainable, jax.random.PRNGKey(0), lanczos_steps)
+        per_param |= {"hessian_block_top": ("param", blocks)}
+        stats |= {"hessian_top": top}
     return xr.Dataset(
         {
             **per_param,
@@ -140,6 +150,7 @@ def probe(model, params, batch, loss: Callable | None = None, *, has_aux: bool =
             **per_act,
             "loss": ((), np.asarray(stats["loss"])),
             "grad_global_norm": ((), np.asarray(stats["grad_global_norm"])),
+            **({"hessian_top": ((), np.asarray(stats["hessian_top"]))} if "hessian_top" in stats else {}),
         },
         coords={"param": adapters.leaf_labels(trainable), "activation": activations},
         attrs={"model_kind": adapter.kind, "loss": _loss_name(loss)},
@@ -156,34 +167,6 @@ class SweepState(NamedTuple):
     opt_state: optax.OptState
     step: jax.Array
     data_key: jax.Array
-
-
-def _optimizer_factory(optimizer: str | OptimizerFactory) -> OptimizerFactory | None:
-    """None for a name of gradlab.transforms' optimizers; the factory itself, checked, otherwise."""
-    allowed = ", ".join(transforms.OPTIMIZERS)
-    if isinstance(optimizer, str):
-        if optimizer not in transforms.OPTIMIZERS:
-            raise ConfigError(
-                f"optimizer: unknown {optimizer!r}; allowed: {allowed}, or an optax factory such as optax.adam"
-            )
-        return None
-    if isinstance(optimizer, optax.GradientTransformation):
-        raise ConfigError(
-            "optimizer: got a built optax transformation; pass its factory so the learning rate can be swept, "
-            "e.g. optimizer=optax.adam or optimizer=lambda learning_rate: optax.adam(learning_rate, b1=0.95)"
-        )
-    if not callable(optimizer):
-        raise ConfigError(f"optimizer: expected one of {allowed} or an optax factory, got {type(optimizer).__name__}")
-    try:
-        names = inspect.signature(optimizer).parameters
-    except (TypeError, ValueError):
-        names = {"learning_rate": None}
-    if "learning_rate" not in names:
-        raise ConfigError(
-            f"optimizer: the factory {adapters.name_of(optimizer)} takes no learning_rate argument; "
-            "pass e.g. lambda learning_rate: optax.sgd(learning_rate, momentum=0.9)"
-        )
-    return optimizer
 
 
 def _lrs(lr) -> np.ndarray:
@@ -372,7 +355,7 @@ def sweep(
     lrs, seed_values = _lrs(lr), _seeds(seeds)
     steps = _positive_int("steps", steps)
     chunk = steps if chunk_steps is None else min(_positive_int("chunk_steps", chunk_steps), steps)
-    factory = _optimizer_factory(optimizer)
+    factory = adapters.optimizer_factory(optimizer)
     spec = _spec(optimizer if isinstance(optimizer, str) else FACTORY, lrs, seed_values, steps, chunk, optim)
     adapter = adapters.adapt(model, has_aux)
     loss_fn = adapters.loss_of(loss)
