@@ -145,6 +145,16 @@ class DataConfig:
     noise: float = param(0.0, low=0.0, doc="std of the label noise (synthetic tasks only)")
     seed: int = param(0, low=0, doc="fixes synthetic data; the run's seed axis varies the init")
 
+    def validate(self) -> None:
+        """A real dataset needs its package (SetupError naming the extra) and takes no label noise."""
+        if self.task in datasets.SHAPES:
+            datasets.require(self.task)
+            if self.noise != 0:
+                raise ConfigError(
+                    f"label noise is for synthetic tasks; data.task={self.task} takes 0, got {self.noise}",
+                    key="data.noise",
+                )
+
     def __post_init__(self):
         shape = datasets.SHAPES.get(self.task)
         if shape is not None:  # frozen: the dataset's numbers replace whatever was given
@@ -170,19 +180,14 @@ class ExperimentConfig:
         """Check relations between fields; raise ConfigError(message, key=...) on a bad one.
 
         config.load calls it on the resolved config and once per swept value (one axis at a
-        time), before anything runs. Experiments override it and call this one, which checks that
-        a real dataset's package is installed (SetupError naming the extra) and takes no label noise,
-        and the model's own relations (ModelConfig.validate).
+        time), before anything runs. Experiments override it and call this one, which runs the
+        `validate()` of each nested section that has one (ModelConfig's relations; DataConfig's
+        real-dataset rules; a transformer's or a sequence task's own).
         """
-        if isinstance(self.model, ModelConfig):
-            self.model.validate()
-        if self.data.task in datasets.SHAPES:
-            datasets.require(self.data.task)
-            if self.data.noise != 0:
-                raise ConfigError(
-                    f"label noise is for synthetic tasks; data.task={self.data.task} takes 0, got {self.data.noise}",
-                    key="data.noise",
-                )
+        for section in (self.model, self.optim, self.data):
+            check = getattr(section, "validate", None)
+            if callable(check):
+                check()
 
 
 # ----------------------------------------------------------------------------- resolved spec

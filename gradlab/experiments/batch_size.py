@@ -55,6 +55,7 @@ class Config(ExperimentConfig):
     )
 
     def validate(self) -> None:
+        super().validate()
         if self.telemetry != "loss":
             raise ConfigError(
                 f"batch_size records per-example gradient statistics, not per-layer ones: telemetry "

@@ -67,6 +67,7 @@ class Config(ExperimentConfig):
     )
 
     def validate(self) -> None:
+        super().validate()
         if self.telemetry != "loss":  # the gradients the chain sees are scaled: per-layer norms would be too
             raise ConfigError(
                 f"mixed_precision records its own gradient statistics: telemetry must be loss, got {self.telemetry}",
