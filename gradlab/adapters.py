@@ -3,13 +3,13 @@
 An adapter splits the user's params into the trainable part and the part held fixed, and runs
 the model forward, capturing its activations when asked (see gradlab.usermodels for what counts
 as a parameter and as an activation). Also the batch and loss conventions both probe and sweep use,
-and sweep's optimizer argument.
+and sweep's optimizer, learning-rate and seed arguments.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +20,7 @@ from flax import linen as nn
 from flax import nnx
 
 from gradlab import telemetry, transforms
+from gradlab.config import MAX_AXIS_LENGTH, MAX_SEEDS
 from gradlab.errors import ConfigError
 
 
@@ -228,3 +229,49 @@ def optimizer_factory(optimizer: str | OptimizerFactory) -> OptimizerFactory | N
             "pass e.g. lambda learning_rate: optax.sgd(learning_rate, momentum=0.9)"
         )
     return optimizer
+
+
+def learning_rates(lr) -> np.ndarray:
+    """sweep's `lr`: one or more finite learning rates > 0, as a float64 array."""
+    try:
+        values = None if isinstance(lr, str) else np.atleast_1d(np.asarray(lr, dtype=np.float64))
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.ndim != 1:
+        raise ConfigError(f"lr: expected a number or a list of numbers, got {lr!r}")
+    if values.size == 0:
+        raise ConfigError("lr: give at least one learning rate, e.g. lr=[1e-3, 1e-2]")
+    bad = values[~(np.isfinite(values) & (values > 0))]
+    if bad.size:
+        raise ConfigError(f"lr: every learning rate must be a finite number > 0, got {bad[0]:g}")
+    return values
+
+
+def seed_list(seeds) -> np.ndarray:
+    """sweep's `seeds`: a count n (0..n-1) or a non-empty list of integer seeds in the PRNG's range."""
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        if not 1 <= seeds <= MAX_AXIS_LENGTH:
+            raise ConfigError(
+                f"seeds: an integer means that many seeds (0, 1, ...) and must be in 1..{MAX_AXIS_LENGTH}, got {seeds}"
+            )
+        return np.arange(seeds)
+    values = np.asarray(list(seeds) if isinstance(seeds, Sequence) else seeds)
+    if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer) or np.any(values < 0):
+        raise ConfigError(f"seeds: expected a non-empty list of integers >= 0 (or a count), got {seeds!r}")
+    if np.any(values > MAX_SEEDS):
+        raise ConfigError(f"seeds: each seed must be below 2**31 (the PRNG's seed range), got {values.max()}")
+    return values
+
+
+def positive_int(name: str, value) -> int:
+    """An integer >= 1 (not a bool), else a ConfigError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def non_negative_int(name: str, value, meaning: str) -> int:
+    """An integer >= 0 (not a bool), else a ConfigError naming the argument and what 0 means."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f"{name}: expected an integer >= 0 (0: {meaning}), got {value!r}")
+    return int(value)

@@ -5,6 +5,8 @@
   power_iteration(matvec, v, iters)    the eigenvalue of largest magnitude, warm-startable; `iters`
                                        may be traced: 0 iterations cost nothing, even under vmap
   top_eigenpair(matvec, v, iters)      the same for the top eigenvalue (a shifted rerun if negative)
+  gated_top_eigenvalues(due, ...)      warm-started lambda_max of H (and of P^-1 H) in a training
+                                       step, skipped on the steps it is not due
   lanczos(matvec, v, m)                the m x m tridiagonal (alphas, betas) of Lanczos, fully
                                        reorthogonalised; vmappable, no LAPACK inside
   gauss_quadrature / slq_density       stochastic Lanczos quadrature (numpy): nodes and weights
@@ -105,6 +107,25 @@ def gated(due, fn: Callable, init, *operands):
         return count + 1, fn(*ops)
 
     return jax.lax.while_loop(lambda c: (c[0] < 1) & due, body, (jnp.int32(0), init))[1]
+
+
+def gated_top_eigenvalues(due, loss, params, data, vectors, iterations, p_diag=None):
+    """lambda_max of the Hessian H of loss(params, data) and, given p_diag, of P^-1 H, when `due`:
+    (eigenvalues (k,), vectors (k, n)), top_eigenpair warm-started from `vectors` (k = 1, or 2 with
+    p_diag: one row each). Gated: not due, nothing runs and it returns (nan, vectors). A vector that
+    comes back non-finite (a zero Hessian) is not kept. Costs `iterations` HVPs per eigenvalue."""
+
+    def measure(params, data, vectors, p_diag):
+        flat = flat_hvp(lambda p: loss(p, data), params)[0]
+        matvec = lambda v: flat(v).astype(vectors.dtype)  # noqa: E731 (low-precision params: float32 vectors)
+        matvecs = [matvec] if p_diag is None else [matvec, preconditioned(matvec, p_diag)]
+        pairs = [top_eigenpair(m, v, iterations) for m, v in zip(matvecs, vectors)]
+        found = jnp.stack([v for _, v in pairs])
+        kept = jnp.where(jnp.all(jnp.isfinite(found), axis=1, keepdims=True), found, vectors)
+        return jnp.stack([lam for lam, _ in pairs]).astype(vectors.dtype), kept
+
+    init = (jnp.full(vectors.shape[:1], jnp.nan, vectors.dtype), vectors)
+    return gated(due, measure, init, params, data, vectors, p_diag)
 
 
 def lanczos(matvec: Matvec, v0, m: int) -> tuple[jax.Array, jax.Array]:

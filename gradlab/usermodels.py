@@ -5,7 +5,8 @@
     sweep(model, loss, data, lr=[...], seeds=[...], steps=...)
                                                 train every (lr, seed) point in one compiled
                                                 program: the plan -> engine -> results path of
-                                                `gradlab run`, divergence marked
+                                                `gradlab run`, divergence marked; with
+                                                sharpness_every=k, lambda_max of the Hessian too
 
 What counts as the model's parameters and activations:
   linen  params are the variables of `model.init` ({"params": ...}; other collections such as
@@ -27,7 +28,7 @@ output, mean(out ** 2), a label-free probe of how the output scale reacts to the
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,6 +45,9 @@ from gradlab.config import MAX_SEEDS, OptimConfig, param
 from gradlab.errors import ConfigError
 
 FACTORY = "factory"  # SweepConfig.name when `optimizer` is an optax factory, not a name
+# Power-iteration HVPs per sharpness measurement: from a random vector at step 0, then warm-started
+# from the previous measurement's eigenvector (doubled on a measurement that lands on a negative one).
+COLD_ITERATIONS, WARM_ITERATIONS = 100, 20
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class SweepConfig(OptimConfig):
     seed: int = param(0, low=0, high=MAX_SEEDS, sweep="traced")
     steps: int = param(100, low=1)
     chunk_steps: int = param(100, low=1, doc="steps per compiled chunk; a checkpoint after each")
+    sharpness_every: int = param(0, low=0, doc="steps between lambda_max measurements (and at step 0); 0: none")
 
     def validate(self) -> None:
         """Nothing beyond each field's own checks."""
@@ -103,8 +108,7 @@ def probe(
     loss_fn = adapters.loss_of(loss)
     trainable, fixed = adapter.split(params)
     adapters.inputs(batch)  # a malformed batch fails here with a ConfigError, not inside the trace
-    if isinstance(lanczos_steps, bool) or not isinstance(lanczos_steps, int | np.integer) or lanczos_steps < 0:
-        raise ConfigError(f"lanczos_steps: expected an integer >= 0 (0: no Hessian), got {lanczos_steps!r}")
+    lanczos_steps = adapters.non_negative_int("lanczos_steps", lanczos_steps, "no Hessian")
 
     def measure(trainable, fixed, batch):
         def objective(p):
@@ -167,46 +171,10 @@ class SweepState(NamedTuple):
     opt_state: optax.OptState
     step: jax.Array
     data_key: jax.Array
+    vectors: jax.Array | None = None  # with sharpness_every: the last eigenvectors (1 or 2, n), warm starts
 
 
-def _lrs(lr) -> np.ndarray:
-    try:
-        values = None if isinstance(lr, str) else np.atleast_1d(np.asarray(lr, dtype=np.float64))
-    except (TypeError, ValueError):
-        values = None
-    if values is None or values.ndim != 1:
-        raise ConfigError(f"lr: expected a number or a list of numbers, got {lr!r}")
-    if values.size == 0:
-        raise ConfigError("lr: give at least one learning rate, e.g. lr=[1e-3, 1e-2]")
-    bad = values[~(np.isfinite(values) & (values > 0))]
-    if bad.size:
-        raise ConfigError(f"lr: every learning rate must be a finite number > 0, got {bad[0]:g}")
-    return values
-
-
-def _seeds(seeds) -> np.ndarray:
-    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
-        if not 1 <= seeds <= config.MAX_AXIS_LENGTH:
-            raise ConfigError(
-                f"seeds: an integer means that many seeds (0, 1, ...) and must be in "
-                f"1..{config.MAX_AXIS_LENGTH}, got {seeds}"
-            )
-        return np.arange(seeds)
-    values = np.asarray(list(seeds) if isinstance(seeds, Sequence) else seeds)
-    if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer) or np.any(values < 0):
-        raise ConfigError(f"seeds: expected a non-empty list of integers >= 0 (or a count), got {seeds!r}")
-    if np.any(values > MAX_SEEDS):
-        raise ConfigError(f"seeds: each seed must be below 2**31 (the PRNG's seed range), got {values.max()}")
-    return values
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _spec(name: str, lrs: np.ndarray, seeds: np.ndarray, steps: int, chunk: int, optim) -> config.RunSpec:
+def _spec(name: str, lrs: np.ndarray, seeds: np.ndarray, steps: int, chunk: int, optim, every: int) -> config.RunSpec:
     """The sweep as a resolved RunSpec: `lr` and `seed` axes, and `optim`'s keys (a list: an axis)."""
     if optim is None:
         optim = {}
@@ -216,6 +184,7 @@ def _spec(name: str, lrs: np.ndarray, seeds: np.ndarray, steps: int, chunk: int,
             f"{type(optim).__name__}"
         )
     own = dict(name="optimizer", lr="lr", seed="seeds", seeds="seeds", steps="steps", chunk_steps="chunk_steps")
+    own |= dict(sharpness_every="sharpness_every")
     for key in optim:
         if key in own:
             raise ConfigError(f"optim: {key}: set it with sweep's own argument {own[key]}=...")
@@ -226,6 +195,7 @@ def _spec(name: str, lrs: np.ndarray, seeds: np.ndarray, steps: int, chunk: int,
         )
     raw = {str(k): _plain(v) for k, v in optim.items()}
     raw.update(name=name, lr=[float(v) for v in lrs], seed=[int(s) for s in seeds], steps=steps, chunk_steps=chunk)
+    raw.update(sharpness_every=every)
     return config.resolve("gradlab.sweep", SweepConfig, raw, "sweep")
 
 
@@ -262,8 +232,20 @@ def _starts(adapter: adapters.Model, batch_at, init, params) -> Callable:
     return start
 
 
+def _holds_adam(opt_state) -> bool:
+    """Whether an optimizer state holds Adam's second moments (an optax ScaleByAdamState)."""
+    is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
+    return any(map(is_adam, jax.tree.leaves(opt_state, is_leaf=is_adam)))
+
+
 def _trial_fn(adapter: adapters.Model, loss_fn: Callable, batch_at: Callable, start: Callable, factory) -> Callable:
-    """A static group's SweepConfig -> the Trial that trains one (lr, seed, ...) point."""
+    """A static group's SweepConfig -> the Trial that trains one (lr, seed, ...) point.
+
+    With sharpness_every = k the step measures lambda_max of the loss Hessian at its params on its
+    batch at steps 0, k, 2k, ... (gradlab.curvature.gated_top_eigenvalues: the other steps skip the
+    work), and for a named optimizer whose state holds Adam's second moments also lambda_max of
+    P^-1 H, P = diag(sqrt(v_hat) + eps) of the state after this step's update (the P it used).
+    """
 
     def trial(cfg: SweepConfig) -> engine.Trial:
         def optimizer_of(hp):
@@ -274,16 +256,37 @@ def _trial_fn(adapter: adapters.Model, loss_fn: Callable, batch_at: Callable, st
         def init_fn(hp, key):
             params_key, data_key = jax.random.split(key)
             trainable, fixed = start(params_key, data_key)
-            return SweepState(trainable, fixed, optimizer_of(hp).init(trainable), jnp.int32(0), data_key)
+            opt_state = optimizer_of(hp).init(trainable)
+            vectors = None
+            if cfg.sharpness_every:
+                rows = 2 if factory is None and _holds_adam(opt_state) else 1
+                n = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(trainable))
+                vectors = jax.random.normal(jax.random.fold_in(data_key, 1), (rows, n))
+            return SweepState(trainable, fixed, opt_state, jnp.int32(0), data_key, vectors)
+
+        def loss_at(params, fixed_batch):
+            fixed, batch = fixed_batch
+            out, _ = adapter.forward(params, fixed, adapters.inputs(batch), False)
+            return loss_fn(out, batch)
+
+        def curvature_metrics(hp, state, batch, opt_state) -> tuple[dict, jax.Array | None]:
+            if not cfg.sharpness_every:
+                return {}, None
+            assert state.vectors is not None
+            p_diag = None
+            if state.vectors.shape[0] == 2:
+                p_diag = curvature.adam_preconditioner(opt_state, hp["b2"], hp["eps"])
+            due = state.step % cfg.sharpness_every == 0
+            iterations = jnp.where(state.step == 0, COLD_ITERATIONS, WARM_ITERATIONS)
+            lams, vectors = curvature.gated_top_eigenvalues(
+                due, loss_at, state.params, (state.fixed, batch), state.vectors, iterations, p_diag
+            )
+            names = ("sharpness", "sharpness_preconditioned")
+            return dict(zip(names, lams)), vectors
 
         def step_fn(hp, state):
             batch = batch_at(state.step, state.data_key)
-
-            def objective(p):
-                out, _ = adapter.forward(p, state.fixed, adapters.inputs(batch), False)
-                return loss_fn(out, batch)
-
-            value, grads = jax.value_and_grad(objective)(state.params)
+            value, grads = jax.value_and_grad(loss_at)(state.params, (state.fixed, batch))
             updates, opt_state = optimizer_of(hp).update(grads, state.opt_state, state.params)
             metrics = {
                 "loss": value,
@@ -291,8 +294,9 @@ def _trial_fn(adapter: adapters.Model, loss_fn: Callable, batch_at: Callable, st
                 "grad_norm": _frobenius_per_leaf(grads),
                 "param_norm": _frobenius_per_leaf(state.params),
             }
+            curv, vectors = curvature_metrics(hp, state, batch, opt_state)
             params = optax.apply_updates(state.params, updates)
-            return SweepState(params, state.fixed, opt_state, state.step + 1, state.data_key), metrics
+            return SweepState(params, state.fixed, opt_state, state.step + 1, state.data_key, vectors), metrics | curv
 
         return engine.Trial(init_fn, step_fn, {"grad_norm": ("param",), "param_norm": ("param",)})
 
@@ -316,6 +320,7 @@ def sweep(
     optim: Mapping[str, Any] | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    sharpness_every: int = 0,
 ) -> xr.Dataset:
     """Train the model at every (lr, seed) point at once: one compiled program for the whole grid.
 
@@ -344,19 +349,28 @@ def sweep(
       checkpoint_dir: a folder to checkpoint into (a subfolder per sweep config, removed when
         the sweep ends); rerun the same sweep of the same model and data to resume there.
       progress: show a progress bar.
+      sharpness_every: k > 0 records `sharpness`, lambda_max of the loss Hessian at each measured
+        step's params on its batch, at steps 0, k, 2k, ... (NaN on the others), by power iteration
+        on Hessian-vector products: COLD_ITERATIONS HVPs at step 0, WARM_ITERATIONS warm-started
+        ones after (each HVP ~ 2 gradients; twice that where it lands on a negative eigenvalue).
+        A named Adam-family optimizer also gets `sharpness_preconditioned`, lambda_max(P^-1 H) with
+        P = diag(sqrt(v_hat) + eps) (Cohen et al. 2022), at the same cost again. 0: no measurement.
 
     Returns:
       The Dataset `gradlab run` makes, with dims (lr, [optim axes,] seed, step[, param]): loss
       (before each step's update), grad_global_norm, grad_norm and param_norm per parameter leaf
       (coordinate param: leaf labels); first_bad_step (-1: never), first_bad_layer (the first
       leaf along param with a non-finite norm at that step; -1: none) and diverged per point;
-      provenance, the sweep's config, model_kind, optimizer and loss in its attrs.
+      provenance, the sweep's config, model_kind, optimizer and loss in its attrs. With
+      sharpness_every: sharpness (and sharpness_preconditioned) with dims (lr, [optim axes,] seed, step).
     """
-    lrs, seed_values = _lrs(lr), _seeds(seeds)
-    steps = _positive_int("steps", steps)
-    chunk = steps if chunk_steps is None else min(_positive_int("chunk_steps", chunk_steps), steps)
+    lrs, seed_values = adapters.learning_rates(lr), adapters.seed_list(seeds)
+    steps = adapters.positive_int("steps", steps)
+    every = adapters.non_negative_int("sharpness_every", sharpness_every, "off")
+    chunk = steps if chunk_steps is None else min(adapters.positive_int("chunk_steps", chunk_steps), steps)
     factory = adapters.optimizer_factory(optimizer)
-    spec = _spec(optimizer if isinstance(optimizer, str) else FACTORY, lrs, seed_values, steps, chunk, optim)
+    name = optimizer if isinstance(optimizer, str) else FACTORY
+    spec = _spec(name, lrs, seed_values, steps, chunk, optim, every)
     adapter = adapters.adapt(model, has_aux)
     loss_fn = adapters.loss_of(loss)
     batch_at = data if callable(data) else (lambda step, key: data)

@@ -6,6 +6,9 @@ Tolerances: float32 against float64 (or against differently fused float32) agree
 1e-7 relative per operation; a handful of layers and <= 12 optimizer steps stay well under 1e-5.
 """
 
+import re
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from gradlab import results, usermodels
 from gradlab.errors import ConfigError
@@ -114,7 +118,8 @@ def test_probe_linen_transformer_block_with_default_loss():
     variables = jax.jit(model.init)(jax.random.PRNGKey(2), x)
     ds = usermodels.probe(model, variables, x)  # default loss: mean(out ** 2)
 
-    grads = jax.jit(jax.grad(lambda p: jnp.mean(jnp.square(model.apply({"params": p}, x)))))(variables["params"])
+    mean_square = lambda p: jnp.mean(jnp.square(jnp.asarray(model.apply({"params": p}, x))))  # noqa: E731
+    grads = jax.jit(jax.grad(mean_square))(variables["params"])
     expected = norms_by_label(grads)
     assert "MultiHeadDotProductAttention_0/query/kernel" in expected and len(expected) == ds.sizes["param"]
     # The key bias gets no gradient (softmax is shift invariant): both sides hold rounding noise
@@ -137,6 +142,7 @@ def test_probe_nnx_module_matches_nnx_grad_and_a_numpy_forward():
     assert sorted(expected) == sorted(ds.param.values) == ["hidden/bias", "hidden/kernel", "out/bias", "out/kernel"]
     for label, norm in expected.items():
         np.testing.assert_allclose(float(ds.grad_norm.sel(param=label)), norm, rtol=RTOL)
+    assert model.hidden.bias is not None
     pre = np.asarray(x, np.float64) @ np.asarray(model.hidden.kernel[...], np.float64) + np.asarray(
         model.hidden.bias[...]
     )
@@ -374,6 +380,59 @@ def test_sweep_optim_settings_use_the_configs_optimizer_and_a_list_is_an_axis():
         np.testing.assert_allclose(ds.loss[0, i, 0], losses, rtol=RTOL)
 
 
+class TanhMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(jnp.tanh(nn.Dense(8)(x)))
+
+
+def adam_reference(model, batch, seed, lr, steps):
+    """An eager optax.adam loop from seed's init: per step, lambda_max of the loss Hessian (eigh of
+    jax.hessian of the flattened loss) at that step's params, and of P^-1/2 H P^-1/2 with Adam's
+    P = sqrt(nu / (1 - b2^(t + 1))) + eps after that step's update."""
+    params = jax.jit(model.init)(jax.random.split(jax.random.PRNGKey(seed))[0], batch[0])["params"]
+    flat, unravel = ravel_pytree(params)
+    hessian = jax.jit(jax.hessian(lambda f: mse(model.apply({"params": unravel(f)}, batch[0]), batch)))
+    tx = optax.adam(lr)
+    state, tops, preconditioned = tx.init(flat), [], []
+    for t in range(steps):
+        h = np.asarray(hessian(flat), np.float64)
+        updates, state = tx.update(
+            jax.grad(lambda f: mse(model.apply({"params": unravel(f)}, batch[0]), batch))(flat), state
+        )
+        moments = jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))[0]
+        assert isinstance(moments, optax.ScaleByAdamState)
+        nu = np.asarray(moments.nu, np.float64)
+        d = 1.0 / np.sqrt(np.sqrt(nu / (1 - 0.999 ** (t + 1))) + 1e-8)
+        tops.append(np.linalg.eigvalsh(h)[-1])
+        preconditioned.append(np.linalg.eigvalsh(d[:, None] * h * d[None, :])[-1])
+        flat = optax.apply_updates(flat, updates)
+    return np.asarray(tops), np.asarray(preconditioned)
+
+
+def test_sweep_sharpness_equals_eigh_of_the_full_hessian_and_leaves_training_unchanged():
+    model, batch = TanhMLP(), (normal(20, 16, 3), normal(21, 16, 2))
+    lrs, seeds, steps, every = [1e-3, 3e-3], [0, 1], 7, 3  # lambda_max moves <= 4 % between measurements
+    args: dict[str, Any] = dict(optimizer="adam", lr=lrs, seeds=seeds, steps=steps, progress=False)
+    ds = usermodels.sweep(model, mse, batch, sharpness_every=every, **args)
+    plain = usermodels.sweep(model, mse, batch, sharpness_every=0, **args)
+    assert ds.sharpness.dims == ("lr", "seed", "step") and ds.sharpness_preconditioned.dims == ds.sharpness.dims
+    measured = np.arange(steps) % every == 0  # steps 0, 3, 6
+    assert np.all(np.isfinite(ds.sharpness.values[..., measured]))
+    assert np.all(np.isnan(ds.sharpness.values[..., ~measured]))
+    assert np.all(np.isnan(ds.sharpness_preconditioned.values[..., ~measured]))
+    for i, lr in enumerate(lrs):
+        for j, seed in enumerate(seeds):
+            tops, preconditioned = adam_reference(model, batch, seed, lr, steps)
+            np.testing.assert_allclose(ds.sharpness[i, j, measured], tops[measured], rtol=1e-3)
+            np.testing.assert_allclose(ds.sharpness_preconditioned[i, j, measured], preconditioned[measured], rtol=1e-3)
+    # sharpness_every=0 adds nothing, and measuring does not change training.
+    assert set(plain.data_vars) == set(ds.data_vars) - {"sharpness", "sharpness_preconditioned"}
+    assert "sharpness" not in plain.data_vars
+    for name in ("loss", "grad_global_norm", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(ds[name], plain[name], rtol=RTOL)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -385,6 +444,8 @@ def test_sweep_optim_settings_use_the_configs_optimizer_and_a_list_is_an_axis():
         (dict(optimizer=optax.adam(1e-3)), "optimizer: got a built optax transformation"),
         (dict(seeds=[]), "seeds: expected a non-empty list"),
         (dict(steps=0), "steps: expected an integer >= 1"),
+        (dict(sharpness_every=-1), "sharpness_every: expected an integer >= 0 (0: off), got -1"),
+        (dict(sharpness_every=2.5), "sharpness_every: expected an integer >= 0 (0: off), got 2.5"),
         (dict(params=None), "params: a plain apply function needs its params"),
         (dict(optim={"weight_decay": -1.0}), "sweep: weight_decay: must be >= 0.0, got -1.0"),
         (dict(optim={"schedule": "cosin"}), "sweep: schedule: unknown value 'cosin'"),
@@ -393,9 +454,9 @@ def test_sweep_optim_settings_use_the_configs_optimizer_and_a_list_is_an_axis():
     ],
 )
 def test_user_errors_raise_one_line_config_errors(kwargs, message):
-    args = dict(model=two_layer, loss=None, data=jnp.ones((2, 4)), lr=[0.1], params={"w": jnp.ones(2)})
+    args: dict[str, Any] = dict(model=two_layer, loss=None, data=jnp.ones((2, 4)), lr=[0.1], params={"w": jnp.ones(2)})
     args.update(kwargs)
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")) as err:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)) as err:
         usermodels.sweep(args.pop("model"), args.pop("loss"), args.pop("data"), **args)
     assert "\n" not in str(err.value)
 
