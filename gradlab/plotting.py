@@ -144,6 +144,14 @@ def _solid(line: Line2D) -> bool:
     return line.get_linestyle() in ("-", "solid")
 
 
+def sparse_marks(line: Line2D, marks: int = 10) -> int | None:
+    """A markevery for about `marks` markers on a long line (None: one on every point of a short one).
+
+    An integer stride, not matplotlib's fractional form, which fails on a line with no finite point."""
+    n = np.size(np.asarray(line.get_xdata()))
+    return max(1, n // marks) if n > 12 else None
+
+
 def _pair_marker(line: Line2D, in_legend: bool) -> None:
     """Give a solid, markerless line of palette colour i the palette's marker i."""
     if not _solid(line) or line.get_marker() not in (None, "None", "none", "", " "):
@@ -154,7 +162,7 @@ def _pair_marker(line: Line2D, in_legend: bool) -> None:
         return
     line.set_marker(MARKERS[i])
     if not in_legend:  # a legend handle keeps its own (one marker, mid-line)
-        line.set_markevery(0.1 if np.size(np.asarray(line.get_xdata())) > 12 else None)
+        line.set_markevery(sparse_marks(line))
     line.set_markeredgewidth(0.0)
 
 

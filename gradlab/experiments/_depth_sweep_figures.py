@@ -98,9 +98,10 @@ def _loss_panel(ax, m: M.Measured, lr_index: int | None, title: str):
         ax.plot(
             depths,
             np.where(np.isfinite(median), median, np.nan),
-            "o-",
+            "-",
             color=plotting.COLORS[i],
-            markersize=3,
+            marker=plotting.MARKERS[i % len(plotting.MARKERS)],
+            markersize=4,
             label=name,
         )
         diverged = ~np.isfinite(median)

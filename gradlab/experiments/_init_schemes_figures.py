@@ -15,12 +15,21 @@ from gradlab.experiments import init_schemes as M
 COLOR = dict(
     zip(M.SCHEMES, ["0.35", "#8d6a9f", "#a05a2c", "#edae49", "#66a182", "#1b6ca8", "#00798c", "#d1495b", "#2e4057"])
 )
+MARKER = dict(zip(M.SCHEMES, ["o", "s", "^", "D", "v", "P", "X", "*", "h"]))  # no scheme by colour alone
 ROWS = (
     ("act_std", "activation std"),
     ("delta_rms", r"RMS of $\partial L/\partial h_l$"),
     ("grad_norm", r"$\|\partial L/\partial W_l\|_F$"),
 )
 SHORT = {"he_normal": "He", "xavier_normal": "Xavier", "standard": "standard", "xavier_uniform": "normalized"}
+
+
+def _mark(line, scheme):
+    """The scheme's marker on its line, a few per curve."""
+    line.set_marker(MARKER[str(scheme)])
+    line.set_markevery(plotting.sparse_marks(line, 8))
+    line.set_markersize(4)
+    return line
 
 
 def _profiles_figure(ds, m: M.Measured):
@@ -41,7 +50,7 @@ def _profiles_figure(ds, m: M.Measured):
                 point = ds[var].sel({"model.activation": activation, "scheme": scheme}).isel(optimizer=0, step=0)
                 values = analysis.nan_if_bad(point.transpose("seed", "layer").values[:, :-1])
                 if np.any(values > 0):  # zero init: exactly 0, nothing to draw on a log axis
-                    plotting.band(ax, hidden, values, str(scheme), color=COLOR[str(scheme)])
+                    _mark(plotting.band(ax, hidden, values, str(scheme), color=COLOR[str(scheme)]), scheme)
             ax.set_yscale("log")
             lo, hi = ax.get_ylim()
             ax.set_ylim(max(lo, 1e-20), min(hi, 1e20))
@@ -67,7 +76,7 @@ def _profiles_figure(ds, m: M.Measured):
         plotting.note(head, "\n".join(text))
         for t in head.texts:
             t.set_in_layout(False)  # the box may be wider than its (empty) axes
-    handles = {str(s): Line2D([], [], color=COLOR[str(s)]) for s in ds["scheme"].values}
+    handles = {str(s): Line2D([], [], color=COLOR[str(s)], marker=MARKER[str(s)]) for s in ds["scheme"].values}
     fig.legend(handles.values(), handles.keys(), loc="outside right center", frameon=False)
     fig.suptitle(
         f"At initialization (Glorot & Bengio 2010): {m.layers} layers x {m.width}, {m.seeds} seeds; "
@@ -94,7 +103,7 @@ def _training_figure(ds, m: M.Measured):
                 str(scheme),
                 color=COLOR[str(scheme)],
             )
-            line.set_linewidth(2.2 if scheme in ("xavier_normal", "he_normal") else 0.9)
+            _mark(line, scheme).set_linewidth(2.2 if scheme in ("xavier_normal", "he_normal") else 0.9)
         ax.axhline(m.constant_loss, color="0.3", linestyle="--", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_ylim(max(ax.get_ylim()[0], 1e-6), 10 * m.constant_loss)
@@ -115,7 +124,7 @@ def _training_figure(ds, m: M.Measured):
         for scheme in ds["scheme"].values:
             spread = ds["unit_spread_after"].sel({"model.activation": activation, "scheme": scheme})
             spread = spread.isel(optimizer=0, step=-1).transpose("seed", "layer").values[:, :-1]
-            plotting.band(
+            line = plotting.band(
                 ax,
                 ds["layer"].values[:-1],
                 analysis.nan_if_bad(spread),
@@ -123,6 +132,7 @@ def _training_figure(ds, m: M.Measured):
                 color=COLOR[str(scheme)],
                 log=False,
             )
+            _mark(line, scheme)
         ax.set_ylim(-0.05, 1.75)
         ax.set_title(f"{activation}: after {m.steps} steps")
         ax.set_xlabel("layer l (0 = input projection)")
