@@ -4,37 +4,54 @@ attention entropy against steps for a few rates with and without qk-layernorm.""
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, LogNorm
 
 from gradlab import analysis, plotting
 from gradlab.experiments import attention_logits as A
 
+REFERENCE = {  # the reference lines: each its own grey and dash, named in the figure's one legend
+    "dhead": dict(color="0.45", lw=0.9, ls=(0, (5, 2, 1, 2, 1, 2))),
+    "rate": dict(color="0.15", lw=0.9, ls="-."),
+    "unigram": dict(color="0.55", lw=0.9, ls=":"),
+}
+
 
 def draw(ds, m: A.Measured) -> dict:
+    """{"": logit growth and final loss against lr (top), entropy against steps without / with qk-LN}."""
     fig, grid = plotting.figure(2, 2, width=4.3, height=3.2)
     axes = grid.reshape(1, 4)
     colors = {v.label: plotting.COLORS[i % len(plotting.COLORS)] for i, v in enumerate(m.variants)}
+    markers = {v.label: plotting.MARKERS[i % len(plotting.MARKERS)] for i, v in enumerate(m.variants)}
     styles = {False: "-", True: "--"}  # z-loss off / on
+    handles, labels = [], []
     for v in m.variants:
-        kw = dict(color=colors[v.label], ls=styles[v.z_loss > 0], marker=".", ms=4)
-        axes[0, 0].plot(v.lrs, analysis.nan_if_bad(v.end_logit), label=f"{v.label}: x{v.growth():.3g}", **kw)
-        axes[0, 1].plot(
-            v.lrs, np.where(np.isfinite(v.final), v.final, np.nan), label=f"{v.label}: S={v.sensitivity():.3f}", **kw
-        )
+        kw = dict(color=colors[v.label], ls=styles[v.z_loss > 0], marker=markers[v.label], ms=3.5)
+        (line,) = axes[0, 0].plot(v.lrs, analysis.nan_if_bad(v.end_logit), **kw)
+        axes[0, 1].plot(v.lrs, np.where(np.isfinite(v.final), v.final, np.nan), **kw)
         diverged = ~np.isfinite(v.final)
         axes[0, 1].plot(v.lrs[diverged], np.full(diverged.sum(), v.initial * 1.1), "x", color=colors[v.label])
+        handles.append(line)
+        labels.append(f"{v.label}: logit growth x{v.growth():.3g}, S={v.sensitivity():.3f}")
     ax = axes[0, 0]
-    ax.set(xscale="log", yscale="log", xlabel="peak learning rate", ylabel="max attention logit at the end")
-    ax.set_title(f"attention-logit growth (x: max / smallest lr's; >= {A.GROWTH:g} without qk-LN)", fontsize=8.5)
-    ax.axhline(np.sqrt(m.cfg["model"]["width"] // m.cfg["model"]["heads"]), color="0.5", lw=0.8, ls=":")
-    ax.legend(loc="upper left", fontsize=6.5, frameon=False)
+    ax.set(xscale="log", yscale="log", xlabel="peak learning rate", ylabel="end max attention logit")
+    ax.set_title(f"attention-logit growth\n(x: max / smallest lr's; >= {A.GROWTH:g} without qk-LN)")
+    d_head = m.cfg["model"]["width"] // m.cfg["model"]["heads"]
+    handles.append(ax.axhline(np.sqrt(d_head), **REFERENCE["dhead"]))
+    labels.append(f"√d_head = {np.sqrt(d_head):.3g} (top left)")
     ax = axes[0, 1]
-    ax.axhline(m.entropy_rate, color="0.2", lw=0.9, ls=":", label=f"entropy rate H = {m.entropy_rate:.3f}")
-    ax.axhline(m.unigram, color="0.6", lw=0.9, ls=":", label=f"unigram entropy {m.unigram:.3f}")
-    ax.set(xscale="log", xlabel="peak learning rate", ylabel=f"final loss (mean of last {A.TAIL} steps)")
-    ax.set_title("final loss (x: diverged); S = LR sensitivity / L0", fontsize=8.5)
-    ax.legend(loc="lower center", fontsize=6.5, frameon=False)
+    handles.append(ax.axhline(m.entropy_rate, **REFERENCE["rate"]))
+    labels.append(f"entropy rate H = {m.entropy_rate:.3f} (top right)")
+    handles.append(ax.axhline(m.unigram, **REFERENCE["unigram"]))
+    labels.append(f"unigram entropy {m.unigram:.3f} (top right)")
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel=f"final loss (last {A.TAIL} steps)")
+    ax.set_title("final loss (x: diverged)\nS = LR sensitivity / L0")
     steps = ds["step"].values
+    lrs = m.variants[0].lrs if m.variants else np.ones(1)
+    norm = LogNorm(lrs.min(), lrs.max()) if len(lrs) > 1 and lrs.min() > 0 else None
+    cmap = ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, 256)))  # no faint yellow
     for col, qk in ((2, False), (3, True)):
         ax = axes[0, col]
         chosen = [v for v in m.variants if v.qk_layernorm == qk and v.z_loss == 0] or [
@@ -44,25 +61,28 @@ def draw(ds, m: A.Measured) -> dict:
             ax.axis("off")
             continue
         v = chosen[0]
-        shades = plotting.matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(v.lrs)))
-        for i in range(0, len(v.lrs), max(1, len(v.lrs) // 5)):
-            ax.plot(steps, v.entropy[i], color=shades[i], label=f"lr {v.lrs[i]:.2g}")
-        ax.set(xlabel="step", ylabel="attention entropy (nats, mean over heads)", title=f"entropy: {v.label}")
-        ax.set_ylim(0, 1.3 * np.nanmax(v.entropy))
-        ax.legend(loc="upper right", fontsize=6, frameon=False, ncol=4)
-        if not qk:
+        for i in range(0, len(v.lrs), max(1, len(v.lrs) // 5)):  # a sequence of rates: read off the colour bar
+            ax.plot(steps, v.entropy[i], color=cmap(float(norm(v.lrs[i])) if norm else 0.0))
+        ax.set(xlabel="step", ylabel="attention entropy (nats)", title=f"entropy, mean over heads: {v.label}")
+        top = 1.3 * np.nanmax(v.entropy)
+        if not qk:  # the collapse check is about these runs: its numbers go in this panel's headroom
             collapse = [
-                f"{u.label}: top {u.high} lrs' end min-head entropy / init "
-                f"{np.max(u.end_entropy[-u.high :]) / u.init_entropy:.3f} (< {A.COLLAPSE:g})"
+                f"{u.label}: {np.max(u.end_entropy[-u.high :]) / u.init_entropy:.3f} (< {A.COLLAPSE:g})"
                 for u in m.variants
                 if not u.qk_layernorm
             ]
-            plotting.note(axes[0, 3], "\n".join(collapse), loc="lower left")  # the qk-LN panel's empty corner
+            high = max(u.high for u in m.variants if not u.qk_layernorm)
+            plotting.note(ax, f"top {high} lrs' end min-head entropy / init:\n" + "\n".join(collapse), "upper right")
+            top = (1.45 + 0.1 * len(collapse)) * np.nanmax(v.entropy)
+        ax.set_ylim(0, top)
+    if norm is not None:
+        bar = fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes[0, 2:]), pad=0.01, fraction=0.04, aspect=30)
+        bar.set_label("peak learning rate (entropy panels)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)
     model = m.cfg["model"]
     fig.suptitle(
-        f"Attention logits against the learning rate: Pre-LN decoder, {model['depth']} blocks, width {model['width']}, "
-        f"{model['heads']} heads, adam + warmup-cosine, {m.cfg['steps']} steps, order-{m.cfg['data']['order']} "
-        "Markov chain",
-        fontsize=9,
+        f"Attention logits against the learning rate: Pre-LN decoder, {model['depth']} blocks, width {model['width']},"
+        f" {model['heads']} heads,\nadam + warmup-cosine, {m.cfg['steps']} steps, "
+        f"order-{m.cfg['data']['order']} Markov chain"
     )
     return {"": fig}

@@ -106,6 +106,9 @@ def _training_figure(ds, m: M.Measured):
     return fig
 
 
+PATHS = {"plain": ("#d55e00", "no clipping"), "clipped": ("#0072b2", "global norm τ={tau:g}")}  # colour, legend
+
+
 def _cliff_figure(s: dict, m: M.Measured, cliff: M.Cliff = M.CLIFF):
     """The cliff's loss and |dL/dw| over (w, b) with both descents, and their step lengths; `s` as
     cliff_surface gives it."""
@@ -113,8 +116,9 @@ def _cliff_figure(s: dict, m: M.Measured, cliff: M.Cliff = M.CLIFF):
     ax = axes[0, 0]
     mesh = ax.pcolormesh(s["w"], s["b"], np.log10(s["loss"] + 1e-4).T, shading="auto", cmap="viridis")
     fig.colorbar(mesh, ax=ax, label="log10 loss")
-    for key, color, name in (("plain", "#d55e00", "no clipping"), ("clipped", "white", f"global norm τ={cliff.tau:g}")):
-        ax.plot(s[key][:, 0], s[key][:, 1], ".-", color=color, ms=2.5, lw=0.9, label=name)
+    for key, shape in (("plain", "o"), ("clipped", "s")):  # a white halo keeps each path visible on the map
+        ax.plot(*s[key].T, "-", color="white", lw=2.6, solid_capstyle="round")
+        ax.plot(*s[key].T, "-", color=PATHS[key][0], marker=shape, ms=2.2, lw=0.9, mec="white", mew=0.3)
     ax.plot(*cliff.start, "*", color="#e69f00", mec="k", ms=10)
     ax.set(
         xlim=cliff.w_range[:2],
@@ -123,48 +127,47 @@ def _cliff_figure(s: dict, m: M.Measured, cliff: M.Cliff = M.CLIFF):
         ylabel="b",
         title=f"loss of x_t = w tanh(x_(t-1)) + b, T={cliff.steps}",
     )
-    ax.legend(loc="lower right", fontsize=7, facecolor="0.7")
     ax = axes[0, 1]
     grad = np.abs(s["grad"][..., 0])
     mesh = ax.pcolormesh(s["w"], s["b"], np.log10(grad + 1e-6).T, shading="auto", cmap="magma")
     fig.colorbar(mesh, ax=ax, label="log10 |dL/dw|")
-    ax.set(xlabel="w", ylabel="b", title="the gradient wall")
-    plotting.note(
-        ax,
-        f"max |dL/dw| ≥ {m.cliff_wall:.3g}\nmedian {m.cliff_median:.3g}\nratio {m.cliff_wall / m.cliff_median:.0f}",
-        loc="upper right",
-    )
+    ratio = m.cliff_wall / m.cliff_median
+    # the numbers in the title: a note on the map would cover the wall on a paper-sized panel
+    title = f"the gradient wall: max |dL/dw| ≥ {m.cliff_wall:.3g},\n{ratio:.0f}× the median {m.cliff_median:.3g}"
+    ax.set(xlabel="w", ylabel="b", title=title)
     ax = axes[0, 2]
     bound = cliff.lr * cliff.tau
-    for key, color, name in (
-        ("plain", "#d55e00", "no clipping"),
-        ("clipped", "#0072b2", f"global norm τ={cliff.tau:g}"),
-    ):
+    longest = {"plain": f"{m.thrown_step:.0f}", "clipped": f"{m.clipped_step:.3f}"}
+    for key, shape in (("plain", "o"), ("clipped", "s")):
+        color, name = PATHS[key]
         steps = M.step_lengths(s[key])
         ax.plot(
             np.arange(1, len(steps) + 1),
             steps,
-            ".-",
+            "-",
             color=color,
-            ms=3,
+            marker=shape,
+            ms=2.2,
             lw=0.9,
-            label=f"{name}: final loss {s[key + '_loss'][-1]:.2g}",
+            label=f"{name.format(tau=cliff.tau)}: final loss {s[key + '_loss'][-1]:.2g}, "
+            f"longest step {longest[key]}× lr τ",
         )
-    ax.axhline(bound, color="k", ls="--", lw=0.8, label="lr τ")
+    ax.axhline(bound, color="k", ls="--", lw=0.8, label="lr τ: the clipped step's bound")
     ax.set(
         yscale="log",
         xlabel="iteration",
         ylabel="step length |Δ(w, b)|",
         title=f"gradient-descent steps, lr={cliff.lr:g}",
     )
-    ax.legend(loc="upper right", fontsize=7)
-    plotting.note(
-        ax, f"longest step / (lr τ):\nunclipped {m.thrown_step:.0f}, clipped {m.clipped_step:.3f}", loc="lower left"
-    )
+    # one legend for the figure, below the panels: the paths on the loss map are these two
+    handles, labels = ax.get_legend_handles_labels()
+    paper = getattr(fig, "gradlab_style", "screen") == "paper"
+    if paper:  # room for the two-line titles and the legend below 2-inch panels
+        fig.set_size_inches(fig.get_figwidth(), 3.0)
+    fig.legend(handles, labels, loc="outside lower center", ncol=2 if paper else len(labels), frameon=False)
     fig.suptitle(
-        "The cliff (Pascanu et al. 2013): one step on the wall throws plain gradient descent away; "
-        "clipped steps stay ≤ lr τ",
-        fontsize=10,
+        "The cliff (Pascanu et al. 2013): one step on the wall throws plain gradient descent away;\n"
+        "clipped steps stay ≤ lr τ (paths start at the star)"
     )
     return fig
 

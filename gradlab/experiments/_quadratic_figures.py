@@ -14,25 +14,61 @@ from gradlab import plotting, results
 from gradlab.experiments import quadratic as M
 
 CATALOG_LR = 0.15  # the catalog's example rate, quoted in the figure when the sweep holds it
-FAR = 3.0  # a path reaching past FAR x the default view's width is drawn leaving the view
+FAR = 1.5  # a path reaching past FAR x the default view's half-extent is drawn leaving the view
 
 
 def _view(surface: str, start, paths) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The panel's limits: round the start and the minimum, widened to hold every finite path
-    that stays within FAR times that extent (one that goes further is drawn leaving the view)."""
+    """The panel's limits: round the start and the minimum, widened to hold every finite path that
+    stays within FAR times that box's half-extent of its centre. A path that goes further (RMSProp's
+    excursion on the bowl) would squash every other path into a corner: it is drawn leaving the
+    view, with an arrow to where it goes."""
     x0, y0 = start
     if surface == "bowl":
         hx, hy = 1.35 * max(abs(x0), 0.5), 1.35 * max(abs(y0), 0.5)
         (xlo, xhi), (ylo, yhi) = (-hx, hx), (-hy, hy)
     else:
         (xlo, xhi), (ylo, yhi) = (min(x0, 1.0) - 0.8, max(x0, 1.0) + 0.8), (min(y0, 1.0) - 1.5, max(y0, 1.0) + 1.5)
+    cx, cy, rx, ry = (xlo + xhi) / 2, (ylo + yhi) / 2, FAR * (xhi - xlo) / 2, FAR * (yhi - ylo) / 2
     for xy in paths:
         xy = xy[np.isfinite(xy).all(axis=1)]
-        if len(xy) and np.abs(xy).max() <= FAR * max(abs(xhi - xlo), abs(yhi - ylo)):
+        if len(xy) and np.all(np.abs(xy[:, 0] - cx) <= rx) and np.all(np.abs(xy[:, 1] - cy) <= ry):
             pad_x, pad_y = 0.05 * (np.ptp(xy[:, 0]) or 1.0), 0.05 * (np.ptp(xy[:, 1]) or 1.0)
             xlo, xhi = min(xlo, xy[:, 0].min() - pad_x), max(xhi, xy[:, 0].max() + pad_x)
             ylo, yhi = min(ylo, xy[:, 1].min() - pad_y), max(yhi, xy[:, 1].max() + pad_y)
     return (xlo, xhi), (ylo, yhi)
+
+
+def _exit_arrow(ax, xy, inside, view, name: str, color) -> None:
+    """An arrow to where a path first leaves the view, from a note of how far it goes (its farthest point)."""
+    (xlo, xhi), (ylo, yhi) = view
+    k = int(np.argmax(~inside))
+    a, b = xy[max(k - 1, 0)], xy[k]
+    # where segment a -> b crosses the view's edge: the largest fraction of it still inside
+    fracs = [1.0]
+    for lo, hi, i in ((xlo, xhi, 0), (ylo, yhi, 1)):
+        d = b[i] - a[i]
+        if d:
+            fracs += [(edge - a[i]) / d for edge in (lo, hi) if 0 <= (edge - a[i]) / d <= 1]
+    edge = a + min(f for f in fracs if np.all(np.isfinite(a + f * (b - a)))) * (b - a)
+    finite = xy[np.isfinite(xy).all(axis=1)]
+    far = finite[np.argmax(np.linalg.norm(finite, axis=1))]
+    back = "" if not inside[k:].any() else ", then back"
+    # the text in the corner on the exit's side, across the panel's height from it: the arrow runs
+    # beside the other paths rather than through them
+    left, low = edge[0] < (xlo + xhi) / 2, edge[1] < (ylo + yhi) / 2
+    ax.annotate(
+        f"{name} goes out\nto ({far[0]:.3g}, {far[1]:.3g}),\n|w| = {np.linalg.norm(far):.3g}{back}",
+        xy=edge,
+        xytext=(0.03 if left else 0.97, 0.97 if low else 0.03),
+        textcoords="axes fraction",
+        ha="left" if left else "right",
+        va="top" if low else "bottom",
+        fontsize="small",
+        color=color,
+        arrowprops=dict(arrowstyle="->", color=color, lw=1.0, shrinkA=2, shrinkB=0),
+        bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor=color, alpha=0.9),
+        zorder=6,
+    )
 
 
 def _label(p: M.Path2D | None, updates: int) -> str:
@@ -57,15 +93,15 @@ def _contour_panel(ax, surface: str, chosen: dict[str, M.Path2D | None], start) 
         if p is None:
             continue
         inside = (p.xy[:, 0] >= xlo) & (p.xy[:, 0] <= xhi) & (p.xy[:, 1] >= ylo) & (p.xy[:, 1] <= yhi)
-        far = np.abs(p.xy[~inside]).max(initial=0.0)
-        labels[name] += f" (leaves the view: |w| to {far:.3g})" if far else ""
         i = list(M.LABELS).index(name)
         every = max(1, len(p.xy) // 12)  # a dozen markers along a path: its identity, not its steps
         ax.plot(p.xy[:, 0], p.xy[:, 1], color=plotting.COLORS[i % 8], marker=plotting.MARKERS[i % 8], markevery=every)
+        if not inside.all():
+            _exit_arrow(ax, p.xy, inside, ((xlo, xhi), (ylo, yhi)), M.LABELS[name], plotting.COLORS[i % 8])
     ax.plot(*start, "ko", ms=5, zorder=5)
     ax.plot(*M.SURFACE[surface].minimum, "k*", ms=9, zorder=5)
     ax.set(xlim=(xlo, xhi), ylim=(ylo, yhi), xlabel="$w_0$", ylabel="$w_1$")
-    ax.set_title(f"{M.SURFACE[surface].title}, from ({start[0]:g}, {start[1]:g})")
+    ax.set_title(f"{M.SURFACE[surface].title}\nfrom ({start[0]:g}, {start[1]:g})")
     return labels
 
 
@@ -96,7 +132,7 @@ def _stability_panel(ax, m: M.Measured):
         bar = ax.figure.colorbar(ScalarMappable(scale, cmap), ax=ax, pad=0.01, fraction=0.06)
         bar.set_label("η (stable)")
     ax.set_yscale("log")
-    ax.set_ylim(1e-24, 1e10)  # room below the converging lines for the note
+    ax.set_ylim(1e-40, 1e10)  # room below the converging lines for the note
     ax.set(xlabel="update t", ylabel=r"$\|w_t\|$")
     ax.set_title(f"GD on the bowl: stable iff η < 2/8 = {M.STABLE_LR:g}")
     lines = []
@@ -104,14 +140,13 @@ def _stability_panel(ax, m: M.Measured):
     if near is not None:
         t = min(M.CHECK_STEPS, len(near.xy) - 1)
         e = M.closed_form(near.xy[0], near.lr, t)
-        lines.append(
-            f"η={near.lr:g}, t={t}: w=({near.xy[t][0]:.4g}, {near.xy[t][1]:.4g})\nclosed form ({e[0]:.4g}, {e[1]:.4g})"
-        )
+        w = near.xy[t]
+        lines.append(f"η={near.lr:g}, t={t}:\nw = ({w[0]:.4g}, {w[1]:.4g})\nexact ({e[0]:.4g}, {e[1]:.4g})")
     if m.unstable_growth is not None:
         p = next(p for p in gd if p.lr > M.STABLE_LR)
         lines.append(
             f"η={p.lr:g}: |w1| x{m.unstable_growth:.4g}/step"
-            + (f", non-finite after {int(np.argmax(~np.isfinite(p.loss)))} updates" if p.diverged else "")
+            + (f",\nnon-finite after {int(np.argmax(~np.isfinite(p.loss)))} updates" if p.diverged else "")
         )
     if lines:
         plotting.note(ax, "\n".join(lines), loc="lower left")
@@ -136,7 +171,12 @@ def draw(ds, m: M.Measured) -> dict:
             handles.append(Line2D([], [], color=plotting.COLORS[i % 8], marker=plotting.MARKERS[i % 8]))
             labels.append(f"{M.LABELS[name]}: {where}")
     more_handles, more_labels = axes[0, -1].get_legend_handles_labels() if m.gd else ([], [])
-    fig.legend(handles + more_handles, labels + more_labels, loc="outside lower center", ncol=2, frameon=False)
+    paper = getattr(fig, "gradlab_style", "screen") == "paper"
+    if paper:  # two columns of these labels are wider than the page: one column, below taller panels
+        fig.set_size_inches(fig.get_figwidth(), 2.4 + 0.16 * len(labels + more_labels))
+    fig.legend(
+        handles + more_handles, labels + more_labels, loc="outside lower center", ncol=1 if paper else 2, frameon=False
+    )
     fig.suptitle(
         f"Optimizer paths at each one's fastest rate of the sweep ({ds.sizes['step']} updates; "
         f"steps until L stays ≤ {M.TOLERANCE:g})"
