@@ -93,9 +93,10 @@ def test_cli_prints_passing_checks_and_draws_the_figure(cli_run):
     assert len(table) == 3 and all(line.rstrip().endswith("pass") for line in table), printed
     assert (out / "figures" / "quadratic.png").stat().st_size > 10_000
     fig = api.plot(ds)
-    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-    assert any(label.startswith("GD (") and "steps" in label for label in labels), labels
-    assert any(label.startswith("AdamW (") and "wd=0.1" in label for label in labels), labels
+    (legend,) = fig.legends  # one legend for the figure: each optimizer's rate and steps on both surfaces
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert any(label.startswith("GD: bowl: η=") and "steps" in label for label in labels), labels
+    assert any(label.startswith("AdamW: bowl:") and "wd=0.1" in label for label in labels), labels
 
 
 def momentum_path(start, grad, lr, mu, steps):
