@@ -3,6 +3,17 @@
 import numpy as np
 import xarray as xr
 
+TINY = [  # gradient_flow small enough to compile in a second or two
+    "model.width=8",
+    "model.depth=2",
+    "seeds=1",
+    "data.examples=16",
+    "data.input_dim=4",
+    "model.activation=tanh",
+    "model.norm=none",
+    "model.residual=false",
+]
+
 
 def finish(proc):
     """Wait for a gradlab subprocess; it must exit 0. Returns its stdout."""

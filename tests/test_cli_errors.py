@@ -5,17 +5,7 @@ import subprocess
 import sys
 
 import pytest
-
-TINY = [
-    "model.width=8",
-    "model.depth=2",
-    "seeds=1",
-    "data.examples=16",
-    "data.input_dim=4",
-    "model.activation=tanh",
-    "model.norm=none",
-    "model.residual=false",
-]
+from cli_sweeps import TINY
 
 
 def gradlab(*args, cwd=None):

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+import cli_sweeps
 import numpy as np
 import pytest
 import xarray as xr
@@ -21,19 +22,7 @@ from gradlab import api, config, engine, results
 from gradlab.check import Check
 from gradlab.errors import ArgumentError, ConfigError, ResultsError
 
-TINY = [
-    "model.width=8",
-    "model.depth=2",
-    "seeds=1",
-    "data.examples=16",
-    "data.input_dim=4",
-    "model.activation=tanh",
-    "model.norm=none",
-    "model.residual=false",
-    "optim.lr=0.05",
-    "steps=8",
-    "chunk_steps=2",
-]
+TINY = [*cli_sweeps.TINY, "optim.lr=0.05", "steps=8", "chunk_steps=2"]
 
 # Before it runs gradlab's main: `kill-after-checkpoint N` SIGKILLs the process once N checkpoints are
 # written; `fsize-on NAME` sets RLIMIT_FSIZE to 1000 bytes (SIGXFSZ ignored: writes fail with EFBIG)
