@@ -250,7 +250,10 @@ def build_dataset(
 def save(ds: xr.Dataset, path: Path) -> None:
     """Write ds as netCDF: encoded in memory first, so a full disk meets a plain file write (one
     line) and never an HDF5 file half open (whose clean-up at exit could crash the process)."""
-    data = ds.to_netcdf(engine="h5netcdf")
+    encoded = ds.to_netcdf(engine="h5netcdf")  # a memoryview of xarray's buffer on current xarray
+    data = bytes(encoded)
+    if isinstance(encoded, memoryview):
+        encoded.release()  # else the buffer, still exported, complains when it is freed at exit (Python 3.13)
     atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
