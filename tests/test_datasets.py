@@ -188,3 +188,13 @@ def test_mlp_reaches_the_published_68_percent():
     """Greydanus & Kobak's recipe: batch 100, Adam lr 0.01, 6000 steps; seed mean within 5 points."""
     accuracy = sweep(["relu"], steps=6000, batch_size=100, seeds=4)["relu"]
     assert abs(accuracy.mean() - 0.68) <= 0.05, accuracy
+
+
+def test_every_figure_drawn_from_a_real_dataset_names_it(tmp_path):
+    import matplotlib.pyplot as plt
+
+    outcome = api.execute("lr_sweep", ["data.task=digits"], scale="tiny", out=tmp_path, progress=False, draw=False)
+    for fig in api.figures(outcome.dataset).values():
+        texts = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+        assert any(datasets.title("digits") in text for text in texts), texts
+    plt.close("all")

@@ -61,4 +61,20 @@ def draw(module: ModuleType, ds, measured, style: str = "screen") -> dict:
 
     with plotting.style(style):
         drawn = module.figures(results.with_axes(ds, list(module.AXES)), measured)
-        return {suffix: plotting.finish(fig) for suffix, fig in drawn.items()}
+        return {suffix: _name_the_data(plotting.finish(fig), ds) for suffix, fig in drawn.items()}
+
+
+def _name_the_data(fig, ds):
+    """A figure drawn from a real dataset says which, unless its experiment's own text already does."""
+    from gradlab import datasets
+
+    task = results.run_config(ds).get("data", {}).get("task")
+    if task in datasets.SHAPES:
+        name = datasets.title(task)
+        if not any(name in t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))):
+            title = fig._suptitle  # matplotlib has a getter of its text but no setter
+            if title is not None:
+                title.set_text(f"{title.get_text()}\ndata: {name}")
+            else:
+                fig.suptitle(f"data: {name}")
+    return fig
