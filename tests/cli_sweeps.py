@@ -3,6 +3,17 @@
 import numpy as np
 import xarray as xr
 
+MOMENTUM_NET = [  # a 3-block tanh net under momentum: the sweeps the determinism and resume tests compare
+    "model.width=16",
+    "model.depth=3",
+    "data.examples=32",
+    "data.input_dim=8",
+    "model.activation=tanh",
+    "model.norm=none",
+    "model.residual=false",
+    "optim.name=momentum",
+]
+
 TINY = [  # gradient_flow small enough to compile in a second or two
     "model.width=8",
     "model.depth=2",

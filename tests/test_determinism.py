@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from cli_sweeps import assert_identical, finish, results_of
+from cli_sweeps import MOMENTUM_NET, assert_identical, finish, results_of
 
 from gradlab import config, engine, trials
 from gradlab.config import ExperimentConfig
@@ -95,14 +95,7 @@ def test_a_sweep_split_into_batches_to_fit_memory_is_bit_identical(tmp_path):
 
 # Through the CLI in subprocesses: the host device count is fixed before jax starts.
 SWEEP = [
-    "model.width=16",
-    "model.depth=3",
-    "data.examples=32",
-    "data.input_dim=8",
-    "model.activation=tanh",
-    "model.norm=none",
-    "model.residual=false",
-    "optim.name=momentum",
+    *MOMENTUM_NET,
     "optim.lr={logspace: [-3, -1, 32]}",
     "seeds=1",
     "steps=24",

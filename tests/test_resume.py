@@ -11,17 +11,10 @@ import sys
 import time
 
 import numpy as np
-from cli_sweeps import assert_identical, finish, results_of
+from cli_sweeps import MOMENTUM_NET, assert_identical, finish, results_of
 
 SWEEP = [
-    "model.width=16",
-    "model.depth=3",
-    "data.examples=32",
-    "data.input_dim=8",
-    "model.activation=tanh",
-    "model.norm=none",
-    "model.residual=false",
-    "optim.name=momentum",
+    *MOMENTUM_NET,
     "optim.lr=[0.01, 0.03, 0.1]",
     "seeds=1",
     "steps=40",
