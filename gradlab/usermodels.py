@@ -382,7 +382,9 @@ def sweep(
     folder = None if checkpoint_dir is None else results.ensure_dir(Path(checkpoint_dir) / f"sweep-{spec.hash}")
     trial = _trial_fn(adapter, loss_fn, batch_at, start, factory)
     devices = list(devices) if devices is not None else jax.local_devices()
-    swept = engine.run_sweep(trial, config.plan(spec), checkpoint_dir=folder, progress=progress, devices=devices)
+    swept = engine.run_sweep(
+        trial, config.plan(spec), checkpoint_dir=folder, progress=progress, devices=devices, tag=spec.hash
+    )
     if folder is not None and jax.process_index() == 0:
         shutil.rmtree(folder, ignore_errors=True)
     attrs = {
