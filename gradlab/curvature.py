@@ -14,6 +14,8 @@
   adam_preconditioner / preconditioned the diagonal P = sqrt(v_hat) + eps of an Adam state, and the
                                        symmetric P^-1/2 H P^-1/2, whose spectrum is that of P^-1 H
   top_eigenvalues                      lambda_max of the Hessian and of each leaf's diagonal block
+  stability_threshold(optimizer, ...)  eta x lambda where GD, heavy-ball momentum and Adam turn
+                                       unstable on a quadratic: 2, 2 + 2 beta, (2 + 2 b1)/(1 - b1)
 
 A measurement inside a vmapped training step is gated with `gated(due, fn, init, *operands)`: a
 while_loop that runs `fn` once when due and never otherwise. Under vmap a lax.cond with a per-lane predicate runs
@@ -253,3 +255,22 @@ def top_eigenvalues(loss_fn, params, key, steps: int = 30) -> tuple[float, np.nd
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
     blocks = [top(jnp.zeros(n).at[a : a + size].set(1.0), size) for a, size in zip(starts, sizes)]
     return top(jnp.ones(n), n), np.asarray(blocks)
+
+
+def stability_threshold(optimizer: str, momentum: float = 0.0, b1: float = 0.0) -> float:
+    """eta x lambda at which `optimizer` ("sgd", "momentum" or "adam") turns unstable along an eigen-
+    direction of curvature lambda of a quadratic (Cohen et al. 2021, 2022):
+      sgd       2: the error follows e' = (1 - eta lambda) e
+      momentum  2 + 2 beta: heavy ball, e'' = (1 + beta - eta lambda) e' - beta e, has a root of its
+                characteristic polynomial z^2 - (1 + beta - eta lambda) z + beta at z = -1 there
+      adam      (2 + 2 b1)/(1 - b1), in the preconditioned sharpness lambda(P^-1 H) with P held fixed:
+                the update eta P^-1 m with m an EMA (b1) of gradients is heavy ball at rate
+                eta (1 - b1) and momentum b1
+    `momentum` is beta (used by "momentum" only), `b1` Adam's first-moment decay (by "adam" only)."""
+    if optimizer == "momentum":
+        return 2 + 2 * momentum
+    if optimizer == "adam":
+        return (2 + 2 * b1) / (1 - b1)
+    if optimizer == "sgd":
+        return 2.0
+    raise ValueError(f"no stability threshold for optimizer {optimizer!r}")

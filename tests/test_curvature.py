@@ -1,6 +1,7 @@
 """gradlab.curvature against dense linear algebra: HVPs against jax.hessian and finite differences of
 the gradient, power iteration and Lanczos against eigh, Gauss quadrature moments against v^T H^k v and
-tr(H^k), the Adam-preconditioned sharpness against eigh of P^-1/2 H P^-1/2, Marchenko-Pastur edges."""
+tr(H^k), the Adam-preconditioned sharpness against eigh of P^-1/2 H P^-1/2, Marchenko-Pastur edges, and the
+optimizers' stability thresholds against their update recurrences run on a quadratic."""
 
 import jax
 import jax.numpy as jnp
@@ -160,3 +161,28 @@ def test_probe_reports_the_top_hessian_eigenvalues_of_a_flax_model():
     want = [np.linalg.eigvalsh(h[a:b, a:b])[-1] for a, b in zip(starts[:-1], starts[1:])]
     np.testing.assert_allclose(ds["hessian_block_top"].values, want, rtol=1e-4)
     assert "hessian_top" not in probe(model, variables, (x, y), mse, lanczos_steps=0)
+
+
+def _final_error(optimizer, eta, beta=0.0, b1=0.0, steps=1000):
+    """|x| after `steps` updates on f = x^2 / 2 (lambda = 1) from x = 1, each optimizer's update written out:
+    optax's trace v = g + beta v, x -= eta v (sgd: beta = 0); Adam's m = b1 m + (1 - b1) g, x -= eta m
+    with its preconditioner frozen at P = 1."""
+    x, m = 1.0, 0.0
+    for _ in range(steps):
+        m = b1 * m + (1 - b1) * x if optimizer == "adam" else beta * m + x
+        x -= eta * m
+    return abs(x)
+
+
+@pytest.mark.parametrize(
+    "optimizer, beta, b1, closed",
+    [("sgd", 0.0, 0.0, 2.0), ("momentum", 0.5, 0.0, 3.0), ("momentum", 0.9, 0.0, 3.8), ("adam", 0.0, 0.9, 38.0)],
+)
+def test_stability_threshold_divides_decay_from_growth_on_a_quadratic(optimizer, beta, b1, closed):
+    """At 1% below the threshold the error decays (|root| <= 0.98 per step), 1% above it grows (>= 1.02)."""
+    edge = curvature.stability_threshold(optimizer, momentum=beta, b1=b1)
+    assert edge == pytest.approx(closed, rel=1e-12)
+    assert _final_error(optimizer, 0.99 * edge, beta, b1) < 1e-6
+    assert _final_error(optimizer, 1.01 * edge, beta, b1) > 1e6
+    with pytest.raises(ValueError, match="no stability threshold"):
+        curvature.stability_threshold("lion")

@@ -63,10 +63,10 @@ def test_catapult_rate_is_its_factor_over_lambda_0():
     assert float(state.lr) == pytest.approx(2.5 * 2 / top, rel=2e-3)
 
 
-def test_thresholds_are_the_closed_forms():
-    assert eos.threshold("gd", {}) == 2.0
-    assert eos.threshold("momentum", {"momentum": 0.9}) == pytest.approx(3.8)
-    assert eos.threshold("adam", {"b1": 0.9}) == pytest.approx(38.0)
+def test_each_variant_has_its_optimizers_threshold():
+    """gd and the catapult run plain GD (2), momentum heavy ball (2 + 2 beta), adam (2 + 2 b1)/(1 - b1)."""
+    got = {v: curvature.stability_threshold(eos.OPTIMIZER[v], momentum=0.5, b1=0.9) for v in eos.VARIANTS}
+    assert got == pytest.approx({"gd": 2.0, "momentum": 3.0, "adam": 38.0, "catapult": 2.0})
 
 
 def test_edge_median_reads_the_last_half():

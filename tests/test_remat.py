@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import api, models
+from gradlab import api, memory, models
 from gradlab.errors import ConfigError
 from gradlab.experiments import remat
 
@@ -78,7 +78,7 @@ def test_vjp_residuals_per_layer_are_three_arrays_plain_and_one_with_remat():
         spec, hyper = _spec(depth, flag), _hyper(depth)
         params = models.init(jax.random.PRNGKey(0), spec, hyper)
         loss = lambda p, x: jnp.sum(models.apply(p, x, spec, hyper)[0])  # noqa: E731
-        return remat.activation_residual_bytes(loss, (params, x), BATCH, WIDTH)
+        return memory.activation_residual_bytes(loss, (params, x), BATCH, WIDTH)
 
     unit = BATCH * WIDTH * 4
     assert (resid(7, False) - resid(3, False)) == 4 * plain_arrays() * unit

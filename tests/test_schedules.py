@@ -19,9 +19,8 @@ import math
 import numpy as np
 import pytest
 
-from gradlab import api, transforms
+from gradlab import api, schedule_forms, transforms
 from gradlab.config import OptimConfig
-from gradlab.experiments import schedules
 
 T = 100
 R, A, C = 0.2, 0.1, 3
@@ -71,30 +70,31 @@ def shape_of(schedule, warmup=0, total=T):
     cfg = dataclasses.replace(
         OptimConfig(), schedule=schedule, warmup_steps=warmup, decay_rate=R, final_lr_fraction=A, cycles=C
     )
-    return transforms.schedule_shape(cfg, total)
+    shape = transforms.schedule_shape(cfg, total)
+    return lambda t: float(np.asarray(shape(np.int32(t))))  # the shape at step t, as a Python float
 
 
 @pytest.mark.parametrize("schedule", ALL)
 def test_shape_equals_closed_form(schedule):
     shape = shape_of(schedule)
-    got = np.asarray([float(shape(np.int32(t))) for t in STEPS])
+    got = np.asarray([shape(t) for t in STEPS])
     np.testing.assert_allclose(got, [expected(schedule, t) for t in STEPS], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "step", "exponential", "inverse_time", "cosine", "sgdr"])
 def test_warmup_is_linear_from_zero_then_the_schedule(schedule):
     shape = shape_of(schedule, warmup=20)
-    got = np.asarray([float(shape(np.int32(t))) for t in STEPS])
+    got = np.asarray([shape(t) for t in STEPS])
     np.testing.assert_allclose(got, [expected(schedule, t, warmup=20) for t in STEPS], rtol=1e-5, atol=1e-7)
-    assert float(shape(np.int32(0))) == 0.0
-    assert float(shape(np.int32(10))) == pytest.approx(0.5, rel=1e-6)
+    assert shape(0) == 0.0
+    assert shape(10) == pytest.approx(0.5, rel=1e-6)
 
 
 def test_step_drops_by_the_rate_at_each_boundary():
     shape = shape_of("step")
     for k, b in enumerate((25, 50, 75), start=1):  # floor(100 i / 4)
-        assert float(shape(np.int32(b - 1))) == pytest.approx(R ** (k - 1), rel=1e-6)
-        assert float(shape(np.int32(b))) == pytest.approx(R**k, rel=1e-6)
+        assert shape(b - 1) == pytest.approx(R ** (k - 1), rel=1e-6)
+        assert shape(b) == pytest.approx(R**k, rel=1e-6)
 
 
 def test_sgdr_restarts_to_the_peak_each_period():
@@ -102,30 +102,30 @@ def test_sgdr_restarts_to_the_peak_each_period():
     period = T // C  # 33
     ends = [(k + 1) * period - 1 for k in range(C - 1)] + [T - 1]  # the last period takes the remainder
     for k in range(C):
-        assert float(shape(np.int32(k * period))) == pytest.approx(1.0, rel=1e-6)
+        assert shape(k * period) == pytest.approx(1.0, rel=1e-6)
         # one step before a period's end the cosine is (1 + cos(pi (P-1)/P)) / 2 < 3e-3 for P >= 33
-        assert float(shape(np.int32(ends[k]))) == pytest.approx(A, abs=3e-3)
+        assert shape(ends[k]) == pytest.approx(A, abs=3e-3)
 
 
 def test_onecycle_rise_lasts_the_warmup_when_given():
     shape = shape_of("onecycle", warmup=17)
-    values = np.asarray([float(shape(np.int32(t))) for t in range(T)])
+    values = np.asarray([shape(t) for t in range(T)])
     assert int(np.argmax(values)) == 17
     np.testing.assert_allclose(values, [expected("onecycle", t, warmup=17) for t in range(T)], rtol=1e-5, atol=1e-7)
 
 
 def test_onecycle_peaks_at_30_percent():
     shape = shape_of("onecycle")  # optax's piecewise interpolation takes one count at a time
-    values = np.asarray([float(shape(np.int32(t))) for t in range(T)])
+    values = np.asarray([shape(t) for t in range(T)])
     assert int(np.argmax(values)) == 30
     assert values[30] == pytest.approx(1.0, rel=1e-6)
     assert values[0] == pytest.approx(1 / 25, rel=1e-6)
 
 
-def test_experiment_closed_forms_agree_with_these():
+def test_numpy_closed_forms_agree_with_these():
     optim = dict(lr=0.5, warmup_steps=0, decay_rate=R, final_lr_fraction=A, cycles=C)
     for schedule in ALL:
-        got = schedules.closed_form(schedule, T, optim, STEPS)
+        got = schedule_forms.closed_form(schedule, T, optim, STEPS)
         np.testing.assert_allclose(got, [0.5 * expected(schedule, t) for t in STEPS], rtol=1e-12, atol=1e-15)
 
 

@@ -40,6 +40,8 @@ NAME = "edge_of_stability"
 CLAIM = "full-batch GD, momentum and Adam sharpen until lambda_max sits at their 2/eta-type threshold; catapults"
 VARIANTS = ("gd", "momentum", "adam", "catapult")
 OPTIMIZER = {"gd": "sgd", "momentum": "momentum", "adam": "adam", "catapult": "sgd"}
+# the Config key of each variant's learning rates (the catapult's: factors of 2/lambda_0)
+RATES = {"gd": "gd_lrs", "momentum": "momentum_lrs", "adam": "adam_lrs", "catapult": "catapult_factors"}
 AXES = ["variant", "lr_index"]
 INIT_ITERATIONS = 100  # power steps for lambda_0 at init (the catapult's unit, every lane's warm start)
 EDGE = (0.9, 1.1)  # the median over the last half of eta lambda / threshold, for every lane at the edge
@@ -67,7 +69,7 @@ class Config(ExperimentConfig):
 
     def validate(self) -> None:
         super().validate()
-        for key in ("gd_lrs", "momentum_lrs", "adam_lrs", "catapult_factors"):
+        for key in RATES.values():
             values = getattr(self, key)
             if not values or min(values) <= 0:
                 raise ConfigError(f"needs a non-empty list of positive numbers, got {list(values)}", key=key)
@@ -75,22 +77,6 @@ class Config(ExperimentConfig):
                 raise ConfigError(f"{self.lr_index} indexes no rate of {key} ({len(values)} of them)", key="lr_index")
         if self.catapult_steps > self.steps:
             raise ConfigError(f"must be <= steps = {self.steps}, got {self.catapult_steps}", key="catapult_steps")
-
-
-def rates(cfg) -> tuple[float, ...]:
-    """The variant's learning rates (the catapult's: factors of 2/lambda_0)."""
-    return {"gd": cfg.gd_lrs, "momentum": cfg.momentum_lrs, "adam": cfg.adam_lrs, "catapult": cfg.catapult_factors}[
-        cfg.variant
-    ]
-
-
-def threshold(variant: str, optim: dict) -> float:
-    """eta x lambda at the edge: 2 (GD), 2 + 2 beta (heavy ball), (2 + 2 beta1)/(1 - beta1) (Adam)."""
-    if variant == "momentum":
-        return 2 + 2 * optim["momentum"]
-    if variant == "adam":
-        return (2 + 2 * optim["b1"]) / (1 - optim["b1"])
-    return 2.0
 
 
 def cost(cfg) -> str:
@@ -118,7 +104,7 @@ def trial(cfg) -> Trial:
     scheme = INIT_SCHEMES.index(cfg.model.init)
     base = trials.supervised_mlp(cfg, hp_map=lambda hp, step: {**hp, "model.init": scheme})
     spec = trials.mlp_spec(cfg)
-    table = jnp.asarray(rates(cfg), jnp.float32)
+    table = jnp.asarray(getattr(cfg, RATES[cfg.variant]), jnp.float32)
 
     def loss_of(hp, xy):
         hyper = models.MLPHyper.from_hp(hp)
@@ -190,7 +176,7 @@ def lanes(ds) -> list[Lane]:
                 Lane(
                     str(variant),
                     float(point["lr"].isel(step=0)),
-                    threshold(str(variant), optim),
+                    curvature.stability_threshold(OPTIMIZER[str(variant)], optim["momentum"], optim["b1"]),
                     point["loss"].values.astype(float),
                     measured,
                     sharp[measured],
@@ -239,14 +225,9 @@ def checks(m: Measured) -> list[Check]:
     for variant, ratio in m.initial_ratio.items():
         out.append(Check.at_most(f"{variant}: eta lambda_0 / threshold (max over rates)", ratio, WELL_BELOW))
         total = sum(lane.variant == variant for lane in m.lanes)
-        out.append(
-            Check.holds(
-                f"{variant}: rates whose sharpness rises to the edge in the first half",
-                m.reached[variant],
-                m.reached[variant] == total,
-                f"all {total} (eta lambda / threshold >= {REACHED:g})",
-            )
-        )
+        rising = f"{variant}: rates whose sharpness rises to the edge in the first half"
+        want = f"all {total} (eta lambda / threshold >= {REACHED:g})"
+        out.append(Check.holds(rising, m.reached[variant], m.reached[variant] == total, want))
         low, high = ADAM_EDGE if variant == "adam" else EDGE
         out.append(
             Check.between(
@@ -255,13 +236,8 @@ def checks(m: Measured) -> list[Check]:
         )
     if m.catapult_peak is not None and m.catapult_final is not None:
         out.append(Check.above("catapult: peak loss / initial loss (min over surviving rates)", m.catapult_peak, 1.0))
-        out.append(
-            Check.below(
-                f"catapult: eta lambda / 2, median over steps {3 * m.catapult_steps // 4}-{m.catapult_steps} (max)",
-                m.catapult_final,
-                1.0,
-            )
-        )
+        late = f"catapult: eta lambda / 2, median over steps {3 * m.catapult_steps // 4}-{m.catapult_steps} (max)"
+        out.append(Check.below(late, m.catapult_final, 1.0))
     elif m.catapult_diverged:
         out.append(Check.at_least("catapult: surviving rates", m.catapult_survivors, 1))
     return out

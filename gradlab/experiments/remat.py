@@ -15,15 +15,14 @@ at the price of one more forward pass: with a backward pass ~2 forwards, ~(1 + 2
 Depth fixes the program's shapes, so the memory is measured per depth in `depths`, outside the
 engine's sweep: `trial(cfg)` compiles the gradient of the loss (forward + backward) at every depth,
 reads `compiled.memory_analysis()`, counts the residuals `jax.vjp` keeps (the shapes-level
-reference of the slope) and times a few calls after a warm-up. Those numbers ride along as
-constant metrics of a short training run of the config's own model (model.remat is a static
-axis: one group each), whose losses and gradient norms must agree with and without remat.
+reference of the slope) and times a few calls after a warm-up (gradlab.memory). Those numbers
+ride along as constant metrics of a short training run of the config's own model (model.remat is
+a static axis: one group each), whose losses and gradient norms must agree with and without remat.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlab import analysis, data, models, results, telemetry, trials
+from gradlab import analysis, data, memory, models, results, telemetry, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -94,42 +93,14 @@ def gradient_program(spec: models.MLPSpec, cfg):
     return loss, (params, batch.x[:n], batch.y[:n])
 
 
-def activation_residual_bytes(fn, args, batch: int, width: int) -> int:
-    """Bytes of the residuals jax.vjp keeps that are activations: arrays ending in (batch, width).
-
-    The vjp closure's leaves are exactly what reverse mode saves from the forward pass (weights and
-    inputs it reads are among them, but do not end in (batch, width) unless width == in_dim, and the
-    input x is counted once, not per layer)."""
-    leaves = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(fn, *a)[1]), *args)
-    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in leaves if tuple(s.shape[-2:]) == (batch, width))
-
-
 def profile(cfg, depth: int, repeats: int) -> dict:
     """Compiled memory (bytes), vjp activation residuals (bytes) and median seconds of one
-    forward + backward pass of the config's MLP at `depth`."""
+    forward + backward pass of the config's MLP at `depth` (gradlab.memory)."""
     spec = dataclasses.replace(trials.mlp_spec(cfg), depth=depth)
     loss, args = gradient_program(spec, cfg)
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(*args).compile()
-    memory = compiled.memory_analysis()
-    assert memory is not None  # None where the backend has no memory analysis; CPU and GPU have it
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
-    jax.block_until_ready(compiled(*args))  # warm-up: first-call allocation and caching
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        seconds.append(time.perf_counter() - start)
-    return {
-        "temp_bytes": float(memory.temp_size_in_bytes),
-        "argument_bytes": float(memory.argument_size_in_bytes),
-        "output_bytes": float(memory.output_size_in_bytes),
-        "residual_bytes": float(activation_residual_bytes(loss, args, batch_size(cfg), spec.width)),
-        "step_seconds": float(np.median(seconds)),
-        "flops": float(cost.get("flops", np.nan)),
-        "transcendentals": float(cost.get("transcendentals", np.nan)),
-        "depth_measured": float(depth),
-    }
+    row = memory.compiled_profile(jax.value_and_grad(loss), args, repeats)
+    residuals = memory.activation_residual_bytes(loss, args, batch_size(cfg), spec.width)
+    return {**row, "residual_bytes": float(residuals), "depth_measured": float(depth)}
 
 
 def trial(cfg) -> Trial:

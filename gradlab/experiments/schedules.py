@@ -13,12 +13,13 @@ a = final_lr_fraction and c = cycles, the shapes are (t counted from the end of 
   onecycle       cosine 1/25 -> 1 over p = W, or int(0.3 T) with no warmup, steps, then
                  1 -> 1/(25e4) over the rest (optax.cosine_onecycle_schedule; Smith & Topin 2017)
   warmup_cosine  t/W over W = warmup_steps or T // 10, then the cosine over T - W steps
-A nonzero warmup_steps puts a linear 0 -> 1 warmup of W steps in front of the first seven.
+A nonzero warmup_steps puts a linear 0 -> 1 warmup of W steps in front of the first six (onecycle's
+rise and warmup_cosine's warmup last W instead).
 The checks compare the recorded `lr`, and the learning rate the optimizer's inject_hyperparams
-state actually applied, with these formulas written here in numpy (float64) at each schedule's
-landmark steps; then compare the training loss each schedule ends at with a constant rate's:
-with Adam at a peak lr of 0.03 a constant rate keeps the minibatch loss hovering (late in a long
-run it even creeps up), while every schedule that anneals lets it settle lower.
+state actually applied, with these formulas written in numpy (float64) in gradlab.schedule_forms
+at each schedule's landmark steps; then compare the training loss each schedule ends at with a
+constant rate's: with Adam at a peak lr of 0.03 a constant rate keeps the minibatch loss hovering
+(late in a long run it even creeps up), while every schedule that anneals lets it settle lower.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from gradlab import results, trials
 from gradlab.config import ExperimentConfig
 from gradlab.engine import Trial
 from gradlab.experiments import Check
+from gradlab.schedule_forms import boundaries, closed_form, landmarks
 
 NAME = "schedules"
 CLAIM = "each lr schedule applies its closed form; where a constant peak lr hovers, every annealed one ends lower"
@@ -41,8 +43,6 @@ Config = ExperimentConfig
 AXES = ["optim.schedule", "seed"]
 TOLERANCE = 1e-6  # |recorded - closed form| / peak lr: float32 evaluation errs by ~1e-7 of the peak
 STEP_RTOL = 1e-5  # step: |lr[b] / lr[b-1] - decay_rate| / decay_rate at each drop b
-ONECYCLE_PCT = 0.3
-ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4
 
 
 def trial(cfg) -> Trial:
@@ -58,87 +58,6 @@ def trial(cfg) -> Trial:
         return new_state, {**metrics, "lr_applied": applied}
 
     return Trial(base.init, step, base.metric_dims)
-
-
-# ----------------------------------------------------------------------------- closed forms
-
-
-def _cosine(t, span, alpha):
-    """alpha + (1 - alpha) (1 + cos(pi t/span)) / 2, held at alpha after span."""
-    span = max(span, 1)  # a zero-length phase (onecycle with T < 4) is never on the taken branch
-    t = np.minimum(t, span)
-    return alpha + (1 - alpha) * 0.5 * (1 + np.cos(np.pi * t / span))
-
-
-def boundaries(steps: int, optim: dict) -> dict:
-    """Where schedules change course: step's drops W + floor(n i / (c + 1)), i = 1..c; sgdr's restarts
-    W + k P, k = 0..c-1; onecycle's peak (W, or int(0.3 T) with no warmup); warmup_cosine's W."""
-    w, c = optim["warmup_steps"], optim["cycles"]
-    n = max(1, steps - w)
-    return {
-        "step": sorted({w + math.floor(n * i / (c + 1)) for i in range(1, c + 1)}),
-        "sgdr": [w + k * max(1, n // c) for k in range(c)],
-        "onecycle": w if 0 < w < steps else math.floor(ONECYCLE_PCT * steps),
-        "warmup_cosine": w or max(1, steps // 10),
-    }
-
-
-def _warmup_free(name: str, t, n: int, optim: dict):
-    """The shape of a schedule with no warmup, over n steps."""
-    r, a, c = optim["decay_rate"], optim["final_lr_fraction"], optim["cycles"]
-    if name == "constant":
-        return np.ones_like(t)
-    if name == "step":
-        drops = sorted({math.floor(n * i / (c + 1)) for i in range(1, c + 1)})
-        return r ** np.sum([t >= b for b in drops], axis=0)
-    if name == "exponential":
-        return r ** (t / n)
-    if name == "inverse_time":
-        return 1 / (1 + (1 / r - 1) * np.minimum(t, n) / n)
-    if name == "cosine":
-        return _cosine(t, n, a)
-    if name == "linear":
-        return 1 + (a - 1) * np.minimum(t, n) / n
-    if name == "sgdr":
-        period = max(1, n // c)
-        last = (c - 1) * period  # the last period runs from here to n
-        return np.where(t < last, _cosine(t % period, period, a), _cosine(t - last, max(1, n - last), a))
-    raise ValueError(f"no closed form for schedule {name!r}")
-
-
-def closed_form(name: str, steps: int, optim: dict, t=None) -> np.ndarray:
-    """The learning rate of schedule `name` at steps t (default 0..steps-1), from the formulas."""
-    t = np.arange(steps, dtype=np.float64) if t is None else np.asarray(t, np.float64)
-    lr = optim["lr"]
-    if name == "onecycle":
-        p = boundaries(steps, optim)["onecycle"]
-        start, end = 1 / ONECYCLE_DIV, 1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
-        up = start + (1 - start) * (1 - _cosine(t, p, 0.0))
-        down = _cosine(t - p, steps - p, end)
-        return lr * np.where(t < p, up, np.where(t < steps, down, end))
-    if name == "warmup_cosine":
-        w = boundaries(steps, optim)["warmup_cosine"]
-        span = max(steps, w + 1) - w
-        return lr * np.where(t < w, t / w, _cosine(t - w, span, optim["final_lr_fraction"]))
-    w = optim["warmup_steps"]
-    n = max(1, steps - w)
-    after = _warmup_free(name, np.maximum(t - w, 0), n, optim)
-    return lr * (np.where(t < w, t / max(w, 1), after) if w else after)
-
-
-def landmarks(name: str, steps: int, optim: dict) -> list[int]:
-    """Steps where a schedule does something: its ends, quarters, boundaries and either side."""
-    w, at = optim["warmup_steps"], boundaries(steps, optim)
-    marks = {0, steps // 4, steps // 2, 3 * steps // 4, steps - 1}
-    edges = {w} if w and name not in ("onecycle", "warmup_cosine") else set()
-    if name in ("step", "sgdr"):
-        edges |= set(at[name])
-    if name == "onecycle":
-        edges.add(at[name])
-    if name == "warmup_cosine":
-        edges |= {at[name] // 2, at[name]}
-    marks |= {e + d for e in edges for d in (-1, 0, 1)}
-    return sorted(m for m in marks if 0 <= m < steps)
 
 
 # ----------------------------------------------------------------------------- measured
