@@ -10,6 +10,9 @@ with the mean mu_B and biased variance v_B of the batch's rows where `mask` is t
 and updates its running averages s <- m s + (1 - m) stat_B (flax's momentum m; the variance stays
 biased, without Algorithm 2's B / (B - 1)); in inference mode the running averages replace mu_B, v_B.
 Masking rows is training on fewer of them: a net under mask[:B] equals one fed the first B rows.
+`net` puts this net and models.py's behind one signature, so `trial` trains any norm: one net per
+batch size (batch_sizes), vmapped over row masks, with its running statistics, and the per-layer
+gradients at init over a range of depths (init_gradients).
 `statistics_errors` holds the recorded statistics to their closed forms within flax's float32 error.
 
 References: Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by
@@ -28,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import analysis, data, models
+from gradlab import analysis, data, models, telemetry, transforms, trials
+from gradlab.engine import Trial
 
 EPS = 1e-5  # flax.linen.BatchNorm's default epsilon
 ULP = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff, 2^-24
+MOMENTS = ("in_mean", "in_var", "out_mean", "out_var", "running_mean", "running_var")  # trial: bn_<name>
 
 
 class _Block(nn.Module):
@@ -149,6 +154,141 @@ def net(spec: models.MLPSpec, momentum: float) -> Net:
         return models.apply(p, x, spec, hyper)[0], s, None
 
     return Net(lambda key, hyper: (models.init(key, spec, hyper), {}), per_example)
+
+
+# ----------------------------------------------------------------------------- training (a Trial)
+
+
+def batch_sizes(batches, batch_size: int, examples: int) -> tuple[int, ...]:
+    """The batch sizes `trial` trains side by side for a batchnorm net, ascending: `batches` and the
+    whole minibatch, the last (batch_size rows; every example when batch_size is 0 or >= examples)."""
+    return tuple(sorted(set(batches) | {batch_size if 0 < batch_size < examples else examples}))
+
+
+def config_net(cfg, depth: int) -> Net:
+    """The config's net (trials.mlp_spec, any norm; momentum cfg.bn_momentum) at a static maximum depth."""
+    return net(dataclasses.replace(trials.mlp_spec(cfg), depth=depth), cfg.bn_momentum)
+
+
+def init_gradients(cfg, hp, key, batch: data.Data):
+    """Per-layer weight-gradient norms at init (telemetry.frobenius per models.per_layer entry), shape
+    (probe depth, probe seed, layer): the config's net at each of cfg.probe_depths (a traced depth mask
+    over one net of the deepest), cfg.probe_seeds inits each, on `batch` in training mode. Exactly 0
+    for the blocks beyond a depth (the mask passes h through them), so the state stays finite."""
+    model = config_net(cfg, max(cfg.probe_depths))
+    mask = jnp.ones(batch.x.shape[0], bool)
+
+    def one(depth, k):
+        hyper = models.MLPHyper.from_hp({**hp, "model.depth": depth})
+        params, stats = model.init(k, hyper)
+
+        def loss_fn(p):
+            out, _, _ = model.apply(p, stats, batch.x, mask, hyper, True)
+            return masked_loss(cfg.data, out, batch.y, mask)
+
+        return models.per_layer(jax.grad(loss_fn)(params), telemetry.frobenius)  # 0 beyond the depth
+
+    keys = jax.random.split(key, cfg.probe_seeds)
+    return jax.vmap(lambda d: jax.vmap(lambda k: one(d, k))(keys))(jnp.asarray(cfg.probe_depths))
+
+
+class State(NamedTuple):
+    params: optax.Params  # (nets, ...) each leaf: one net per batch size
+    stats: dict
+    opt_state: optax.OptState
+    data: data.Data
+    step: jax.Array
+    key: jax.Array
+    init_grads: jax.Array  # (probe depth, probe seed, layer), from init
+
+
+def trial(cfg) -> Trial:
+    """Train the net (for batchnorm: one per batch size of batch_sizes, vmapped over row masks) and record,
+    before each update: loss (training mode, on the rows it trains on), eval_loss (inference mode, on
+    the whole minibatch), lr; init_grad_norm (probe depth, layer; geometric mean over probe seeds),
+    init_last_grad and init_readout_grad (probe depth, probe seed) at init. Batchnorm adds bn_loss and
+    bn_eval_loss per batch size and the first block's bn_<MOMENTS> (bn_batch, feature).
+
+    cfg is an ExperimentConfig (model with any norm of models.py or batchnorm, data, optim, steps) with
+    bn_batches, bn_momentum, probe_depths and probe_seeds; the traced hyperparameter `warmup` turns a
+    linear warmup over optim.warmup_steps on or off. Not trials.supervised_mlp: a batchnorm net carries
+    running statistics beside its parameters, and one net per batch size trains side by side."""
+    total = cfg.steps
+    model = config_net(cfg, cfg.model.depth)
+    is_bn = cfg.model.norm == "batchnorm"
+    sizes = batch_sizes(cfg.bn_batches if is_bn else (), cfg.data.batch_size, cfg.data.examples)
+    rows = sizes[-1]
+    masks = jnp.arange(rows)[None, :] < jnp.asarray(sizes)[:, None]  # (nets, rows)
+    cold = dataclasses.replace(cfg.optim, warmup_steps=0)
+    ramp = max(1, cfg.optim.warmup_steps)
+
+    def init(hp, key):
+        k_params, k_batches, k_probe = jax.random.split(key, 3)
+        params, stats = model.init(k_params, models.MLPHyper.from_hp(hp))
+        params, stats = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(sizes),) + a.shape), (params, stats))
+        opt_state = jax.vmap(transforms.build(cold, hp, total).init)(params)
+        train = data.make(cfg.data)
+        grads = init_gradients(cfg, hp, k_probe, data.batch(train, cfg.data, jnp.int32(0), k_batches))
+        return State(params, stats, opt_state, train, jnp.int32(0), k_batches, grads)
+
+    def step(hp, state):
+        hyper = models.MLPHyper.from_hp(hp)
+        batch = data.batch(state.data, cfg.data, state.step, state.key)
+        everything = jnp.ones(rows, bool)
+        tx = transforms.build(cold, hp, total)
+        # Linear warmup on top of optim.schedule: every optax optimizer here applies its rate last,
+        # so scaling the update scales the rate.
+        factor = jnp.where(hp["warmup"], jnp.minimum(1.0, state.step / ramp), 1.0)
+
+        def one(params, stats, opt_state, mask):
+            def loss_fn(p):
+                out, new_stats, moments = model.apply(p, stats, batch.x, mask, hyper, True)
+                return masked_loss(cfg.data, out, batch.y, mask), (new_stats, moments)
+
+            (loss, (new_stats, moments)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            out, _, _ = model.apply(params, stats, batch.x, everything, hyper, False)
+            eval_loss = masked_loss(cfg.data, out, batch.y, everything)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, jax.tree.map(lambda u: factor * u, updates))
+            metrics = {"loss": loss, "eval_loss": eval_loss, "grad_global_norm": telemetry.global_norm(grads)}
+            if is_bn:
+                first = new_stats["hidden"]
+                metrics.update(
+                    {f"bn_{k}": v for k, v in zip(MOMENTS, moments)},
+                    bn_running_mean=first["mean"][0],
+                    bn_running_var=first["var"][0],
+                )
+            return params, new_stats, opt_state, metrics
+
+        params, stats, opt_state, per_net = jax.vmap(one)(state.params, state.stats, state.opt_state, masks)
+        grads = jnp.where(state.init_grads > 0, state.init_grads, jnp.nan)
+        metrics = {
+            **{k: per_net[k][-1] for k in ("loss", "eval_loss", "grad_global_norm")},
+            "lr": factor * transforms.learning_rate(cold, hp["optim.lr"], total)(state.step),
+            "init_grad_norm": jnp.exp(jnp.mean(jnp.log(grads), axis=1)),
+            "init_last_grad": grads[jnp.arange(len(cfg.probe_depths)), :, jnp.asarray(cfg.probe_depths)],
+            "init_readout_grad": grads[..., -1],
+        }
+        if is_bn:
+            metrics.update(
+                bn_loss=per_net["loss"],
+                bn_eval_loss=per_net["eval_loss"],
+                **{k: v for k, v in per_net.items() if k.startswith("bn_")},
+            )
+        return State(params, stats, opt_state, state.data, state.step + 1, state.key, state.init_grads), metrics
+
+    dims = {
+        "init_grad_norm": ("probe_depth", "layer"),
+        "init_last_grad": ("probe_depth", "probe_seed"),
+        "init_readout_grad": ("probe_depth", "probe_seed"),
+        "bn_loss": ("bn_batch",),
+        "bn_eval_loss": ("bn_batch",),
+        **{f"bn_{k}": ("bn_batch", "feature") for k in MOMENTS},
+    }
+    return Trial(init, step, dims)
+
+
+# ----------------------------------------------------------------------------- statistics (numpy)
 
 
 def statistics_errors(moments: dict, sizes, momentum: float) -> tuple[float, float, float, float]:

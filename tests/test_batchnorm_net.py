@@ -1,12 +1,15 @@
-"""The BatchNorm MLP: flax BatchNorm against closed forms and a numpy exponential average, and the
-row-mask trick against a genuinely smaller batch."""
+"""The BatchNorm MLP: flax BatchNorm against closed forms and a numpy exponential average, the
+row-mask trick against a genuinely smaller batch, and the init-gradient probe's depth mask against a
+genuinely shallower net."""
+
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import analysis, batchnorm_net, inits, models
+from gradlab import analysis, batchnorm_net, data, inits, models
 
 WIDTH, ROWS, IN = 8, 16, 5
 
@@ -98,3 +101,62 @@ def test_masked_loss_is_the_loss_of_the_masked_rows():
         np.mean((np.asarray(out[:5]) - np.asarray(y[:5])) ** 2),
         rtol=1e-6,
     )
+
+
+def test_batch_sizes_add_the_whole_minibatch_last():
+    assert batchnorm_net.batch_sizes((8, 2, 4), 16, 64) == (2, 4, 8, 16)
+    assert batchnorm_net.batch_sizes((2, 16), 16, 64) == (2, 16)
+    assert batchnorm_net.batch_sizes((2,), 0, 64) == (2, 64)  # batch_size 0: the full batch
+    assert batchnorm_net.batch_sizes((), 128, 64) == (64,)
+
+
+def first_blocks(tree: dict, depth: int) -> dict:
+    """A net's params or statistics cut to its first `depth` hidden blocks."""
+    return {**tree, "hidden": jax.tree.map(lambda a: a[:depth], tree["hidden"])}
+
+
+def test_init_gradients_at_a_masked_depth_are_those_of_a_genuinely_shallower_net():
+    """Each probed depth d masks one net of max(probe_depths) blocks (not model.depth): its per-layer
+    weight-gradient norms equal numpy norms of jax.grad of a net built with d blocks from the same
+    init (the first d blocks' weights), and are exactly 0 for the blocks beyond d."""
+    from gradlab.config import DataConfig
+
+    depths, seeds = (1, 3), 2
+    model = SimpleNamespace(
+        depth=2,
+        width=WIDTH,
+        activation="tanh",
+        norm="batchnorm",
+        norm_position="pre",
+        dtype="float32",
+        unroll=1,
+        final_norm=True,
+        remat=False,
+    )
+    data_cfg = DataConfig(input_dim=IN, output_dim=1)
+    cfg = SimpleNamespace(model=model, data=data_cfg, probe_depths=depths, probe_seeds=seeds, bn_momentum=0.9)
+    hp = dict(zip((f"model.{name}" for name in models.CONFIG_FIELDS), hyper(2)))
+    x, y = batch(8), jax.random.normal(jax.random.PRNGKey(9), (ROWS, 1))
+    key = jax.random.PRNGKey(4)
+    got = np.asarray(jax.jit(lambda k: batchnorm_net.init_gradients(cfg, hp, k, data.Data(x, y)))(key))
+    assert got.shape == (len(depths), seeds, max(depths) + 2)
+    everything = jnp.ones(ROWS, bool)
+    norm_of = lambda w: np.linalg.norm(np.asarray(w, float))
+    for i, d in enumerate(depths):
+        shallow = batchnorm_net.config_net(cfg, d)
+
+        @jax.jit
+        def grad(params, stats, shallow=shallow, d=d):
+            def loss(p):
+                out, _, _ = shallow.apply(p, stats, x, everything, hyper(d), True)
+                return batchnorm_net.masked_loss(data_cfg, out, y, everything)
+
+            return jax.grad(loss)(params)
+
+        for j, k in enumerate(jax.random.split(key, seeds)):
+            params, stats = batchnorm_net.config_net(cfg, max(depths)).init(k, hyper(d))
+            g = grad(first_blocks(params, d), first_blocks(stats, d) if stats else stats)
+            expected = [norm_of(g["input"]["w"])] + [norm_of(w) for w in g["hidden"]["w"]] + [norm_of(g["output"]["w"])]
+            np.testing.assert_allclose(got[i, j, : d + 1], expected[:-1], rtol=2e-5)
+            np.testing.assert_allclose(got[i, j, -1], expected[-1], rtol=2e-5)
+            np.testing.assert_array_equal(got[i, j, d + 1 : -1], 0.0)

@@ -25,8 +25,8 @@ ends worse than with it (Xiong et al. 2020, Sec. 3; Liu et al. 2020).
 
 BatchNorm: with batches of 2..8 the batch statistics are noisy and the net learns to depend on them;
 evaluated with the running averages it does worse than its training loss says. Tiny batches are
-masks over the rows of one minibatch, vmapped inside the batchnorm groups; the first block's
-statistics are held to their closed forms (batchnorm_net.statistics_errors).
+masks over the rows of one minibatch, vmapped inside the batchnorm groups (batchnorm_net.trial); the
+first block's statistics are held to their closed forms (batchnorm_net.statistics_errors).
 
 Sweep: model.norm and model.norm_position are static (one compile each); warmup and seed are
 traced; the depths probed at init (probe_depths, a traced mask) and the BatchNorm batch sizes
@@ -35,18 +35,13 @@ traced; the depths probed at init (probe_depths, a traced mask) and the BatchNor
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from gradlab import analysis, batchnorm_net, config, data, models, results, telemetry, transforms, trials
+from gradlab import analysis, batchnorm_net, config, data, results, trials
 from gradlab.config import ExperimentConfig, param
-from gradlab.engine import Trial
 from gradlab.errors import ConfigError
 from gradlab.experiments import Check
 
@@ -64,7 +59,6 @@ SIGMAS = 4.0  # tolerance of a fitted slope: this many standard errors of the pe
 WORSE = 2.0  # Post-LN without warmup ends at least this many times the loss with it (seed spread ~1.3x)
 FINE = 0.1  # Pre-LN "is fine": its final loss is at most this fraction of the best constant prediction's
 TAIL = 20  # final losses: mean over the last TAIL steps
-BN_MOMENTS = ("in_mean", "in_var", "out_mean", "out_var", "running_mean", "running_var")  # recorded as bn_<name>
 
 
 @dataclass(frozen=True)
@@ -74,11 +68,6 @@ class ModelConfig(config.ModelConfig):
     norm: str = param("layernorm", choices=NORMS, doc="batchnorm: flax.linen.BatchNorm with running statistics")
     residual: bool = param(True, sweep="traced", doc="h + f(h) instead of f(h)")
     final_norm: bool = param(True, doc="normalise the last hidden state before the readout (Pre-LN transformers)")
-
-
-def bn_sizes(batches, batch_size: int, examples: int) -> tuple[int, ...]:
-    """The batch sizes a batchnorm group trains, ascending; the last is the whole minibatch."""
-    return tuple(sorted(set(batches) | {batch_size if 0 < batch_size < examples else examples}))
 
 
 @dataclass(frozen=True)
@@ -102,7 +91,7 @@ class Config(ExperimentConfig):
         super().validate()
         if not self.probe_depths or min(self.probe_depths) < 1:
             raise ConfigError(f"needs depths >= 1, got {list(self.probe_depths)}", key="probe_depths")
-        rows = bn_sizes((), self.data.batch_size, self.data.examples)[-1]
+        rows = batchnorm_net.batch_sizes((), self.data.batch_size, self.data.examples)[-1]
         bad = [b for b in self.bn_batches if not 1 <= b <= rows]
         if bad:
             raise ConfigError(
@@ -111,128 +100,7 @@ class Config(ExperimentConfig):
 
 
 reference = trials.task_reference  # ref.constant_loss: the best constant prediction's loss
-
-
-# ----------------------------------------------------------------------------- the Trial
-
-
-def net(cfg, depth: int) -> batchnorm_net.Net:
-    """The config's net at a static maximum depth."""
-    return batchnorm_net.net(dataclasses.replace(trials.mlp_spec(cfg), depth=depth), cfg.bn_momentum)
-
-
-def probe(cfg, hp, key, batch: data.Data):
-    """Per-layer weight-gradient norms at init, (probe depth, probe seed, layer); exactly 0 for the
-    blocks beyond a depth (the mask passes h through them), so the state stays finite."""
-    model = net(cfg, max(cfg.probe_depths))
-    mask = jnp.ones(batch.x.shape[0], bool)
-
-    def one(depth, k):
-        hyper = models.MLPHyper.from_hp({**hp, "model.depth": depth})
-        params, stats = model.init(k, hyper)
-
-        def loss_fn(p):
-            out, _, _ = model.apply(p, stats, batch.x, mask, hyper, True)
-            return batchnorm_net.masked_loss(cfg.data, out, batch.y, mask)
-
-        return models.per_layer(jax.grad(loss_fn)(params), telemetry.frobenius)  # 0 beyond the depth
-
-    keys = jax.random.split(key, cfg.probe_seeds)
-    return jax.vmap(lambda d: jax.vmap(lambda k: one(d, k))(keys))(jnp.asarray(cfg.probe_depths))
-
-
-class State(NamedTuple):
-    params: optax.Params  # (nets, ...) each leaf: one net per batch size
-    stats: dict
-    opt_state: optax.OptState
-    data: data.Data
-    step: jax.Array
-    key: jax.Array
-    init_grads: jax.Array  # (probe depth, probe seed, layer), from init
-
-
-def trial(cfg) -> Trial:
-    """Train the net (for batchnorm: one per batch size of bn_sizes, vmapped over row masks) and record,
-    before each update: loss (training mode, on the rows it trains on), eval_loss (inference mode, on
-    the whole minibatch), lr; init_grad_norm (probe depth, layer; geometric mean over probe seeds),
-    init_last_grad and init_readout_grad (probe depth, probe seed) at init. Batchnorm adds bn_loss and
-    bn_eval_loss per batch size and the first block's bn_<BN_MOMENTS> (bn_batch, feature).
-
-    Not trials.supervised_mlp: a batchnorm net carries running statistics beside its parameters, and
-    one net per batch size trains side by side."""
-    total = cfg.steps
-    model = net(cfg, cfg.model.depth)
-    is_bn = cfg.model.norm == "batchnorm"
-    sizes = bn_sizes(cfg.bn_batches if is_bn else (), cfg.data.batch_size, cfg.data.examples)
-    rows = sizes[-1]
-    masks = jnp.arange(rows)[None, :] < jnp.asarray(sizes)[:, None]  # (nets, rows)
-    cold = dataclasses.replace(cfg.optim, warmup_steps=0)
-    ramp = max(1, cfg.optim.warmup_steps)
-
-    def init(hp, key):
-        k_params, k_batches, k_probe = jax.random.split(key, 3)
-        params, stats = model.init(k_params, models.MLPHyper.from_hp(hp))
-        params, stats = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(sizes),) + a.shape), (params, stats))
-        opt_state = jax.vmap(transforms.build(cold, hp, total).init)(params)
-        train = data.make(cfg.data)
-        grads = probe(cfg, hp, k_probe, data.batch(train, cfg.data, jnp.int32(0), k_batches))
-        return State(params, stats, opt_state, train, jnp.int32(0), k_batches, grads)
-
-    def step(hp, state):
-        hyper = models.MLPHyper.from_hp(hp)
-        batch = data.batch(state.data, cfg.data, state.step, state.key)
-        everything = jnp.ones(rows, bool)
-        tx = transforms.build(cold, hp, total)
-        # Linear warmup on top of optim.schedule: every optax optimizer here applies its rate last,
-        # so scaling the update scales the rate.
-        factor = jnp.where(hp["warmup"], jnp.minimum(1.0, state.step / ramp), 1.0)
-
-        def one(params, stats, opt_state, mask):
-            def loss_fn(p):
-                out, new_stats, moments = model.apply(p, stats, batch.x, mask, hyper, True)
-                return batchnorm_net.masked_loss(cfg.data, out, batch.y, mask), (new_stats, moments)
-
-            (loss, (new_stats, moments)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            out, _, _ = model.apply(params, stats, batch.x, everything, hyper, False)
-            eval_loss = batchnorm_net.masked_loss(cfg.data, out, batch.y, everything)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, jax.tree.map(lambda u: factor * u, updates))
-            metrics = {"loss": loss, "eval_loss": eval_loss, "grad_global_norm": telemetry.global_norm(grads)}
-            if is_bn:
-                first = new_stats["hidden"]
-                metrics.update(
-                    {f"bn_{k}": v for k, v in zip(BN_MOMENTS, moments)},
-                    bn_running_mean=first["mean"][0],
-                    bn_running_var=first["var"][0],
-                )
-            return params, new_stats, opt_state, metrics
-
-        params, stats, opt_state, per_net = jax.vmap(one)(state.params, state.stats, state.opt_state, masks)
-        grads = jnp.where(state.init_grads > 0, state.init_grads, jnp.nan)
-        metrics = {
-            **{k: per_net[k][-1] for k in ("loss", "eval_loss", "grad_global_norm")},
-            "lr": factor * transforms.learning_rate(cold, hp["optim.lr"], total)(state.step),
-            "init_grad_norm": jnp.exp(jnp.mean(jnp.log(grads), axis=1)),
-            "init_last_grad": grads[jnp.arange(len(cfg.probe_depths)), :, jnp.asarray(cfg.probe_depths)],
-            "init_readout_grad": grads[..., -1],
-        }
-        if is_bn:
-            metrics.update(
-                bn_loss=per_net["loss"],
-                bn_eval_loss=per_net["eval_loss"],
-                **{k: v for k, v in per_net.items() if k.startswith("bn_")},
-            )
-        return State(params, stats, opt_state, state.data, state.step + 1, state.key, state.init_grads), metrics
-
-    dims = {
-        "init_grad_norm": ("probe_depth", "layer"),
-        "init_last_grad": ("probe_depth", "probe_seed"),
-        "init_readout_grad": ("probe_depth", "probe_seed"),
-        "bn_loss": ("bn_batch",),
-        "bn_eval_loss": ("bn_batch",),
-        **{f"bn_{k}": ("bn_batch", "feature") for k in BN_MOMENTS},
-    }
-    return Trial(init, step, dims)
+trial = batchnorm_net.trial  # one net per batch size with running statistics; its docstring lists the metrics
 
 
 # ----------------------------------------------------------------------------- measured (numpy)
@@ -309,7 +177,7 @@ def measure(ds) -> Measured:
     if warm == [False, True] and {"pre-LN", "post-LN"} <= set(found) and ds.sizes["step"] > TAIL:
         gain = finals[("post-LN", False)] / finals[("post-LN", True)]
         pre = finals[("pre-LN", False)] / chance if np.isfinite(chance) else None
-    sizes = bn_sizes(cfg["bn_batches"], cfg["data"]["batch_size"], cfg["data"]["examples"])
+    sizes = batchnorm_net.batch_sizes(cfg["bn_batches"], cfg["data"]["batch_size"], cfg["data"]["examples"])
     bn = [label for label in ("pre-BN", "post-BN") if label in found and "bn_in_mean" in ds]
     bn_finals = {
         label: tuple(
@@ -319,7 +187,7 @@ def measure(ds) -> Measured:
     }
     moments = lambda sel: {  # each (step, ..., bn_batch, feature)
         k: np.moveaxis(ds[f"bn_{k}"].sel(sel).transpose(..., "step", "bn_batch", "feature").values, -3, 0)
-        for k in BN_MOMENTS
+        for k in batchnorm_net.MOMENTS
     }
     errors = {label: batchnorm_net.statistics_errors(moments(found[label]), sizes, cfg["bn_momentum"]) for label in bn}
     return Measured(

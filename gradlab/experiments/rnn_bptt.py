@@ -16,7 +16,7 @@ multiplies by W^T D_t with D_t = diag(tanh'(a_t)) = diag(1 - h_t^2), so
 LSTM and GRU carry a path whose per-step factor is a gate (the forget gate f, GRU's z), which
 training can hold near 1; `forget_bias` is added to the LSTM's forget-gate bias at init
 (1.0 as Jozefowicz et al. 2015; flax's default is 0). A linear cell with W = gain x orthogonal and
-orthogonal U gives ||dl/dx_t|| = gain^k ||dl/dh_{T-1}|| exactly (tests/test_rnn_bptt.py).
+orthogonal U gives ||dl/dx_t|| = gain^k ||dl/dh_{T-1}|| exactly (tests/test_rnn.py).
 
 One compile per cell: the sequence length (a mask: the program runs the longest and reads h at
 T - 1), learning rate, clipping threshold and seed are vmapped, and flax's init runs under vmap
@@ -29,22 +29,20 @@ optax.clip_by_global_norm returns the gradient untouched when its norm is below 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import analysis, inits, results, telemetry, transforms
+from gradlab import analysis, results, rnn, telemetry, transforms
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
 
 NAME = "rnn_bptt"
 CLAIM = "||dL/dx_t|| decays exponentially in T - t for a tanh RNN at the mean-field rate; gated cells decay slower"
-CELLS = {"simple": nn.SimpleCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 AXES = ["cell", "seq_len", "optim.lr", "optim.clip_threshold", "seed"]
 FIT_SKIP = 1  # lags left out of the slope fit: lag 0 also reaches the loss through the readout directly
 
@@ -53,80 +51,13 @@ FIT_SKIP = 1  # lags left out of the slope fit: lag 0 also reaches the loss thro
 class Config(ExperimentConfig):
     """ExperimentConfig plus the recurrent model and its task (model.* and data.* are not used)."""
 
-    cell: str = param("simple", choices=tuple(CELLS), doc="flax.linen cell: SimpleCell, LSTMCell, GRUCell")
+    cell: str = param("simple", choices=tuple(rnn.CELLS), doc="flax.linen cell: SimpleCell, LSTMCell, GRUCell")
     seq_len: int = param(32, low=2, sweep="max", doc="sequence length T (a mask: one program for the longest)")
     hidden: int = param(32, low=1, doc="cell features")
     features: int = param(4, low=1, doc="input features per time step")
     batch: int = param(32, low=1, doc="fresh sequences per step")
     recurrent_gain: float = param(1.0, low=0.0, doc="multiplies the recurrent kernels (flax: orthogonal) at init")
     forget_bias: float = param(1.0, doc="added to the LSTM forget-gate bias at init (flax default 0)")
-
-
-class SequenceClassifier(nn.Module):
-    """A cell under nn.RNN, its output at step `length - 1` read out to one logit."""
-
-    cell: str
-    hidden: int
-    param_dtype: Any = jnp.float32  # also the carry's dtype (flax initialises the carry with it)
-
-    @nn.compact
-    def __call__(self, xs_BxTxF, length):
-        cell = CELLS[self.cell](
-            self.hidden, param_dtype=self.param_dtype, recurrent_kernel_init=inits.orthogonal, name="cell"
-        )
-        outs = nn.RNN(cell, name="rnn")(xs_BxTxF)
-        last = jax.lax.dynamic_index_in_dim(outs, length - 1, axis=1, keepdims=False)
-        return nn.Dense(1, param_dtype=self.param_dtype, name="readout")(last)[:, 0], outs
-
-
-def recurrent_kernels(cell_params: dict) -> list[str]:
-    """Names of the dense layers acting on the carry h (flax names them h, h*)."""
-    return [name for name in cell_params if name.startswith("h")]
-
-
-def init_params(model: SequenceClassifier, key, example_BxTxF, length, gain, forget_bias) -> dict:
-    """flax init, then the recurrent kernels scaled by `gain` and `forget_bias` added (LSTM)."""
-    params = model.init(key, example_BxTxF, length)["params"]
-    cell = dict(params["cell"])  # nn.RNN adds no scope: the cell's params sit under its own name
-    for name in recurrent_kernels(cell):
-        cell[name] = {**cell[name], "kernel": gain * cell[name]["kernel"]}
-    if model.cell == "lstm":
-        cell["hf"] = {**cell["hf"], "bias": cell["hf"]["bias"] + forget_bias}
-    return {**params, "cell": cell}
-
-
-def task_batch(key, batch: int, steps: int, features: int):
-    """x ~ N(0, I) of shape (batch, steps, features); label 1 where the first input's feature 0 > 0."""
-    xs = jax.random.normal(key, (batch, steps, features))
-    return xs, (xs[:, 0, 0] > 0).astype(jnp.float32)
-
-
-def per_step_grad_norm(grad_BxTxF) -> jax.Array:
-    """RMS over the batch of each example's ||dl/dx_t||: shape (T,)."""
-    return jnp.sqrt(jnp.mean(jnp.sum(jnp.square(grad_BxTxF), axis=-1), axis=0))
-
-
-def by_lag(values_T, length) -> jax.Array:
-    """values at t = length - 1 - k for k = 0 .. T-1 (NaN where t < 0): time -> distance to the loss."""
-    t = length - 1 - jnp.arange(values_T.shape[0])
-    return jnp.where(t >= 0, values_T[jnp.maximum(t, 0)], jnp.nan)
-
-
-def loss_and_grads(model: SequenceClassifier, params, xs_BxTxF, labels_B, length):
-    """Mean logistic loss on the last step; returns (loss, logits, outputs, param grads, ||dl/dx|| by lag).
-
-    One backward pass gives both gradients; the input gradient of the batch mean is 1/batch of each
-    example's own dl_i/dx_i, so it is scaled back by the batch size."""
-
-    def loss_fn(params, xs):
-        logits, outs = model.apply({"params": params}, xs, length)
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels_B)), (logits, outs)
-
-    (loss, (logits, outs)), (grads, grad_xs) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        params, xs_BxTxF
-    )
-    norms = by_lag(per_step_grad_norm(xs_BxTxF.shape[0] * grad_xs), length)
-    return loss, logits, outs, grads, norms
 
 
 class State(NamedTuple):
@@ -141,20 +72,20 @@ def trial(cfg) -> Trial:
     accuracy, grad_global_norm (before clipping) and per lag k: grad_x_norm; for the vanilla cell also
     dtanh_sq and dtanh_4th (means of tanh'(a)^2 and ^4), log_max_dtanh (batch mean of ln max_i tanh'(a_i)) and
     recurrent_norm (||W||_2)."""
-    model = SequenceClassifier(cfg.cell, cfg.hidden)
+    model = rnn.SequenceClassifier(cfg.cell, cfg.hidden)
     steps_max = cfg.seq_len  # the program's length: the largest of the sweep (a `max` field)
 
     def init(hp, key):
         k_params, k_data = jax.random.split(key)
         example = jnp.zeros((cfg.batch, steps_max, cfg.features))
-        params = init_params(model, k_params, example, hp["seq_len"], hp["recurrent_gain"], hp["forget_bias"])
+        params = rnn.init_params(model, k_params, example, hp["seq_len"], hp["recurrent_gain"], hp["forget_bias"])
         opt_state = transforms.build(cfg.optim, hp, cfg.steps).init(params)
         return State(params, opt_state, k_data, jnp.int32(0))
 
     def step(hp, state):
         length = hp["seq_len"]
-        xs, labels = task_batch(jax.random.fold_in(state.key, state.step), cfg.batch, steps_max, cfg.features)
-        loss, logits, outs, grads, grad_x_norm = loss_and_grads(model, state.params, xs, labels, length)
+        xs, labels = rnn.task_batch(jax.random.fold_in(state.key, state.step), cfg.batch, steps_max, cfg.features)
+        loss, logits, outs, grads, grad_x_norm = rnn.loss_and_grads(model, state.params, xs, labels, length)
         tx = transforms.build(cfg.optim, hp, cfg.steps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -164,11 +95,8 @@ def trial(cfg) -> Trial:
             "grad_global_norm": telemetry.global_norm(grads),
             "grad_x_norm": grad_x_norm,
         }
-        if cfg.cell == "simple":
-            dtanh = 1.0 - jnp.square(outs)  # SimpleCell's output is h = tanh(a)
-            metrics["dtanh_sq"] = by_lag(jnp.mean(jnp.square(dtanh), axis=(0, 2)), length)
-            metrics["dtanh_4th"] = by_lag(jnp.mean(jnp.square(jnp.square(dtanh)), axis=(0, 2)), length)
-            metrics["log_max_dtanh"] = by_lag(jnp.mean(jnp.log(jnp.max(dtanh, axis=2)), axis=0), length)
+        if cfg.cell == "simple":  # SimpleCell's output is h = tanh(a)
+            metrics.update(rnn.tanh_derivatives_by_lag(outs, length))
             metrics["recurrent_norm"] = telemetry.spectral_norm(state.params["cell"]["h"]["kernel"])
         return State(params, opt_state, state.key, state.step + 1), metrics
 
