@@ -138,3 +138,62 @@ def lr_sensitivity(final, initial: float) -> float:
     final = np.asarray(final, float)
     capped = np.minimum(np.where(np.isfinite(final), final, initial), initial)
     return float(np.mean(capped - capped.min()) / initial)
+
+
+def settling_step(x, tol: float) -> int | None:
+    """The first index from which x (1-D) stays <= tol to its end: 0 if every entry is, None if the
+    last entry is not (above tol, or NaN)."""
+    above = np.nonzero(~(np.asarray(x) <= tol))[0]
+    if above.size and above[-1] == len(x) - 1:
+        return None
+    return int(above[-1]) + 1 if above.size else 0
+
+
+def growth_per_step(x, low: float = 0.0, high: float = np.inf) -> float:
+    """(|x_t| / |x_0|)^(1/t) at the last t where |x_t| is finite and within (low, high): the mean
+    factor by which |x| grows per step while a float format still holds it (NaN if no such t > 0)."""
+    a = np.abs(np.asarray(x, float))
+    ok = np.nonzero(np.isfinite(a) & (a > low) & (a < high))[0]
+    t = int(ok[-1]) if ok.size else 0
+    return float((a[t] / a[0]) ** (1.0 / t)) if t > 0 else float("nan")
+
+
+def finite_width_bias(widths, crossover: float) -> float:
+    """How far below the leading exponent p the fitted log-log slope of a quantity ~ n^p against the
+    width n may fall at these widths.
+
+    The change is a sum over the n coordinates of the layer below: a coherent part growing like
+    n^p and an incoherent (random-sign) part like n^(p - 1/2); lower terms (an input layer's
+    n^(p - 1)) fall off faster still. With the two equal at width `crossover`, RMS^2 ~ n^(2p) (1 +
+    crossover / n) or (1 + (crossover / n)^2), whose fitted log-log slope is p minus the larger of
+    these two returned values; both corrections only lower the slope.
+    """
+    n = np.asarray(widths, float)
+    return max(-slope(np.log(n), 0.5 * np.log1p((crossover / n) ** k)) for k in (1, 2))
+
+
+def block_mean(x, k: int) -> np.ndarray:
+    """The mean of each run of k consecutive entries along the last axis (..., n // k), in x's dtype;
+    a partial run at the end is dropped."""
+    x = np.asarray(x)
+    n = x.shape[-1] // k
+    return x[..., : n * k].reshape(x.shape[:-1] + (n, k)).mean(axis=-1)
+
+
+def trailing_mean(x, window: int) -> np.ndarray:
+    """The mean of each entry and the window - 1 before it along the last axis (of all entries so far
+    within the first window), by a cumulative sum in x's dtype; NaN from the first NaN entry on (a
+    diverged run)."""
+    c = np.cumsum(np.nan_to_num(x, nan=np.inf), axis=-1)
+    out = np.empty_like(c)
+    with np.errstate(invalid="ignore"):  # inf - inf past a divergence: nan, as it should read
+        out[..., :window] = c[..., :window] / np.arange(1, min(window, c.shape[-1]) + 1)
+        out[..., window:] = (c[..., window:] - c[..., :-window]) / window
+    return np.where(np.isfinite(out), out, np.nan)
+
+
+def simple_noise_scale(trace_sigma, grad_sq, batch: int) -> float:
+    """McCandlish et al. 2018's simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (Eq. 2.8) from
+    per-step estimates at batch size B: tr(Sigma) ~ trace_sigma and |G|^2 ~ grad_sq - trace_sigma / B
+    (grad_sq = |g_bar|^2, the batch gradient's), as the ratio of their means (App. A.1), NaN skipped."""
+    return float(np.nanmean(trace_sigma) / np.nanmean(grad_sq - trace_sigma / batch))

@@ -257,6 +257,15 @@ def replay_dynamic_scale(first: float, nonfinite: np.ndarray, growth_interval: i
     return np.asarray(out)
 
 
+def audit_dynamic_scale(scale: np.ndarray, nonfinite: np.ndarray, growth_interval: int) -> tuple[int, int, int]:
+    """Recorded scale trajectories (runs, steps) of dynamic loss scaling with `adjust`'s default factors,
+    and which of their steps were not finite: (the number of steps where the scale differs from
+    `replay_dynamic_scale` on those steps, the halvings, the doublings), over all runs."""
+    replayed = np.stack([replay_dynamic_scale(s[0], b, growth_interval) for s, b in zip(scale, nonfinite)])
+    ratio = scale[..., 1:] / scale[..., :-1]
+    return int(np.sum(replayed != scale)), int(np.sum(ratio == 0.5)), int(np.sum(ratio == 2.0))
+
+
 def loss_scaling(
     inner: optax.GradientTransformation,
     initial_scale: ArrayLike = 2.0**15,
@@ -316,3 +325,61 @@ def loss_scaling(
 def current_scale(state: LossScalingState) -> jax.Array:
     """The scale to multiply the next loss by."""
     return state.loss_scale.scale
+
+
+# ----------------------------------------------------------------------------- a mixed-precision chain
+
+LOSS_SCALES = ("none", "static", "dynamic")  # the loss scalings of `scaled_chain`, by index
+
+
+def scaled_chain(
+    inner: optax.GradientTransformation,
+    mode: ArrayLike,
+    static_scale: ArrayLike,
+    initial_scale: ArrayLike,
+    growth_interval: ArrayLike,
+) -> optax.GradientTransformation:
+    """`inner` under the loss scaling LOSS_SCALES[mode], then a float16 `shadow_weights` copy of the
+    weights given the same updates. mode is an index and, like the numbers, may be traced: one
+    compiled program serves all three.
+      none     scale 1, kept; a non-finite step is applied
+      static   scale static_scale, kept; a non-finite step is applied
+      dynamic  from initial_scale, halved on a non-finite step (skipped), doubled after
+               growth_interval finite ones (`adjust`'s default factors)
+    `chain_states` reads its state, `step_stats` what one of its steps did."""
+    dynamic = mode == LOSS_SCALES.index("dynamic")
+    static_or_initial = jnp.where(mode == LOSS_SCALES.index("static"), static_scale, initial_scale)
+    first = jnp.where(mode == LOSS_SCALES.index("none"), 1.0, static_or_initial)
+    scaled = loss_scaling(
+        inner,
+        initial_scale=first,
+        growth_interval=growth_interval,
+        growth_factor=jnp.where(dynamic, 2.0, 1.0),
+        backoff_factor=jnp.where(dynamic, 0.5, 1.0),
+        skip_nonfinite=dynamic,
+    )
+    return optax.chain(scaled, shadow_weights(jnp.float16))
+
+
+def chain_states(opt_state: Any) -> tuple[LossScalingState, Any]:
+    """The state of a `scaled_chain`, which optax types only as a pytree: (loss scaling's state, the
+    float16 shadow weights)."""
+    scaling, weights16 = opt_state
+    return scaling, weights16
+
+
+def step_stats(opt_state: Any, params, grads, act_grads, updates) -> dict:
+    """What one step of a `scaled_chain` did, from its state before the step, the float32 master
+    weights, the scaled gradients of the loss (weights and activations dL/dh) and the updates it
+    returned: scale (the loss scale used), nonfinite (1 if the gradients were not finite),
+    `gradient_stats` of the unscaled gradients and `update_stats` against the master and the float16
+    shadow weights."""
+    scaling, weights16 = chain_states(opt_state)
+    grads, finite = unscale(grads, scaling.loss_scale)
+    act_grads, _ = unscale(act_grads, scaling.loss_scale)
+    return {
+        "scale": scaling.loss_scale.scale,
+        "nonfinite": (~finite).astype(jnp.float32),
+        **gradient_stats(grads, act_grads),
+        **update_stats(params, weights16, updates),
+    }

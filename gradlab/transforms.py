@@ -306,3 +306,14 @@ def build(cfg: OptimConfig, hp: dict, total_steps: int, prefix: str = "optim.") 
     if cfg.accumulate_steps == 1:
         return chain
     return optax.MultiSteps(chain, every_k_schedule=cfg.accumulate_steps).gradient_transformation()
+
+
+def batch_scaled_lr(lr, batch_ratio: float, power, warmup_examples, seen):
+    """The learning rate for a batch batch_ratio times the base batch, by Goyal et al. 2017's rule
+    (Sec. 2): lr k with k = batch_ratio**power (power 1 the linear rule, 1/2 the square-root rule, 0
+    a fixed rate), reached by their gradual warmup (Sec. 2.2), linear in the examples `seen` from lr
+    at none to k lr at warmup_examples (k lr from the start where warmup_examples is 0). Every
+    argument but batch_ratio may be traced."""
+    scale = batch_ratio**power
+    ramp = jnp.where(warmup_examples > 0, jnp.minimum(1.0, seen / jnp.maximum(warmup_examples, 1.0)), 1.0)
+    return lr * (1.0 + (scale - 1.0) * ramp)

@@ -99,3 +99,17 @@ def test_one_compile_per_group_and_the_checks_computed(tiny):
 def test_layer_telemetry_is_refused_when_loaded():
     with pytest.raises(ConfigError, match="telemetry"):
         api.resolve("batch_size", ["telemetry=layers"])
+
+
+def test_analysis_helpers_the_losses_are_read_with():
+    """analysis.block_mean (per_update), trailing_mean (smoothed) and simple_noise_scale on hand-made numbers."""
+    from gradlab import analysis
+
+    x = np.array([[1.0, 3.0, 5.0, 7.0, 9.0], [0.0, 2.0, 4.0, 6.0, 8.0]])
+    np.testing.assert_array_equal(analysis.block_mean(x, 2), [[2.0, 6.0], [1.0, 5.0]])  # the lone 9 and 8 dropped
+    assert analysis.block_mean(x.astype(np.float32), 2).dtype == np.float32
+    np.testing.assert_allclose(analysis.trailing_mean(x[0], 3), [1.0, 2.0, 3.0, 5.0, 7.0])
+    with_nan = analysis.trailing_mean(np.array([1.0, 3.0, np.nan, 1.0, 1.0, 1.0]), 2)
+    np.testing.assert_array_equal(with_nan, [1.0, 2.0, np.nan, np.nan, np.nan, np.nan])  # a divergence stays one
+    # tr(Sigma) = 8 and |G|^2 = 1 at B = 4: |g_bar|^2 = |G|^2 + tr(Sigma) / B = 3, so B_simple = 8
+    assert analysis.simple_noise_scale(np.array([8.0, np.nan, 8.0]), np.array([3.0, 3.0, np.nan]), 4) == 8.0

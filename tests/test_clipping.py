@@ -1,12 +1,12 @@
 """C1 at a tiny size: global-norm clipping against its formula on optax's chain and on recorded steps;
-the cliff of the one-neuron RNN against a numpy loop, finite differences and its fold."""
+the cliff as stored against gradlab.surfaces (tested in test_surfaces.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import analysis, api, transforms
+from gradlab import analysis, api, surfaces, transforms
 from gradlab.config import OptimConfig
 from gradlab.errors import ConfigError
 from gradlab.experiments import clipping
@@ -67,11 +67,11 @@ def test_stored_cliff_is_the_jax_descent_and_surface(tiny):
     """The figure and checks read the cliff from the results: it equals what the jax code gives now."""
     ds = tiny[0].dataset
     for clip, key in ((False, "plain"), (True, "clipped")):
-        points, losses = clipping.descend(clipping.CLIFF, clip)
+        points, losses = surfaces.descend(surfaces.CLIFF, clip)
         np.testing.assert_array_equal(analysis.reference(ds, f"cliff_{key}"), points)
         np.testing.assert_array_equal(analysis.reference(ds, f"cliff_{key}_loss"), losses)
-    stored, fresh = clipping.stored_cliff(ds), clipping.cliff_surface(clipping.CLIFF)
-    for key in clipping.CLIFF_KEYS:
+    stored, fresh = clipping.stored_cliff(ds), surfaces.cliff_surface(surfaces.CLIFF)
+    for key in surfaces.CLIFF_KEYS:
         np.testing.assert_array_equal(stored[key], fresh[key])
 
 
@@ -90,58 +90,6 @@ def test_recorded_updates_follow_the_formula_and_unclipped_sgd_explodes(tiny):
     unclipped = ds.sel({"optim.clip": "none"})
     finite = np.isfinite(unclipped["grad_global_norm"].values)  # not the overflowing step before divergence
     assert np.all(unclipped["clip_scale"].values[finite] == 1.0)
-
-
-def test_rnn_final_equals_a_numpy_loop_and_its_gradient_finite_differences():
-    def loop(w, b, steps=50, x=0.5):
-        for _ in range(steps):
-            x = w * np.tanh(x) + b
-        return x
-
-    for w, b in [(0.7, 0.2), (2.0, -0.3), (2.5, -1.0)]:
-        np.testing.assert_allclose(float(clipping.rnn_final(w, b, 0.5, 50)), loop(w, b), rtol=1e-5, atol=1e-6)
-        # Away from the wall the loss is smooth: central differences in float64 (h = 1e-5, error ~h^2)
-        # against float32 autodiff, agreeing to ~1e-4 relative.
-        h = 1e-5
-        fd = [
-            ((loop(w + h, b) + 1) ** 2 - (loop(w - h, b) + 1) ** 2) / (2 * h),
-            ((loop(w, b + h) + 1) ** 2 - (loop(w, b - h) + 1) ** 2) / (2 * h),
-        ]
-        grad = jax.grad(clipping.cliff_loss)(jnp.asarray([w, b], jnp.float32))
-        np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-3, atol=1e-4)
-
-
-def test_the_wall_is_where_x0_is_the_unstable_fixed_point():
-    """For w > cosh^2(x_0) the map x -> w tanh x + b has an unstable fixed point between two stable ones;
-    x_0 sits on it where b = x_0 - w tanh x_0. Above that line x_T goes to the positive branch, below
-    it to the negative one, and the distance from x_0 to the unstable point grows like
-    (w sech^2 x_0)^T: the loss jumps within one grid cell of the line."""
-    c = clipping.CLIFF
-    s = clipping.cliff_surface(c)
-    w, b = s["w"], s["b"]
-    cols = (w >= 1.5) & (w <= 3.0)  # growth factor w sech^2(0.5) >= 1.18 per step: 1.18^50 ~ 4e3
-    jump = b[np.argmax(np.abs(np.diff(s["loss"][cols], axis=1)), axis=1)]  # lower point of the jump
-    line = c.x0 - w[cols] * np.tanh(c.x0)
-    db = b[1] - b[0]
-    assert np.all((jump <= line + 1e-6) & (jump >= line - db - 1e-6)), np.c_[w[cols], jump, line][:5]
-
-
-def test_clipped_descent_steps_are_bounded_and_the_plain_one_is_thrown():
-    s = clipping.cliff_surface(clipping.CLIFF)
-    c = clipping.CLIFF
-    bound = c.lr * c.tau
-    assert clipping.step_lengths(s["clipped"]).max() <= bound * (1 + 1e-5)  # float32 points, see checks()
-    assert clipping.step_lengths(s["plain"]).max() >= 10 * bound
-    assert s["clipped_loss"][-1] < s["plain_loss"][-1]
-    # The difference quotient across the wall bounds the true slope from below (mean value theorem):
-    # a fine 1-D scan between the two grid points around the steepest jump finds a slope at least as big.
-    i, j = np.unravel_index(np.argmax(np.abs(np.diff(s["loss"], axis=0))), (len(s["w"]) - 1, len(s["b"])))
-    quotient = abs(s["loss"][i + 1, j] - s["loss"][i, j]) / (s["w"][i + 1] - s["w"][i])
-    ws = jnp.linspace(s["w"][i], s["w"][i + 1], 2001)
-    slopes = jax.vmap(lambda x: jax.grad(clipping.cliff_loss)(jnp.stack([x, jnp.float32(s["b"][j])]))[0])(ws)
-    steepest = float(jnp.max(jnp.abs(slopes)))
-    assert steepest >= quotient
-    assert steepest / np.median(np.abs(s["grad"][..., 0])) >= 100
 
 
 def test_bad_threshold_is_a_config_error():

@@ -296,3 +296,67 @@ def test_one_compile_for_any_scale_and_interval():
 def test_bad_arguments_are_refused_when_built_naming_the_value(name, value):
     with pytest.raises(ValueError, match=f"{name}={value}"):
         precision.loss_scaling(optax.sgd(0.1), **{name: value})
+
+
+# ----------------------------------------------------------------------------- the mixed-precision chain
+
+
+def test_audit_dynamic_scale_counts_against_a_hand_written_trajectory():
+    """growth_interval 2 from 8, steps 0 and 5 not finite: 8 (halve) 4, 4 (double) 8, 8 (double) 16
+    (halve) 8. Two runs: the second with one entry off the rule."""
+    bad = np.array([True, False, False, False, False, True, False])
+    good = np.array([8.0, 4.0, 4.0, 8.0, 8.0, 16.0, 8.0])
+    assert precision.audit_dynamic_scale(good[None], bad[None], 2) == (0, 2, 2)
+    wrong = good.copy()
+    wrong[3] = 4.0  # no doubling after step 2: 8 4 4 4 8 16 8, still two halvings and two doublings
+    assert precision.audit_dynamic_scale(np.stack([good, wrong]), np.stack([bad, bad]), 2) == (1, 4, 4)
+
+
+def run_scaled_chain(mode: int, finite: list[bool]):
+    """SGD at lr 1/2 under scaled_chain(mode, static 8, initial 64, interval 2) on w = (1, -2), fed the
+    gradients (2^-4, 2^-3) times the current scale (the first entry inf on a non-finite step): the scale
+    before each step, the weights after each, and the float16 shadow at the end."""
+    params = jnp.asarray([1.0, -2.0], jnp.float32)
+    tx = precision.scaled_chain(optax.sgd(0.5), jnp.int32(mode), 8.0, 64.0, 2)
+    state, scales, path = tx.init(params), [], []
+    for ok in finite:
+        scale = precision.chain_states(state)[0].loss_scale.scale
+        grads = jnp.asarray([2.0**-4 if ok else np.inf, 2.0**-3], jnp.float32) * scale
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        scales.append(float(scale))
+        path.append(np.asarray(params))
+    return scales, np.stack(path), precision.chain_states(state)[1]
+
+
+def test_scaled_chain_modes_none_static_and_dynamic():
+    finite = [True, False, True, True, True]
+    scales, path, shadow = run_scaled_chain(precision.LOSS_SCALES.index("dynamic"), finite)
+    assert scales == [64.0, 64.0, 32.0, 32.0, 64.0]  # halved after the overflow, doubled after 2 finite steps
+    steps = np.cumsum([1, 0, 1, 1, 1])[:, None] * np.array([2.0**-5, 2.0**-4])  # lr x g, the overflow skipped
+    np.testing.assert_array_equal(path, np.array([1.0, -2.0]) - steps)
+    assert shadow.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(shadow, np.float32), path[-1])  # exact in float16 too
+    for mode, scale in (("none", 1.0), ("static", 8.0)):
+        scales, path, _ = run_scaled_chain(precision.LOSS_SCALES.index(mode), finite)
+        assert scales == [scale] * 5  # kept through the overflow, which is applied: the weight is gone
+        assert np.isnan(path[-1, 0]) or np.isinf(path[-1, 0])
+
+
+def test_step_stats_reads_the_unscaled_gradients_and_the_scale_used():
+    """At scale 2^10 the scaled gradient 2^10 (2^-26, 1) unscales to (2^-26, 1): half its entries flush
+    to zero in float16; an inf entry makes the step non-finite."""
+    params = {"w": jnp.asarray([1.0, -2.0], jnp.float32)}
+    tx = precision.scaled_chain(optax.sgd(1.0), jnp.int32(1), 2.0**10, 1.0, 1)
+    state = tx.init(params)
+    grads = {"w": jnp.asarray([2.0**-26, 1.0], jnp.float32) * 2.0**10}
+    act_grads = {"h": jnp.asarray([0.0, 2.0**-20, 1.0, 1.0], jnp.float32) * 2.0**10}
+    updates = {"w": jnp.asarray([-(2.0**-12), -1.0], jnp.float32)}  # 1 - 2^-12 rounds to 1 in float16 only
+    stats = precision.step_stats(state, params, grads, act_grads, updates)
+    assert float(stats["scale"]) == 2.0**10 and float(stats["nonfinite"]) == 0.0
+    assert float(stats["grad_flush"]) == 0.5 and float(stats["grad_zero"]) == 0.0
+    assert float(stats["act_grad_zero"]) == 0.25 and float(stats["act_grad_subnormal"]) == 0.25  # 2^-20 < 2^-14
+    assert float(stats["update_mass"]) == 1.0 + 2.0**-12
+    assert float(stats["lost_mass_fp16"]) == 2.0**-12 and float(stats["lost_mass_fp32"]) == 0.0
+    bad = {"w": grads["w"].at[0].set(jnp.inf)}
+    assert float(precision.step_stats(state, params, bad, act_grads, updates)["nonfinite"]) == 1.0

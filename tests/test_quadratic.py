@@ -176,3 +176,19 @@ def test_every_optimizer_has_a_legend_label():
     from gradlab.config import OPTIMIZERS
 
     assert set(OPTIMIZERS) <= set(quadratic.LABELS)
+
+
+def test_analysis_helpers_the_paths_are_read_with():
+    """analysis.settling_step (Path2D.steps_to) and analysis.growth_per_step on hand-made sequences."""
+    from gradlab import analysis
+
+    assert analysis.settling_step([5.0, 0.5, 2.0, 0.1, 0.05], 1.0) == 3
+    assert analysis.settling_step([0.5, 0.1], 1.0) == 0
+    assert analysis.settling_step([0.5, 2.0], 1.0) is None and analysis.settling_step([0.5, np.nan], 1.0) is None
+    assert analysis.settling_step([np.nan, 0.5], 1.0) == 1
+    x = 2.0 * (-3.0) ** np.arange(6)  # |x| = 2, 6, 18, 54, 162, 486: a factor 3 a step
+    assert analysis.growth_per_step(x) == pytest.approx(3.0, rel=1e-12)
+    # past `high` (and inf, NaN) the last entry still within range decides: 54 = 2 * 3^3 at t = 3
+    assert analysis.growth_per_step(np.append(x, [np.inf, np.nan]), high=100.0) == pytest.approx(3.0, rel=1e-12)
+    assert analysis.growth_per_step([1.0, 0.5, 0.0], low=1e-30) == pytest.approx(0.5)  # the zero is not counted
+    assert np.isnan(analysis.growth_per_step([1.0, np.inf]))

@@ -262,3 +262,12 @@ def test_spectral_norm_matches_numpys_svd():
     stack = np.stack([np.asarray(c, np.float32)[:8, :8] for c in cases])
     exact = np.linalg.svd(stack.astype(np.float64), compute_uv=False)[:, 0]
     np.testing.assert_allclose(np.asarray(jax.vmap(telemetry.spectral_norm)(stack)), exact, rtol=2e-6)
+
+
+def test_batch_scaled_lr_is_goyal_et_als_rule_with_its_warmup():
+    """lr (1 + (k - 1) min(1, seen / warmup)), k = ratio**power: linear, square-root and no scaling."""
+    seen = jnp.asarray([0.0, 50.0, 100.0, 400.0])
+    np.testing.assert_allclose(transforms.batch_scaled_lr(0.1, 4.0, 1.0, 100.0, seen), [0.1, 0.25, 0.4, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(transforms.batch_scaled_lr(0.1, 4.0, 0.5, 100.0, seen), [0.1, 0.15, 0.2, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(transforms.batch_scaled_lr(0.1, 4.0, 0.0, 100.0, seen), 0.1, rtol=1e-6)
+    np.testing.assert_allclose(transforms.batch_scaled_lr(0.1, 4.0, 1.0, 0.0, seen), 0.4, rtol=1e-6)  # no warmup

@@ -10,6 +10,7 @@ import numpy as np
 
 from gradlab import plotting, results
 from gradlab.experiments import clipping as M
+from gradlab.surfaces import CLIFF, Cliff
 
 
 def draw(ds, m: M.Measured) -> dict:
@@ -109,7 +110,7 @@ def _training_figure(ds, m: M.Measured):
 PATHS = {"plain": ("#d55e00", "no clipping"), "clipped": ("#0072b2", "global norm τ={tau:g}")}  # colour, legend
 
 
-def _cliff_figure(s: dict, m: M.Measured, cliff: M.Cliff = M.CLIFF):
+def _cliff_figure(s: dict, m: M.Measured, cliff: Cliff = CLIFF):
     """The cliff's loss and |dL/dw| over (w, b) with both descents, and their step lengths; `s` as
     cliff_surface gives it."""
     fig, axes = plotting.figure(1, 3, width=3.8, height=3.1)

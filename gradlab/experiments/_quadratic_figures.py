@@ -12,6 +12,7 @@ from matplotlib.lines import Line2D
 
 from gradlab import plotting, results
 from gradlab.experiments import quadratic as M
+from gradlab.surfaces import gd_closed_form
 
 CATALOG_LR = 0.15  # the catalog's example rate, quoted in the figure when the sweep holds it
 FAR = 1.5  # a path reaching past FAR x the default view's half-extent is drawn leaving the view
@@ -139,7 +140,7 @@ def _stability_panel(ax, m: M.Measured):
     near = min(m.exact, key=lambda p: abs(p.lr - CATALOG_LR), default=None)
     if near is not None:
         t = min(M.CHECK_STEPS, len(near.xy) - 1)
-        e = M.closed_form(near.xy[0], near.lr, t)
+        e = gd_closed_form(near.xy[0], near.lr, t)
         w = near.xy[t]
         lines.append(f"η={near.lr:g}, t={t}:\nw = ({w[0]:.4g}, {w[1]:.4g})\nexact ({e[0]:.4g}, {e[1]:.4g})")
     if m.unstable_growth is not None:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import data, models, results, trials
+from gradlab import analysis, data, models, results, transforms, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
@@ -73,11 +73,9 @@ def learning_rate(cfg, hp, step):
     """The rate of training step `step`: optim.lr scaled by k = (B / base_batch)**lr_scaling, reached
     by Goyal et al.'s gradual warmup, linear from optim.lr to k optim.lr over warmup_epochs."""
     batch = effective_batch(cfg) // cfg.optim.accumulate_steps
-    scale = (effective_batch(cfg) / cfg.base_batch) ** hp["lr_scaling"]
-    warm_examples = hp["warmup_epochs"] * cfg.data.examples
     seen = (jnp.asarray(step) + 1).astype(jnp.float32) * batch  # examples in the update this step completes
-    ramp = jnp.where(warm_examples > 0, jnp.minimum(1.0, seen / jnp.maximum(warm_examples, 1.0)), 1.0)
-    return hp["optim.lr"] * (1.0 + (scale - 1.0) * ramp)
+    ratio, warm_examples = effective_batch(cfg) / cfg.base_batch, hp["warmup_epochs"] * cfg.data.examples
+    return transforms.batch_scaled_lr(hp["optim.lr"], ratio, hp["lr_scaling"], warm_examples, seen)
 
 
 def trial(cfg) -> Trial:
@@ -133,29 +131,19 @@ def runs(ds) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda p: (p[0] * p[1], p[1]))
 
 
-def per_update(loss: np.ndarray, k: int) -> np.ndarray:
-    """The loss of each optimizer update: the mean over its k minibatches (..., steps // k)."""
-    n = loss.shape[-1] // k
-    return loss[..., : n * k].reshape(loss.shape[:-1] + (n, k)).mean(axis=-1)
+per_update = analysis.block_mean  # (loss, k): the loss of each optimizer update, the mean over its k minibatches
 
 
 def smoothed(loss: np.ndarray, batch: int) -> np.ndarray:
     """A trailing mean of the minibatch loss over WINDOW_EXAMPLES examples (..., steps)."""
-    w = max(1, WINDOW_EXAMPLES // batch)
-    c = np.cumsum(np.nan_to_num(loss, nan=np.inf), axis=-1)
-    out = np.empty_like(c)
-    with np.errstate(invalid="ignore"):  # inf - inf past a divergence: nan, as it should read
-        out[..., :w] = c[..., :w] / np.arange(1, min(w, c.shape[-1]) + 1)
-        out[..., w:] = (c[..., w:] - c[..., :-w]) / w
-    return np.where(np.isfinite(out), out, np.nan)
+    return analysis.trailing_mean(loss, max(1, WINDOW_EXAMPLES // batch))
 
 
 def noise_scale(ds, batch: int, k: int, window: slice) -> float:
     """B_simple = mean tr(Sigma) / mean(|g_bar|^2 - tr(Sigma)/B) over the steps in `window`,
     pooled over seeds (McCandlish et al. 2018, App. A.1), from the first lane of the traced axes."""
     p = select(ds, batch, k).isel({"lr_scaling": 0, "warmup_epochs": 0})
-    trace, sq = p["trace_sigma"].values[..., window], p["grad_sq"].values[..., window]
-    return float(np.nanmean(trace) / np.nanmean(sq - trace / batch))
+    return analysis.simple_noise_scale(p["trace_sigma"].values[..., window], p["grad_sq"].values[..., window], batch)
 
 
 def loss_at(ds, batch: int, k: int, examples: int, **traced) -> float:
@@ -171,9 +159,8 @@ def loss_at(ds, batch: int, k: int, examples: int, **traced) -> float:
 def scaling_table(ds) -> list[tuple[int, float, float, float]]:
     """(effective batch, loss ratio to the base batch at the base run's examples) for the linear
     rule with warmup, without warmup, and a fixed lr; one row per effective batch (k = 1 preferred)."""
-    cfg = results.run_config(ds)
-    base, steps = cfg["base_batch"], ds.sizes["step"]
-    examples = base * steps
+    base = results.run_config(ds)["base_batch"]
+    examples = base * ds.sizes["step"]  # what the base batch saw in its run
     ref = loss_at(ds, base, 1, examples, lr_scaling=0.0, warmup_epochs=0.0)
     warm = float(max(ds["warmup_epochs"].values))
     rows, seen = [], set()
@@ -227,58 +214,31 @@ def measure(ds) -> Measured:
     if not lanes:
         return Measured(err, pairs, base, b_simple, None)
     table = scaling_table(ds)
-    below = [(b, r) for b, r, *_ in table if b <= b_simple]
-    above = [(b, r) for b, r, *_ in table if b >= 2 * b_simple]
-    finite = [(b, rw, r0) for b, rw, r0, _ in table if np.isfinite(rw)]
-    warmup_gain = None
-    if finite:
-        b, rw, r0 = max(finite)
-        warmup_gain = (b, r0 / rw)
-    return Measured(
-        err,
-        pairs,
-        base,
-        b_simple,
-        table,
-        max(below, key=lambda x: x[1]) if below else None,
-        min(above, key=lambda x: x[1]) if above else None,
-        warmup_gain,
-    )
+    holds = max([(b, r) for b, r, *_ in table if b <= b_simple], key=lambda x: x[1], default=None)
+    breaks = min([(b, r) for b, r, *_ in table if b >= 2 * b_simple], key=lambda x: x[1], default=None)
+    # the largest B at which the warmed-up linear rule stays finite: (B, loss ratio with, without warmup)
+    largest = max(((b, rw, r0) for b, rw, r0, _ in table if np.isfinite(rw)), default=None)
+    warmup_gain = (largest[0], largest[2] / largest[1]) if largest else None
+    return Measured(err, pairs, base, b_simple, table, holds, breaks, warmup_gain)
 
 
 def checks(m: Measured) -> list[Check]:
     out = []
     if m.accumulation_pairs:
-        out.append(
-            Check.at_most(
-                f"MultiSteps k x B vs batch kB: first {ACCUMULATION_UPDATES} updates' loss, max rel. diff",
-                m.accumulation_error,
-                ACCUMULATION_RTOL,
-                "float32 rounding",
-            )
-        )
+        name = f"MultiSteps k x B vs batch kB: first {ACCUMULATION_UPDATES} updates' loss, max rel. diff"
+        out.append(Check.at_most(name, m.accumulation_error, ACCUMULATION_RTOL, "float32 rounding"))
     if m.holds:
-        out.append(
-            Check.at_most(
-                f"linear rule + warmup, B <= B_simple = {m.noise_scale:.0f}: worst loss / "
-                f"base-batch loss (B={m.holds[0]})",
-                m.holds[1],
-                HOLDS,
-            )
+        name = (
+            f"linear rule + warmup, B <= B_simple = {m.noise_scale:.0f}: worst loss / base-batch loss (B={m.holds[0]})"
         )
+        out.append(Check.at_most(name, m.holds[1], HOLDS))
     if m.breaks:
-        out.append(
-            Check.above(
-                f"linear rule + warmup, B >= 2 B_simple: best loss / base-batch loss (B={m.breaks[0]})",
-                m.breaks[1],
-                HOLDS,
-            )
-        )
+        name = f"linear rule + warmup, B >= 2 B_simple: best loss / base-batch loss (B={m.breaks[0]})"
+        out.append(Check.above(name, m.breaks[1], HOLDS))
     # Warmup: the largest batch where the warmed-up linear rule still holds finite, with against without.
     if m.warmup_gain:
-        out.append(
-            Check.above(f"linear rule at B={m.warmup_gain[0]}: loss without / with warmup", m.warmup_gain[1], 1.0)
-        )
+        name = f"linear rule at B={m.warmup_gain[0]}: loss without / with warmup"
+        out.append(Check.above(name, m.warmup_gain[1], 1.0))
     return out
 
 

@@ -17,8 +17,9 @@ goes to the positive branch, on the other to the negative one, and the gap from 
 point is amplified by (w sech^2 x_0)^T. The loss falls a cliff there; across a sliver of (w, b) the
 gradient is orders of magnitude larger than anywhere else. Gradient descent started beside it is
 thrown far away by one step unless the step is clipped; clipped, a step is at most lr tau long.
-Computed once per run in plain JAX (vmap over the grid) by `reference`, not in the sweep (it does not
-depend on the sweep's values), and stored with the results: the figure reads it from there.
+The surface and both descents are gradlab.surfaces' (cliff_surface), computed once per run in plain
+JAX (vmap over the grid) by `reference`, not in the sweep (it does not depend on the sweep's values),
+and stored with the results: the figure reads it from there.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gradlab import analysis, results, telemetry, transforms, trials
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
+from gradlab.surfaces import CLIFF, CLIFF_KEYS, cliff_surface, step_lengths, wall_slope
 
 NAME = "clipping"
 CLAIM = "global-norm clipping makes |update| = lr min(|g|, tau): training survives rates where unclipped SGD explodes"
@@ -87,65 +88,6 @@ def trial(cfg) -> Trial:
 # ----------------------------------------------------------------------------- the cliff
 
 
-class Cliff(NamedTuple):
-    """The one-neuron RNN of Pascanu et al. 2013, Fig. 6 (tanh instead of their sigmoid)."""
-
-    steps: int = 50
-    x0: float = 0.5
-    target: float = -1.0
-    w_range: tuple = (0.5, 3.0, 251)  # grid: lo, hi, points
-    b_range: tuple = (-1.5, 0.5, 201)
-    start: tuple = (2.5, -0.5)  # (w, b) beside the wall
-    lr: float = 0.01
-    tau: float = 5.0
-    iterations: int = 80
-
-
-CLIFF = Cliff()
-
-
-def rnn_final(w, b, x0, steps: int):
-    """x_T of x_t = w tanh(x_{t-1}) + b."""
-    return jax.lax.scan(lambda x, _: (w * jnp.tanh(x) + b, None), jnp.asarray(x0, jnp.float32), None, length=steps)[0]
-
-
-def cliff_loss(params, cliff: Cliff = CLIFF):
-    """(x_T - target)^2 at params = (w, b)."""
-    return jnp.square(rnn_final(params[0], params[1], cliff.x0, cliff.steps) - cliff.target)
-
-
-def descend(cliff: Cliff, clip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Gradient descent on the cliff loss from cliff.start: (points (iterations + 1, 2), losses)."""
-    tx = optax.sgd(cliff.lr)
-    if clip:
-        tx = optax.chain(optax.clip_by_global_norm(cliff.tau), tx)
-    loss_and_grad = jax.value_and_grad(lambda p: cliff_loss(p, cliff))
-
-    def body(carry, _):
-        p, opt_state = carry
-        loss, g = loss_and_grad(p)
-        u, opt_state = tx.update(g, opt_state, p)
-        return (optax.apply_updates(p, u), opt_state), (p, loss)
-
-    p0 = jnp.asarray(cliff.start, jnp.float32)
-    (last, _), (points, losses) = jax.lax.scan(body, (p0, tx.init(p0)), None, length=cliff.iterations)
-    points = np.vstack([np.asarray(points), np.asarray(last)[None]])
-    return points, np.append(np.asarray(losses), float(cliff_loss(last, cliff)))
-
-
-CLIFF_KEYS = ("w", "b", "loss", "grad", "plain", "plain_loss", "clipped", "clipped_loss")
-
-
-def cliff_surface(cliff: Cliff = CLIFF) -> dict:
-    """{CLIFF_KEYS: numpy arrays}: the (w, b) grid, the loss and gradient over it (vmapped), and the
-    points and losses of both descents (`descend`: without, then with clipping)."""
-    ws, bs = np.linspace(*cliff.w_range), np.linspace(*cliff.b_range)
-    grid = jnp.stack(jnp.meshgrid(jnp.asarray(ws, jnp.float32), jnp.asarray(bs, jnp.float32), indexing="ij"), -1)
-    f = jax.jit(jax.vmap(jax.vmap(jax.value_and_grad(lambda p: cliff_loss(p, cliff)))))
-    loss, grad = (np.asarray(a, float) for a in f(grid))
-    return dict(zip(CLIFF_KEYS, (ws, bs, loss, grad, *descend(cliff, clip=False), *descend(cliff, clip=True))))
-
-
 def reference(cfg) -> dict:
     """The cliff's surface and both descents (cliff_surface), stored as ref.cliff_<key>; the loss and
     gradient grids in the float32 they were computed in."""
@@ -158,16 +100,6 @@ def stored_cliff(ds) -> dict:
     """cliff_surface's dict, read back from the results."""
     s = {key: analysis.reference(ds, f"cliff_{key}") for key in CLIFF_KEYS}
     return {**s, "loss": s["loss"].astype(float), "grad": s["grad"].astype(float)}
-
-
-def wall_slope(surface: dict) -> float:
-    """max |L(w + h, b) - L(w, b)| / h over neighbouring grid points: by the mean value theorem the
-    true max |dL/dw| between them is at least this, however thin the wall is."""
-    return float(np.max(np.abs(np.diff(surface["loss"], axis=0)) / np.diff(surface["w"])[:, None]))
-
-
-def step_lengths(points: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(np.diff(points, axis=0), axis=1)
 
 
 # ----------------------------------------------------------------------------- reading results

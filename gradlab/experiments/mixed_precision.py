@@ -22,7 +22,7 @@ One compile per compute dtype; loss_scale, the scales, growth_interval and the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,6 @@ CLAIM = (
     "fp16 gradients underflow without loss scaling; scaled fp16 tracks fp32; "
     "fp16 weights lose small updates that fp32 master weights keep"
 )
-MODES = ("none", "static", "dynamic")
 AXES = ["model.dtype", "loss_scale", "seed"]
 TAIL = 0.25  # "late training": the last quarter of the steps
 MEASURABLE = 0.01  # a fraction of gradient entries or update mass we call measurable (1%)
@@ -53,7 +52,7 @@ class Config(ExperimentConfig):
 
     loss_scale: str = param(
         "dynamic",
-        choices=MODES,
+        choices=precision.LOSS_SCALES,
         sweep="choice",
         doc="none | static (x static_scale) | dynamic (gradlab.precision.loss_scaling)",
     )
@@ -78,50 +77,20 @@ class Config(ExperimentConfig):
 # ----------------------------------------------------------------------------- the trial
 
 
-def optimizer(cfg, hp) -> optax.GradientTransformation:
-    """The config's optax chain under loss scaling (`loss_scale`, traced, picks its numbers), then a
-    float16 shadow of the weights given the same updates."""
-    mode = hp["loss_scale"]
-    dynamic = mode == MODES.index("dynamic")
-    static_or_initial = jnp.where(mode == MODES.index("static"), hp["static_scale"], hp["initial_scale"])
-    first = jnp.where(mode == MODES.index("none"), 1.0, static_or_initial)
-    scaled = precision.loss_scaling(
-        transforms.build(cfg.optim, hp, cfg.steps),
-        initial_scale=first,
-        growth_interval=hp["growth_interval"],
-        growth_factor=jnp.where(dynamic, 2.0, 1.0),
-        backoff_factor=jnp.where(dynamic, 0.5, 1.0),
-        skip_nonfinite=dynamic,
-    )
-    return optax.chain(scaled, precision.shadow_weights(jnp.float16))
-
-
-def chain_states(opt_state: Any) -> tuple[precision.LossScalingState, Any]:
-    """The state of `optimizer`'s chain, which optax types only as a pytree: (loss scaling's state,
-    the float16 shadow weights)."""
-    loss_scaling, weights16 = opt_state
-    return loss_scaling, weights16
-
-
-def step_metrics(view: trials.StepView) -> dict:
-    """scale (the loss scale used), nonfinite (1 if the gradients were not finite), gradient_stats of
-    the unscaled gradients and update_stats against the master and the float16 shadow weights."""
-    loss_scaling, weights16 = chain_states(view.state.opt_state)
-    grads, finite = precision.unscale(view.grads, loss_scaling.loss_scale)
-    act_grads, _ = precision.unscale(view.probe_grads, loss_scaling.loss_scale)
-    return {
-        "scale": loss_scaling.loss_scale.scale,
-        "nonfinite": (~finite).astype(jnp.float32),
-        **precision.gradient_stats(grads, act_grads),
-        **precision.update_stats(view.state.params, weights16, view.updates),
-    }
-
-
 def trial(cfg) -> Trial:
     """supervised_mlp differentiating loss_weight x loss x the step's loss scale (in the compute
-    dtype, with probes for dL/dh); records loss (unscaled, float32) and step_metrics."""
+    dtype, with probes for dL/dh) under precision.scaled_chain (the config's optax chain, `loss_scale`
+    picking the scaling); records loss (unscaled, float32) and precision.step_stats."""
     spec = trials.mlp_spec(cfg)
-    tx = lambda hp: optimizer(cfg, hp)
+
+    def tx(hp) -> optax.GradientTransformation:
+        inner = transforms.build(cfg.optim, hp, cfg.steps)
+        return precision.scaled_chain(
+            inner, hp["loss_scale"], hp["static_scale"], hp["initial_scale"], hp["growth_interval"]
+        )
+
+    def step_metrics(view: trials.StepView) -> dict:
+        return precision.step_stats(view.state.opt_state, view.state.params, view.grads, view.probe_grads, view.updates)
 
     def at_scale(scale: precision.LossScaleState, loss_weight) -> Trial:
         def loss_and_grad(params, batch, hyper, probes):
@@ -139,7 +108,7 @@ def trial(cfg) -> Trial:
         return trials.supervised_mlp(cfg, optimizer=tx, loss_and_grad=loss_and_grad, metrics=step_metrics)
 
     def step(hp, state):
-        return at_scale(chain_states(state.opt_state)[0].loss_scale, hp["loss_weight"]).step(hp, state)
+        return at_scale(precision.chain_states(state.opt_state)[0].loss_scale, hp["loss_weight"]).step(hp, state)
 
     dims = {"grad_hist": ("log2_bin",), "act_grad_hist": ("log2_bin",)}
     dims |= {"half_gap_hist_fp16": ("ratio_bin",), "half_gap_hist_fp32": ("ratio_bin",)}
@@ -170,12 +139,6 @@ def final_log_loss(ds, dtype: str, mode: str) -> np.ndarray:
     loss = lane(ds, dtype, mode)["loss"]
     k = max(1, ds.sizes["step"] // 20)
     return np.log(loss.isel(step=slice(-k, None)).mean("step").transpose("seed").values.astype(float))
-
-
-def scale_events(scale: np.ndarray) -> tuple[int, int]:
-    """(halvings, doublings) of a recorded scale trajectory."""
-    ratio = scale[1:] / scale[:-1]
-    return int(np.sum(ratio == 0.5)), int(np.sum(ratio == 2.0))
 
 
 class DynamicRun(NamedTuple):
@@ -217,8 +180,7 @@ def dynamic_run(ds, growth_interval: int) -> DynamicRun:
     scale = run["scale"].transpose("seed", "step").values.astype(float)
     bad = run["nonfinite"].transpose("seed", "step").values > 0
     mass = run["update_mass"].transpose("seed", "step").values.astype(float)
-    replayed = np.stack([precision.replay_dynamic_scale(s[0], b, growth_interval) for s, b in zip(scale, bad)])
-    halvings, doublings = (sum(e) for e in zip(*(scale_events(s) for s in scale)))
+    mismatch, halvings, doublings = precision.audit_dynamic_scale(scale, bad, growth_interval)
     tail = run.isel(step=late_steps(ds))
     total = float(tail["update_mass"].sum())
     lost16, closed16 = float(tail["lost_mass_fp16"].sum()), float(tail["lost_mass_fp16_closed"].sum())
@@ -226,7 +188,7 @@ def dynamic_run(ds, growth_interval: int) -> DynamicRun:
     # lost mass is at most 2^-24 sum|w|.
     bound = float(np.finfo(np.float32).eps) / 2 * float(tail["param_l1"].sum())
     return DynamicRun(
-        scale_mismatch=int(np.sum(replayed != scale)),
+        scale_mismatch=mismatch,
         halvings=halvings,
         doublings=doublings,
         nonfinite_steps=int(bad.sum()),
@@ -292,21 +254,13 @@ def checks(m: Measured) -> list[Check]:
         ),
     ]
     if d is not None:
-        out += [
-            Check.at_most(
-                "dynamic scale: steps where the recorded scale differs from the rule replayed on "
-                "the recorded overflows",
-                d.scale_mismatch,
-                0,
-            ),
-            Check.holds(
-                "dynamic scale: halvings (each on a non-finite step, which moved no weight)",
-                d.halvings,
-                d.halvings >= 1 and d.halvings == d.nonfinite_steps and d.skipped_moved == 0.0,
-                f">= 1, one per non-finite step (update mass on those steps: {d.skipped_moved:g})",
-            ),
-            Check.at_least(f"dynamic scale: doublings after {m.growth_interval} finite steps", d.doublings, 1),
-        ]
+        name = "dynamic scale: steps where the recorded scale differs from the rule replayed on the recorded overflows"
+        out.append(Check.at_most(name, d.scale_mismatch, 0))
+        name = "dynamic scale: halvings (each on a non-finite step, which moved no weight)"
+        halved = d.halvings >= 1 and d.halvings == d.nonfinite_steps and d.skipped_moved == 0.0
+        why = f">= 1, one per non-finite step (update mass on those steps: {d.skipped_moved:g})"
+        out.append(Check.holds(name, d.halvings, halved, why))
+        out.append(Check.at_least(f"dynamic scale: doublings after {m.growth_interval} finite steps", d.doublings, 1))
     else:  # a sweep narrowed by the user (e.g. loss_scale=dynamic alone): say what is not checked
         out.append(Check.skip("dynamic scale and fp16-weight checks", "model.dtype float16 with loss_scale dynamic"))
     name = "fp16 unscaled: weight-gradient entries that are zero, last quarter"
@@ -316,32 +270,20 @@ def checks(m: Measured) -> list[Check]:
         out.append(Check.skip(name, "model.dtype float16 with loss_scale none"))
     if gaps is None:
         out.append(Check.skip("fp16 vs fp32 final loss gaps", "model.dtype float32 and float16 with loss_scale none"))
-    if gaps is not None:
+    else:
         why = "fp32's seed-to-seed range"
         for mode, gap in gaps.scaled:
-            out.append(
-                Check.at_most(
-                    f"fp16 {mode} scaling: |log final loss - fp32's|, max over seeds", gap, gaps.seed_range, why
-                )
-            )
+            name = f"fp16 {mode} scaling: |log final loss - fp32's|, max over seeds"
+            out.append(Check.at_most(name, gap, gaps.seed_range, why))
         if gaps.unscaled is not None:
             name = "fp16 unscaled: |log final loss - fp32's|, min over seeds"
             out.append(Check.above(name, gaps.unscaled, gaps.seed_range, why))
     if d is not None:
-        out += [
-            Check.at_least("fp16 weights: update mass lost to rounding, last quarter", d.lost_fp16, MEASURABLE),
-            Check.at_most(
-                "fp16 weights: lost mass vs closed form |u| < gap/2 (nextafter), rel. err",
-                d.closed_form_error,
-                CLOSED_FORM_RTOL,
-            ),
-            Check.at_most(
-                "fp32 master weights: update mass lost, last quarter",
-                d.lost_fp32,
-                d.lost_fp32_bound,
-                "2^-24 sum|w| / sum|u|",
-            ),
-        ]
+        out.append(Check.at_least("fp16 weights: update mass lost to rounding, last quarter", d.lost_fp16, MEASURABLE))
+        name = "fp16 weights: lost mass vs closed form |u| < gap/2 (nextafter), rel. err"
+        out.append(Check.at_most(name, d.closed_form_error, CLOSED_FORM_RTOL))
+        name = "fp32 master weights: update mass lost, last quarter"
+        out.append(Check.at_most(name, d.lost_fp32, d.lost_fp32_bound, "2^-24 sum|w| / sum|u|"))
     return out
 
 

@@ -1,4 +1,4 @@
-"""B1: optimizer paths on the ill-conditioned bowl L(w) = w0^2 + 4 w1^2 and on Rosenbrock.
+"""B1: optimizer paths on the ill-conditioned bowl L(w) = w0^2 + 4 w1^2 and on Rosenbrock (gradlab.surfaces).
 
 On the bowl, gradient descent multiplies each coordinate by its own factor per step,
 w_t = ((1 - 2 eta)^t w0, (1 - 8 eta)^t w1), so it is stable only for eta < 2 / lambda_max
@@ -15,7 +15,6 @@ is L at that iterate, so the last step holds the final iterate and its loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
@@ -24,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import results, transforms
+from gradlab import analysis, results, transforms
 from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.experiments import Check
+from gradlab.surfaces import BOWL_CURVATURE, SURFACE, gd_closed_form
 
 NAME = "quadratic"
 CLAIM = (
@@ -36,7 +36,6 @@ CLAIM = (
 )
 SURFACES = ("bowl", "rosenbrock")
 AXES = ["surface", "optim.name", "optim.lr", "optim.weight_decay"]
-BOWL_CURVATURE = (2.0, 8.0)  # Hessian eigenvalues of w0^2 + 4 w1^2
 STABLE_LR = 2.0 / max(BOWL_CURVATURE)  # GD is stable on the bowl iff eta < 0.25
 TOLERANCE = 1e-6  # a path has arrived when its loss is at most this (best_paths, figure legend)
 CHECK_STEPS = 30  # the closed-form check compares the iterate after this many updates
@@ -65,32 +64,6 @@ class Config(ExperimentConfig):
     rosenbrock_start: tuple[float, float] = param((-1.2, 1.0), doc="start on Rosenbrock (w0, w1)")
 
 
-def bowl(x, y):
-    """w0^2 + 4 w1^2: curvatures 2 and 8, condition number 4, minimum at (0, 0)."""
-    return x**2 + 4.0 * y**2
-
-
-def rosenbrock(x, y):
-    """(1 - w0)^2 + 100 (w1 - w0^2)^2 (Rosenbrock 1960), minimum at (1, 1)."""
-    return (1.0 - x) ** 2 + 100.0 * (y - x**2) ** 2
-
-
-class Surface(NamedTuple):
-    loss: Callable  # (x, y) -> L, written with operators only so it serves jax and numpy
-    minimum: tuple[float, float]
-    title: str
-
-
-SURFACE = {
-    "bowl": Surface(bowl, (0.0, 0.0), r"bowl $w_0^2 + 4 w_1^2$"),
-    "rosenbrock": Surface(rosenbrock, (1.0, 1.0), r"Rosenbrock $(1-w_0)^2 + 100(w_1-w_0^2)^2$"),
-}
-
-
-def start_of(cfg) -> tuple[float, float]:
-    return tuple(cfg.start) if cfg.surface == "bowl" else tuple(cfg.rosenbrock_start)
-
-
 class State(NamedTuple):
     w: jax.Array  # (1, 2): a matrix, so the weight-decay mask of transforms (ndim >= 2) covers it
     opt_state: optax.OptState
@@ -99,7 +72,7 @@ class State(NamedTuple):
 def trial(cfg) -> Trial:
     """One optimizer on one surface from its start; records the iterate and loss after each update."""
     surface = SURFACE[cfg.surface]
-    start = start_of(cfg)
+    start = tuple(cfg.start) if cfg.surface == "bowl" else tuple(cfg.rosenbrock_start)
 
     def loss_fn(w_1x2):
         return surface.loss(w_1x2[0, 0], w_1x2[0, 1])
@@ -135,10 +108,7 @@ class Path2D(NamedTuple):
 
     def steps_to(self, tol: float) -> int | None:
         """Updates after which the loss stays <= tol to the end (None: it does not settle)."""
-        above = np.nonzero(~(self.loss <= tol))[0]
-        if above.size and above[-1] == len(self.loss) - 1:
-            return None
-        return int(above[-1]) + 1 if above.size else 0
+        return analysis.settling_step(self.loss, tol)
 
 
 def paths(ds) -> list[Path2D]:
@@ -166,26 +136,17 @@ def paths(ds) -> list[Path2D]:
     return out
 
 
-def closed_form(start, lr: float, t: int) -> np.ndarray:
-    """GD on the bowl after t updates: w_i (1 - lambda_i eta)^t, eta as the float32 the program used."""
-    eta = float(np.float32(lr))
-    return np.asarray([w0 * (1.0 - lam * eta) ** t for w0, lam in zip(start, BOWL_CURVATURE)])
-
-
 def closed_form_error(p: Path2D) -> float:
     """Max relative error of the iterate after min(steps, 30) updates against the closed form."""
     t = min(CHECK_STEPS, len(p.xy) - 1)
-    expected, got = closed_form(p.xy[0], p.lr, t), p.xy[t]
+    expected, got = gd_closed_form(p.xy[0], p.lr, t), p.xy[t]
     err = np.where(expected == 0, np.abs(got), np.abs(got - expected) / np.where(expected == 0, 1, np.abs(expected)))
     return float(np.max(err))
 
 
 def growth_per_step(p: Path2D) -> float:
     """(|w1_t| / |w1_0|)^(1/t) over the first 30 updates (fewer where it leaves float32's range)."""
-    w1 = np.abs(p.xy[: CHECK_STEPS + 1, 1])
-    ok = np.nonzero(np.isfinite(w1) & (w1 > TINY) & (w1 < 1e30))[0]
-    t = int(ok[-1]) if ok.size else 0
-    return float((w1[t] / w1[0]) ** (1.0 / t)) if t > 0 else float("nan")
+    return analysis.growth_per_step(p.xy[: CHECK_STEPS + 1, 1], TINY, 1e30)
 
 
 def grows(p: Path2D) -> bool:
