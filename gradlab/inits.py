@@ -99,3 +99,11 @@ def sample_weight(key, shape: tuple[int, int], scheme, init_std, init_gain):
 
 def scheme_index(name: str) -> int:
     return INIT_SCHEMES.index(name)
+
+
+def sigma_w2(scheme: str, width: int, init_std: float = 0.0, init_gain: float = 1.0) -> float:
+    """n Var(W) of a square width x width layer under a named scheme: the sigma_w^2 of mean-field
+    theory (Var W = sigma_w^2 / n). Every fan is the width, so it is the scheme's numerator times
+    gain^2, or width * (gain * init_std)^2 for `normal`, which ignores the fan."""
+    numerator, fan_mode, _ = SCHEMES[scheme]
+    return init_gain**2 * (width * init_std**2 if fan_mode == FAN_NONE else numerator)

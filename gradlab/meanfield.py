@@ -14,6 +14,8 @@ forget their input:
   xi_c^-1 = -ln(sigma_w^2 E[phi'(u1) phi'(u2)])  at c = c*   (= -ln chi_1 when c* = 1)
 Gaussian expectations are Gauss-Hermite quadrature (numpy.polynomial.hermite_e.hermegauss,
 weight exp(-z^2/2)); every function broadcasts over numpy arrays of sigma_w^2, sigma_b^2, q, c.
+At the end, how far a finite-width net's measured profile may stray from these, and xi_c as
+fitted to the correlations measured in sampled nets.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.polynomial.hermite_e import hermegauss
+
+from gradlab import analysis
 
 DEGREE = 200  # nodes: exact for polynomials of degree <= 399; even, so no node sits on a kink at 0
 DEGREE_2D = 60  # per dimension of the tensor rule for E[f(u1) g(u2)]
@@ -213,7 +217,7 @@ def critical_line(q, act: ActivationLike = "tanh") -> tuple[np.ndarray, np.ndarr
 
 
 def critical_sigma_w2(
-    sigma_b2=0.0, act: ActivationLike = "tanh", lo: float = 0.5, hi: float = 4.0, iters: int = 40
+    sigma_b2: float | np.ndarray = 0.0, act: ActivationLike = "tanh", lo: float = 0.5, hi: float = 4.0, iters: int = 40
 ) -> np.ndarray:
     """The sigma_w^2 in [lo, hi] where chi_1 at the fixed point q* crosses 1, at each sigma_b^2, by bisection."""
     sigma_b2 = np.asarray(sigma_b2, float)
@@ -223,3 +227,50 @@ def critical_sigma_w2(
         chaotic = chi_1(mid, q_star(mid, sigma_b2, act), act) > 1.0
         below, above = np.where(chaotic, below, mid), np.where(chaotic, mid, above)
     return 0.5 * (below + above)
+
+
+# ----------------------------------------------------------------------------- finite width
+
+
+def finite_width_slope_tolerance(layers: int, width: int, seeds: int, kappa: float, sigmas: float) -> float:
+    """How far the fitted per-layer slope of ln E[h_l^2] may fall from mean field's at a finite width.
+
+    A width-n layer multiplies the second moment m = E[h^2] by a random factor 1 + e with Var e =
+    kappa / n (kappa = E[phi(u)^4] / E[phi(u)^2]^2 - 1 over its independent pre-activations u: 5 for
+    ReLU, 2 for a linear net), so ln m_l is a random walk around the mean-field profile whose steps
+    are independent across layers and seeds, each biased by E ln(1 + e) ~ -kappa / (2n). Returns
+    `sigmas` standard deviations of the least-squares slope of the seed mean over `layers` layers
+    (analysis.random_walk_slope_std) plus one layer's bias.
+    """
+    return sigmas * np.sqrt(kappa / (width * seeds)) * analysis.random_walk_slope_std(layers) + kappa / (2.0 * width)
+
+
+def finite_width_end_tolerance(layers: int, width: int, seeds: int, kappa: float, sigmas: float) -> float:
+    """`sigmas` standard deviations of ln(m_L / m_1), averaged over seeds, at a finite width: the end of
+    the random walk of finite_width_slope_tolerance after layers - 1 steps of variance kappa / width."""
+    return sigmas * np.sqrt(kappa * (layers - 1) / (width * seeds))
+
+
+def fitted_correlation_depth_scale(one_minus_c, c_star, dev_max: float, where: np.ndarray | bool = True) -> np.ndarray:
+    """xi_c as sampled nets show it: -1 / the slope of ln|c_l - c*| against the layer l.
+
+    one_minus_c: (*grid, seeds, layers), per net the mean of 1 - c_l over input pairs at layers
+    0..depth; c_star: (*grid,), the fixed point they approach. The fit is of the seed mean, over the
+    layers l >= 1 where dev_max >= |c_l - c*| >= the noise floor, three standard errors of the seed
+    mean late in the net (its last quarter, 2 layers at least: O(N^-1/2) in the chaotic phase; ~0 in
+    the ordered one, where pairs converge together). NaN where fewer than 4 layers qualify and off
+    `where` (the grid points to fit; all by default), inf where |c_l - c*| does not fall.
+    """
+    seeds, depth = one_minus_c.shape[-2], one_minus_c.shape[-1] - 1
+    dev = np.abs(np.nanmean(one_minus_c, axis=-2) - (1.0 - c_star)[..., None])
+    late = one_minus_c[..., -max(depth // 4, 2) :]
+    floor = np.maximum(3.0 * np.nanmean(np.nanstd(late, axis=-2), axis=-1) / np.sqrt(seeds), 1e-6)
+    xi = np.full(np.shape(c_star), np.nan)
+    fit = np.broadcast_to(where, xi.shape)
+    for index in np.ndindex(xi.shape):
+        use = np.nonzero((dev[index] <= dev_max) & (dev[index] >= floor[index]))[0]
+        use = use[use >= 1]
+        if fit[index] and len(use) >= 4:
+            slope = analysis.slope(use, np.log(dev[index][use]))
+            xi[index] = -1.0 / slope if slope < 0 else np.inf
+    return xi

@@ -327,3 +327,56 @@ def probe_rms(probe_grads: dict) -> jax.Array:
     hidden = probe_grads["hidden"]
     layers = [rms(g[None]) for g in hidden] if _layered(hidden) else [rms(hidden)]
     return jnp.concatenate([rms(probe_grads["input"][None]), *layers, rms(probe_grads["output"][None])])
+
+
+def layer_values(params: dict, x, spec: MLPSpec, hyper: MLPHyper, dtype=None):
+    """Every layer's pre-activation and output on a batch x, as `apply` computes them for a net
+    without norms, written out to expose them all (apply keeps per-layer statistics only).
+
+    Args:
+      dtype: the compute dtype; spec.dtype by default.
+    Returns:
+      (pre, outputs): pre (depth + 1, B, W), the input projection's and every hidden block's
+      pre-activations; outputs (input (B, W), hidden (depth, B, W), readout (B, out)). A hidden
+      block at index >= the active depth repeats its input, as in `apply`.
+    """
+    dtype = jnp.dtype(spec.dtype if dtype is None else dtype)
+    act = activation_fn(spec.activation, hyper.leaky_slope)
+    p = jax.tree.map(lambda a: a.astype(dtype), params)
+    residual = jnp.asarray(hyper.residual).astype(dtype)
+    branch = hyper.branch_multiplier
+    if not (_concrete(branch) and branch == 1):
+        branch = jnp.where(hyper.residual, jnp.asarray(branch), 1.0).astype(dtype)
+    pre_in = x.astype(dtype) @ p["input"]["w"] + p["input"]["b"][None]
+    first = act(pre_in)
+
+    def block(h, layer):
+        index, lp = layer
+        pre = _scaled(h @ lp["w"], hyper.hidden_multiplier) + lp["b"][None]
+        new = jnp.where(index < hyper.depth, residual * h + _scaled(act(pre), branch), h)
+        return new, (pre, new)
+
+    last, (pre, hidden) = jax.lax.scan(block, first, (jnp.arange(spec.depth), p["hidden"]))
+    out = _scaled(last @ p["output"]["w"], hyper.output_multiplier) + p["output"]["b"][None]
+    return jnp.concatenate([pre_in[None], pre]), (first, hidden, at_least_f32(out))
+
+
+def rms(a, axes=None) -> jax.Array:
+    """Root mean square of a's entries over `axes` (all by default), in at least float32."""
+    return jnp.sqrt(jnp.mean(jnp.square(at_least_f32(a)), axis=axes))
+
+
+def per_layer_rms(outputs) -> jax.Array:
+    """(layers,) RMS over examples and units of each layer's output, from layer_values' outputs."""
+    first, hidden, out = outputs
+    return jnp.concatenate([rms(first)[None], rms(hidden, (1, 2)), rms(out)[None]])
+
+
+def decorrelation(pre_LxBxD) -> jax.Array:
+    """Per layer, the mean of 1 - c over the disjoint pairs of examples (0, 1), (2, 3), ..., c the
+    cosine of their vectors (pre-activations, say), computed as |u_a - u_b|^2 / 2 of the unit vectors
+    u = z / |z|, which stays accurate where c is within float32 rounding of 1: shape (layers,)."""
+    unit = pre_LxBxD / jnp.sqrt(jnp.sum(jnp.square(pre_LxBxD), axis=-1, keepdims=True))
+    pairs = unit.shape[1] // 2
+    diff = unit[:, 0 : 2 * pairs : 2] - unit[:, 1 : 2 * pairs : 2]
+    return jnp.mean(0.5 * jnp.sum(jnp.square(diff), axis=-1), axis=1)

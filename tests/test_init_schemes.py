@@ -121,7 +121,9 @@ def test_zero_init_trains_yet_every_weight_matrix_stays_rank_one():
     group = config.plan(spec).groups[0]
     trial = init_schemes.trial(group.config)
     step = jax.jit(trial.step)
-    for point, scheme in enumerate(spec.axis("scheme").values):
+    schemes = spec.axis("scheme")
+    assert schemes is not None
+    for point, scheme in enumerate(schemes.values):
         hp = {k: jnp.asarray(v[point]) for k, v in group.hp.items()}
         state = trial.init(hp, jax.random.PRNGKey(int(hp["seed"])))
         for _ in range(100):

@@ -75,3 +75,24 @@ def test_scheme_is_a_traced_value_under_vmap():
     w = jax.vmap(lambda s: inits.sample_weight(jax.random.PRNGKey(0), (128, 128), s, 0.0, 1.0))(schemes)
     assert float(jnp.max(jnp.abs(w[0]))) == 0.0
     assert abs(float(jnp.mean(w[1] ** 2)) * 128 / 2 - 1) < 0.05
+
+
+@pytest.mark.parametrize(
+    "name, init_std, init_gain, expected",
+    [
+        ("he_normal", 0.0, 1.0, 2.0),  # He et al. 2015: Var W = 2 / n
+        ("he_uniform", 0.0, 2.0, 8.0),  # gain 2 quadruples the variance
+        ("xavier_uniform", 0.0, 1.0, 1.0),  # 2 / (n + n)
+        ("lecun_uniform", 0.0, 3**-0.5, 1 / 3),  # Glorot & Bengio's U[-1/sqrt(n), 1/sqrt(n)]: Var = 1 / (3n)
+        ("normal", 0.01, 1.0, 256 * 1e-4),  # N(0, 0.01^2) ignores the fan: n * 0.01^2
+        ("orthogonal", 0.0, 1.0, 1.0),
+        ("zero", 0.0, 1.0, 0.0),
+    ],
+)
+def test_sigma_w2_is_width_times_a_square_layers_entry_variance(name, init_std, init_gain, expected):
+    width = 256
+    assert inits.sigma_w2(name, width, init_std, init_gain) == pytest.approx(expected, rel=1e-12)
+    w = inits.sample_weight(jax.random.PRNGKey(4), (width, width), inits.scheme_index(name), init_std, init_gain)
+    measured = width * float(np.mean(np.asarray(w, np.float64) ** 2))
+    # relative std of a sample variance of width^2 draws is at most sqrt(2 / width^2) (normal kurtosis 3)
+    assert measured == pytest.approx(expected, rel=5 * np.sqrt(2.0) / width, abs=0.0)

@@ -116,3 +116,48 @@ def test_critical_sigma_w2_by_bisection_lies_on_the_critical_line():
     np.testing.assert_allclose(mf.critical_sigma_w2(sb2), sw2, rtol=1e-5)
     assert float(mf.critical_sigma_w2(0.0)) == pytest.approx(1.0, abs=1e-3)  # tanh'(0)^2 = 1, q* = 0
     assert float(mf.critical_sigma_w2(0.0, "relu")) == pytest.approx(2.0, abs=1e-9)  # chi_1 = sigma_w^2 / 2
+
+
+def test_finite_width_tolerances_match_a_simulated_relu_walk():
+    """A width-n ReLU net at He init (sigma_w^2 = 2), simulated by the factor each layer draws: given
+    the layer below, the pre-activations are iid N(0, 2 m), so m_l / m_(l-1) = (2/n) sum_i relu(z_i)^2,
+    which is 2/n times a chi-square with Binomial(n, 1/2) degrees of freedom (kappa = 5)."""
+    rng = np.random.default_rng(0)
+    n, layers, trials = 256, 30, 20000
+    factors = 2.0 / n * rng.chisquare(rng.binomial(n, 0.5, size=(trials, layers - 1)))
+    ln_m = np.concatenate([np.zeros((trials, 1)), np.cumsum(np.log(factors), axis=1)], axis=1)
+    slopes = np.polyfit(np.arange(layers), ln_m.T, 1)[0]
+    bias = mf.finite_width_slope_tolerance(layers, n, 1, 5.0, sigmas=0.0)
+    std = mf.finite_width_slope_tolerance(layers, n, 1, 5.0, sigmas=1.0) - bias
+    assert bias == pytest.approx(5.0 / (2 * n), rel=1e-12)
+    # Var ln(1 + e) = Var e (1 + O(1/n)): a few percent at n = 256; the sampling error is 0.5%.
+    assert np.std(slopes) == pytest.approx(std, rel=0.05)
+    assert np.mean(slopes) == pytest.approx(-bias, rel=0.1)
+    # the continuum OLS slope of a random walk: Var = 1.2 sigma^2 / layers (to O(1/layers))
+    assert std == pytest.approx(np.sqrt(5.0 / n * 1.2 / layers), rel=0.1)
+    end = mf.finite_width_end_tolerance(layers, n, 1, 5.0, sigmas=1.0)
+    assert np.std(ln_m[:, -1]) == pytest.approx(end, rel=0.05)
+    # seeds average independent walks: the variance falls as 1/seeds
+    assert mf.finite_width_end_tolerance(layers, n, 4, 5.0, sigmas=3.0) == pytest.approx(1.5 * end, rel=1e-12)
+
+
+def test_fitted_correlation_depth_scale_recovers_a_planted_exponential_approach():
+    """|c_l - c*| = A exp(-l / xi) planted on a (4,) grid with three seeds around it (+e, -e, 0 at every
+    layer): the seed mean is the planted curve, the noise floor 3 e sqrt(2/3) / sqrt(3) ~ 1.4e-4."""
+    layers = np.arange(41)
+    c_star = np.array([1.0, 0.4, 1.0, 1.0])  # the second chaotic: c_l approaches c* from above
+    amplitude = np.array([0.25, 0.25, 0.25, 0.01])[:, None]
+    xi = np.array([5.0, 3.0, 0.5, -20.0])  # 0.5: only l = 1, 2, 3 above the floor; -20: moving away from c*
+    sign = np.array([1.0, -1.0, 1.0, 1.0])[:, None]
+    dev = amplitude * np.exp(-layers / xi[:, None])
+    dev[0, 1:3] = 0.5  # beyond dev_max = 0.3 (not yet exponential): left out, or the fit would not give 5
+    mean = (1.0 - c_star)[:, None] + sign * dev
+    e = 1e-4
+    one_minus_c = mean[:, None, :] + np.array([e, -e, 0.0])[None, :, None]  # (grid, seeds, layers)
+    fitted = mf.fitted_correlation_depth_scale(one_minus_c, c_star, dev_max=0.3)
+    np.testing.assert_allclose(fitted[:2], xi[:2], rtol=1e-6)
+    assert np.isnan(fitted[2]) and fitted[3] == np.inf
+    where = np.array([True, False, True, True])  # a point left out is NaN, the others as before
+    np.testing.assert_array_equal(
+        mf.fitted_correlation_depth_scale(one_minus_c, c_star, 0.3, where), [*fitted[:1], np.nan, *fitted[2:]]
+    )

@@ -63,7 +63,7 @@ def test_phases_ordered_and_chaotic(outcome):
 
 
 def test_preactivations_are_those_of_models_apply():
-    """The module's written-out forward pass against models.apply: same readout output."""
+    """models.layer_values' pre-activations, the probe's, against models.apply: same readout output."""
     from gradlab import config
 
     spec_cfg = config.load(
@@ -83,7 +83,7 @@ def test_preactivations_are_those_of_models_apply():
     params = models.init(jax.random.PRNGKey(3), spec, hyper)
     x = jax.random.normal(jax.random.PRNGKey(4), (6, spec.in_dim))
     out, taps = models.apply(params, x, spec, hyper)
-    pre = sp.preactivations(params, x, spec, hyper)
+    pre, _ = models.layer_values(params, x, spec, hyper, dtype="float32")
     h_last = jnp.tanh(pre[3])  # the third hidden block's output; blocks 4, 5 are masked
     np.testing.assert_allclose(h_last @ params["output"]["w"] + params["output"]["b"][None], out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.sqrt(np.mean(np.square(pre), axis=(1, 2)))[:4], taps["preact_rms"][:4], rtol=1e-5)
@@ -92,7 +92,7 @@ def test_preactivations_are_those_of_models_apply():
     cos = (
         np.sum(p[:, 0::2] * p[:, 1::2], -1) / np.linalg.norm(p[:, 0::2], axis=-1) / np.linalg.norm(p[:, 1::2], axis=-1)
     )
-    np.testing.assert_allclose(sp.decorrelation(pre), np.mean(1 - cos, axis=1), atol=1e-6)
+    np.testing.assert_allclose(models.decorrelation(pre), np.mean(1 - cos, axis=1), atol=1e-6)
 
 
 def test_slope_noise_model_against_simulated_random_walks():

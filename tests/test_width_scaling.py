@@ -38,10 +38,10 @@ def test_layer_outputs_are_what_models_apply_computes(residual):
     params = models.init(jax.random.PRNGKey(3), spec, hyper)
     x = jax.random.normal(jax.random.PRNGKey(4), (7, 5))
     out, taps = models.apply(params, x, spec, hyper)
-    outputs = ws.layer_outputs(params, x, spec, hyper)
+    _, outputs = models.layer_values(params, x, spec, hyper)
     # The same float32 operations in the same order: equal up to a few roundings.
     np.testing.assert_allclose(outputs[2], out, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ws.per_layer_rms(outputs), taps["act_rms"], rtol=1e-6)
+    np.testing.assert_allclose(models.per_layer_rms(outputs), taps["act_rms"], rtol=1e-6)
     np.testing.assert_array_equal(outputs[1][2], outputs[1][1])  # block 2 is past the active depth
 
 
@@ -112,9 +112,12 @@ def test_fit_slope_and_bias_limits():
     scale = np.array([[0.5], [2.0], [3.0]])  # a per-seed constant factor moves no slope
     slope, err = analysis.seed_slope(np.log(widths), np.log(scale * widths**0.75))
     assert abs(slope - 0.75) < 1e-12 and err < 1e-12
-    assert ws.finite_width_bias(widths, 1e-9) < 1e-9  # no sub-leading term: no bias
+    assert analysis.finite_width_bias(widths, 1e-9) < 1e-9  # no sub-leading term: no bias
     # A term n^(p - 1) dominating at every width lowers the slope by exactly 1.
-    assert abs(ws.finite_width_bias(widths, 1e12) - 1.0) < 1e-6
+    assert abs(analysis.finite_width_bias(widths, 1e12) - 1.0) < 1e-6
+    # Two widths 128, 256 with crossover 128: RMS^2 ~ n^(2p) (1 + (128/n)^2) has slope p - ln(2/1.25) / (2 ln 2)
+    # (the n^(p - 1) term; the n^(p - 1/2) one lowers it by ln(2/1.5) / (2 ln 2) only).
+    assert analysis.finite_width_bias([128, 256], 128) == pytest.approx(np.log(2 / 1.25) / (2 * np.log(2)), rel=1e-12)
 
 
 @pytest.mark.parametrize(

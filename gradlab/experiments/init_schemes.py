@@ -91,13 +91,6 @@ class Config(ExperimentConfig):
             )
 
 
-def sigma_w2(scheme: str, width: int) -> float:
-    """n Var(W) of a square width x width hidden layer under a scheme."""
-    base, std, gain = SCHEMES[scheme]
-    numerator, fan_mode, _ = inits.SCHEMES[base]
-    return gain**2 * (width * std**2 if fan_mode == inits.FAN_NONE else numerator)
-
-
 def _unit_spread(w):
     """|W - its mean column| / |W|: 0 when every unit (column) has the same incoming weights."""
     w = w.astype(jnp.float32)
@@ -140,17 +133,6 @@ reference = trials.task_reference
 # ----------------------------------------------------------------------------- measure and check
 
 
-def slope_tolerance(layers: int, width: int, seeds: int) -> float:
-    """4 sigma of the fitted slope of ln m over `layers` layers, plus one layer's log bias: ln m_l is
-    a random walk with step variance KAPPA / width, independent across seeds."""
-    return 4.0 * np.sqrt(KAPPA / (width * seeds)) * analysis.random_walk_slope_std(layers) + KAPPA / (2.0 * width)
-
-
-def flat_tolerance(layers: int, width: int, seeds: int) -> float:
-    """3 sigma of ln(m_L / m_1) averaged over seeds: the max over the walk exceeds it rarely (reflection)."""
-    return 3.0 * np.sqrt(KAPPA * (layers - 1) / (width * seeds))
-
-
 def moments(ds, activation: str, scheme: str) -> np.ndarray:
     """E[h_l^2] at initialization, (seeds, layers) over the layer axis (0 = input projection)."""
     point = ds.sel({"model.activation": activation, "scheme": scheme}).isel(optimizer=0, step=0)
@@ -164,7 +146,8 @@ def profile_slopes(ds, activation: str, scheme: str, width: int) -> tuple[float,
     profile from q_0 = sigma_w^2 m_0 at zero bias; ln q_l and ln m_l differ by a constant.
     """
     m = moments(ds, activation, scheme).mean(axis=0)
-    sw2 = sigma_w2(scheme, width)
+    base, std, gain = SCHEMES[scheme]
+    sw2 = inits.sigma_w2(base, width, std, gain)
     theory = meanfield.q_profile(sw2 * m[0], sw2, 0.0, len(m) - 2, activation)
     return (
         analysis.slope(np.arange(len(m) - 2), np.log(m[1:-1])),
@@ -180,9 +163,9 @@ class Measured(NamedTuple):
     zero_spread: float | None  # max unit spread of zero init after the last update; None if not run
     zero_sigmoid_moved: float | None  # zero init + sigmoid: smallest over points of the largest hidden |W|
     profile: dict  # (activation, scheme) -> (measured, mean-field) slope of ln E[h_l^2] per layer
-    slope_tolerance: float
+    slope_tolerance: float  # 4 sigma of the slope's seed mean, ln m_l a random walk of step variance KAPPA / width
     he_flat: float | None  # He + ReLU: max_l |ln m_l / m_1|
-    flat_tolerance: float
+    flat_tolerance: float  # 3 sigma of the walk's end: its max over the layers exceeds it rarely (reflection)
     final_ratio: dict  # (optimizer, scheme) -> ReLU net's median final loss / the constant's (inf: diverged)
     constant_loss: float
 
@@ -217,9 +200,9 @@ def measure(ds) -> Measured:
         zero_spread,
         zero_moved,
         profile,
-        slope_tolerance(layers, width, seeds),
+        meanfield.finite_width_slope_tolerance(layers, width, seeds, KAPPA, sigmas=4.0),
         he_flat,
-        flat_tolerance(layers, width, seeds),
+        meanfield.finite_width_end_tolerance(layers, width, seeds, KAPPA, sigmas=3.0),
         final,
         constant,
     )
@@ -238,14 +221,8 @@ def checks(m: Measured) -> list[Check]:
                 Check.near(f"{label}: slope of ln E[h^2] per layer", measured, theory, m.slope_tolerance, "mean field")
             )
     if m.he_flat is not None:
-        out.append(
-            Check.at_most(
-                f"He + ReLU: max_l |ln m_l/m_1| over {m.layers} layers",
-                m.he_flat,
-                m.flat_tolerance,
-                "3 sqrt(5(L-1)/(n seeds))",
-            )
-        )
+        name = f"He + ReLU: max_l |ln m_l/m_1| over {m.layers} layers"
+        out.append(Check.at_most(name, m.he_flat, m.flat_tolerance, "3 sqrt(5(L-1)/(n seeds))"))
     if m.steps >= TRAIN_STEPS:
         for optimizer, scheme, stalls in TRAIN_CHECKS:
             if (optimizer, scheme) in m.final_ratio:

@@ -62,35 +62,6 @@ class Config(ExperimentConfig):
             )
 
 
-def preactivations(params, x, spec: models.MLPSpec, hyper: models.MLPHyper):
-    """The input projection's and every hidden block's pre-activations: (depth + 1, batch, width).
-
-    The same network as models.apply (plain or residual, no norm), written out to expose z_l.
-    """
-    act = models.activation_fn(spec.activation, hyper.leaky_slope)
-    residual = jnp.asarray(hyper.residual).astype(jnp.float32)
-    pre0 = x @ params["input"]["w"] + params["input"]["b"][None]
-
-    def block(h, layer):
-        index, lp = layer
-        pre = h @ lp["w"] + lp["b"][None]
-        new = jnp.where(index < hyper.depth, residual * h + act(pre), h)
-        return new, pre
-
-    _, pres = jax.lax.scan(block, act(pre0), (jnp.arange(spec.depth), params["hidden"]))
-    return jnp.concatenate([pre0[None], pres])
-
-
-def decorrelation(pre_LxBxD):
-    """Mean of 1 - c over the disjoint input pairs (0, 1), (2, 3), ... per layer, computed as
-    |u_a - u_b|^2 / 2 of the unit vectors u = z / |z|, which stays accurate where c is within
-    float32 rounding of 1: shape (layers,)."""
-    unit = pre_LxBxD / jnp.sqrt(jnp.sum(jnp.square(pre_LxBxD), axis=-1, keepdims=True))
-    pairs = unit.shape[1] // 2
-    diff = unit[:, 0 : 2 * pairs : 2] - unit[:, 1 : 2 * pairs : 2]
-    return jnp.mean(0.5 * jnp.sum(jnp.square(diff), axis=-1), axis=1)
-
-
 class Probe(NamedTuple):
     key: jax.Array  # the point's parameters are drawn from it inside the step
     data: data.Data
@@ -122,7 +93,8 @@ def trial(cfg) -> Trial:
         probes = models.zero_probes(spec, batch.x.shape[0], jnp.dtype(spec.dtype))
         (loss, taps), probe_grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
         mask = models.layer_mask(spec, hyper)
-        one_minus_c = decorrelation(preactivations(params, batch.x, spec, hyper))
+        pre, _ = models.layer_values(params, batch.x, spec, hyper, dtype="float32")  # float32 whatever model.dtype
+        one_minus_c = models.decorrelation(pre)
         metrics = {
             "loss": loss,
             "delta_rms": jnp.where(mask, models.probe_rms(probe_grads), jnp.nan),
@@ -153,27 +125,14 @@ def at_init(ds, var: str) -> np.ndarray:
 
 
 def correlation_depth_scales(ds, SW, SB, q):
-    """xi_c from theory and from the measured approach of c_l to c* (seed mean over input pairs):
-    -1 / slope of ln|c_l - c*| over the layers where DEV_MAX >= |c_l - c*| >= the noise floor, three
-    standard errors of the seed mean late in the net (O(N^-1/2) in the chaotic phase; ~0 in the
-    ordered one, where pairs converge together). NaN where fewer than 4 layers qualify, and where
-    sigma_b^2 = 0 (q* = 0 in the ordered phase: the correlation map is the identity there)."""
+    """xi_c from theory and as fitted to the measured approach of c_l to c*
+    (meanfield.fitted_correlation_depth_scale); NaN where sigma_b^2 = 0 (q* = 0 in the ordered
+    phase: the correlation map is the identity there)."""
     c_star = meanfield.c_star(SW, SB, q=q)
     xi_theory = meanfield.xi_c(SW, SB, q=q, c=c_star)
     one_minus_c = at_init(ds, "one_minus_c")[..., :-1]  # layers 0..depth: the pre-activations
-    seeds, depth = one_minus_c.shape[2], one_minus_c.shape[3] - 1
-    dev = np.abs(np.nanmean(one_minus_c, axis=2) - (1.0 - c_star)[..., None])
-    late = one_minus_c[..., -max(depth // 4, 2) :]
-    floor = np.maximum(3.0 * np.nanmean(np.nanstd(late, axis=2), axis=-1) / np.sqrt(seeds), 1e-6)
-    xi_measured = np.full(SW.shape, np.nan)
-    for i, j in np.ndindex(SW.shape):
-        use = np.nonzero((dev[i, j] <= DEV_MAX) & (dev[i, j] >= floor[i, j]))[0]
-        use = use[use >= 1]
-        if SB[i, j] > 0 and len(use) >= 4:
-            slope = analysis.slope(use, np.log(dev[i, j, use]))
-            xi_measured[i, j] = -1.0 / slope if slope < 0 else np.inf
-    xi_theory = np.where(SB > 0, xi_theory, np.nan)
-    return xi_theory, xi_measured
+    xi_measured = meanfield.fitted_correlation_depth_scale(one_minus_c, c_star, DEV_MAX, where=SB > 0)
+    return np.where(SB > 0, xi_theory, np.nan), xi_measured
 
 
 class Measured(NamedTuple):

@@ -25,14 +25,10 @@ So under SP with a fixed lr the output's first change grows like n with SGD and 
 the features by ~ n, and the readout sums them coherently). muP (Tensor Programs IV and V) removes
 the growth by scaling the readout's init and the per-layer learning rates with n.
 
-Measured (gradlab run width_scaling: tanh, depth 2, lecun_normal, lr 1e-4, full batch of 16,
-widths 64..2048, 4 seeds), fitted log-log slope after one step, theory in brackets:
-  SGD   input -0.48 (-1/2), hidden +0.44 (+1/2), output +0.94 (1; readout share +0.91, features'
-        share +0.95); first-update RMS per entry: input -0.49, hidden -0.51, readout -0.02 (-1/2,
-        -1/2, 0).
-  Adam  input +0.00 (0), hidden +0.94 (1), output +1.44 (3/2; readout share +0.93 (1), features'
-        share +1.45 (3/2)); first update = lr per entry at every width (0).
-  init  hidden RMS slopes -0.002, -0.008 (0).
+Measured (tanh, depth 2, lecun_normal, lr 1e-4, full batch of 16, widths 64..2048, 4 seeds), the
+log-log slopes after one step, theory in brackets: SGD input -0.48 (-1/2), hidden +0.44 (+1/2),
+output +0.94 (1; readout share +0.91, features' share +0.95); Adam input +0.00 (0), hidden +0.94
+(1), output +1.44 (3/2; shares +0.93 (1), +1.45 (3/2)); at init, hidden RMS -0.002, -0.008 (0).
 Every measured slope sits at or below its leading exponent: sub-leading terms (the random-sign
 part of each sum, ~ n^(p - 1/2); terms propagated from the input layer, ~ n^(p - 1)) still weigh
 at width 64. The checks allow p - finite_width_bias(widths) - 4 se <= slope <= p + 4 se, se the
@@ -68,7 +64,6 @@ from gradlab.config import ExperimentConfig, param
 from gradlab.engine import Trial
 from gradlab.errors import ConfigError
 from gradlab.experiments import Check
-from gradlab.norms import at_least_f32
 
 NAME = "width_scaling"
 CLAIM = (
@@ -131,43 +126,7 @@ class Config(ExperimentConfig):
 class State(NamedTuple):
     train: trials.TrainState
     start: dict  # the parameters at init
-    start_outputs: tuple  # layer_outputs(start, probe inputs)
-
-
-def layer_outputs(params: dict, x, spec: models.MLPSpec, hyper: models.MLPHyper):
-    """Every layer's output on x, as models.apply computes them for a net without norms.
-
-    Returns:
-      (input (B, W), hidden (depth, B, W), readout (B, out)); a hidden block at index >= the active
-      depth repeats its input, as in models.apply.
-    """
-    dtype = jnp.dtype(spec.dtype)
-    act = models.activation_fn(spec.activation, hyper.leaky_slope)
-    p = jax.tree.map(lambda a: a.astype(dtype), params)
-    residual = jnp.asarray(hyper.residual).astype(dtype)
-    branch = jnp.where(hyper.residual, jnp.asarray(hyper.branch_multiplier), 1.0).astype(dtype)
-    first = act(x.astype(dtype) @ p["input"]["w"] + p["input"]["b"][None])
-
-    def block(h, layer):
-        index, lp = layer
-        pre = (h @ lp["w"]) * jnp.asarray(hyper.hidden_multiplier).astype(dtype) + lp["b"][None]
-        new = residual * h + branch * act(pre)
-        new = jnp.where(index < hyper.depth, new, h)
-        return new, new
-
-    last, hidden = jax.lax.scan(block, first, (jnp.arange(spec.depth), p["hidden"]))
-    out = (last @ p["output"]["w"]) * jnp.asarray(hyper.output_multiplier).astype(dtype) + p["output"]["b"][None]
-    return first, hidden, at_least_f32(out)
-
-
-def _rms(a, axes=None):
-    return jnp.sqrt(jnp.mean(jnp.square(at_least_f32(a)), axis=axes))
-
-
-def per_layer_rms(outputs) -> jax.Array:
-    """(layers,) RMS over examples and units of each layer's output."""
-    first, hidden, out = outputs
-    return jnp.concatenate([_rms(first)[None], _rms(hidden, (1, 2)), _rms(out)[None]])
+    start_outputs: tuple  # every layer's output at init on the probe inputs (models.layer_values)
 
 
 def trial(cfg) -> Trial:
@@ -197,9 +156,8 @@ def trial(cfg) -> Trial:
         return trials.chosen_by_index(hp["optimizer"], choices)
 
     def update_rms(view):
-        return {
-            "update_rms": jnp.where(models.layer_mask(spec, view.hyper), models.per_layer(view.updates, _rms), jnp.nan)
-        }
+        mask = models.layer_mask(spec, view.hyper)
+        return {"update_rms": jnp.where(mask, models.per_layer(view.updates, models.rms), jnp.nan)}
 
     base = trials.supervised_mlp(cfg, optimizer=optimizer, metrics=update_rms, parametrized=parametrized)
 
@@ -208,14 +166,14 @@ def trial(cfg) -> Trial:
 
     def init(hp, key):
         train = base.init(hp, key)
-        probe = layer_outputs(train.params, train.data.x[: cfg.probe_examples], spec, hyper_of(hp))
+        _, probe = models.layer_values(train.params, train.data.x[: cfg.probe_examples], spec, hyper_of(hp))
         return State(train, train.params, probe)
 
     def step(hp, state):
         hyper = hyper_of(hp)
         mask = models.layer_mask(spec, hyper)
         params, start = state.train.params, state.start
-        now = layer_outputs(params, state.train.data.x[: cfg.probe_examples], spec, hyper)
+        _, now = models.layer_values(params, state.train.data.x[: cfg.probe_examples], spec, hyper)
         change = jax.tree.map(jnp.subtract, now, state.start_outputs)
         readout = state.start_outputs[1][-1] @ (params["output"]["w"] - start["output"]["w"]) * hyper.output_multiplier
         readout = readout + (params["output"]["b"] - start["output"]["b"])[None]
@@ -224,11 +182,11 @@ def trial(cfg) -> Trial:
         masked = lambda v: jnp.where(mask, v, jnp.nan)
         return State(train, start, state.start_outputs), {
             **metrics,
-            "act_rms": masked(per_layer_rms(now)),
-            "act_change_rms": masked(per_layer_rms(change)),
-            "readout_change_rms": _rms(readout),
-            "feature_change_rms": _rms(features),
-            "weight_change_rms": masked(models.per_layer(jax.tree.map(jnp.subtract, params, start), _rms)),
+            "act_rms": masked(models.per_layer_rms(now)),
+            "act_change_rms": masked(models.per_layer_rms(change)),
+            "readout_change_rms": models.rms(readout),
+            "feature_change_rms": models.rms(features),
+            "weight_change_rms": masked(models.per_layer(jax.tree.map(jnp.subtract, params, start), models.rms)),
         }
 
     return Trial(init, step)
@@ -246,19 +204,6 @@ CROSSOVER = 128  # sub-leading terms are assumed no larger than the leading one 
 SIGMAS = 4.0  # seed noise allowed: this many standard errors of the fitted slope
 MUP_SLOPE = 0.1  # the issue's bound on |slope| of every layer's change under muP
 INIT_BIAS = 0.02  # |slope| a width-free RMS at init may show from its O(1/n) bias (c/n, |c| <= 4)
-
-
-def finite_width_bias(widths, crossover: float = CROSSOVER) -> float:
-    """How far below the leading exponent p the fitted slope may fall at these widths.
-
-    The change is a sum over the n coordinates of the layer below: a coherent part growing like
-    n^p and an incoherent (random-sign) part like n^(p - 1/2); lower terms (an input layer's
-    n^(p - 1)) fall off faster still. With the two equal at width `crossover`, RMS^2 ~ n^(2p) (1 +
-    crossover / n) or (1 + (crossover / n)^2), whose fitted log-log slope is p minus the larger of
-    these two returned values; both corrections only lower the slope.
-    """
-    n = np.asarray(widths, float)
-    return max(-analysis.slope(np.log(n), 0.5 * np.log1p((crossover / n) ** k)) for k in (1, 2))
 
 
 def series(ds, var: str, opt: str, layer: int | None, step: int, parametrization: str = "sp") -> np.ndarray:
@@ -282,7 +227,7 @@ class Measured(NamedTuple):
     optimizers: list
     steps: int
     layers: int  # the layer axis: input projection, hidden layers, readout
-    bias: float  # finite_width_bias(widths)
+    bias: float  # analysis.finite_width_bias(widths, CROSSOVER)
     act: dict  # (optimizer, layer, t) -> RMS of h_l(t), t in {0, steps - 1}
     change: dict  # (optimizer, what, t) -> RMS of h(t) - h(0): input, hidden, output at t in {1, steps - 1};
     #               the output's readout and feature shares at t = 1
@@ -297,6 +242,7 @@ def measure(ds) -> Measured | None:
         return None
     x, opts, steps = np.log(np.asarray(widths, float)), [str(o) for o in ds["optimizer"].values], ds.sizes["step"]
     swept = [str(p) for p in ds["parametrization"].values]
+    bias = analysis.finite_width_bias(widths, CROSSOVER)
 
     def fit(var, opt, layer, t, parametrization="sp"):
         return analysis.seed_slope(x, np.log(series(ds, var, opt, layer, t, parametrization)))
@@ -317,14 +263,14 @@ def measure(ds) -> Measured | None:
             for t in sorted({1, steps - 1})
         }
     if "sp" not in swept:
-        return Measured(widths, opts, steps, ds.sizes["layer"], finite_width_bias(widths), {}, {}, {}, mup)
+        return Measured(widths, opts, steps, ds.sizes["layer"], bias, {}, {}, {}, mup)
     change, update = {}, {(o, what): fit("update_rms", o, layer, 0) for o in opts for what, layer in where.items()}
     if steps >= 2:
         for o in opts:
             for what, layer in where.items():
                 change.update({(o, what, t): fit("act_change_rms", o, layer, t) for t in sorted({1, steps - 1})})
             change.update({(o, s, 1): fit(f"{s}_change_rms", o, None, 1) for s in ("readout", "feature")})
-    return Measured(widths, opts, steps, ds.sizes["layer"], finite_width_bias(widths), act, change, update, mup)
+    return Measured(widths, opts, steps, ds.sizes["layer"], bias, act, change, update, mup)
 
 
 def checks(m: Measured | None) -> list[Check]:
