@@ -192,3 +192,33 @@ def test_plan_carries_the_run_length(tmp_path):
     plan = config.plan(load(tmp_path, "steps: 10\nchunk_steps: 4\n"))
     assert (plan.steps, plan.chunk_steps) == (10, 4)
     assert config.plan(load(tmp_path, "steps: 3\nchunk_steps: 100\n")).chunk_steps == 3
+
+
+@dataclass(frozen=True)
+class PickingConfig(ExperimentConfig):
+    """An experiment that takes only plain nets and picks its optimizer with a key of its own."""
+
+    optimizer: str = param("sgd", choices=("sgd", "adam"), sweep="choice", doc="replaces optim.name")
+
+    def validate(self) -> None:
+        super().validate()
+        self.require("model.norm", ("none",), "it measures a plain MLP")
+        self.replaced("optim.name", by="optimizer")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.norm=layernorm"], "model.norm: it measures a plain MLP; allowed: none, got 'layernorm'"),
+        (
+            ["optim.name=adam"],
+            "optim.name: this experiment picks it with `optimizer` (allowed: sgd, adam); "
+            "leave optim.name unset, got 'adam'",
+        ),
+    ],
+)
+def test_require_and_replaced_refuse_naming_the_key(tmp_path, overrides, expected):
+    assert config.load("exp", PickingConfig, ["optimizer=[sgd, adam]"], path=write(tmp_path, "{}\n")).config
+    with pytest.raises(ConfigError) as info:
+        config.load("exp", PickingConfig, overrides, path=write(tmp_path, "{}\n"))
+    assert str(info.value) == f"{tmp_path / 'exp.yaml'} (overridden on the command line): {expected}"

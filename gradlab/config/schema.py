@@ -189,6 +189,26 @@ class ExperimentConfig:
             if callable(check):
                 check()
 
+    def require(self, path: str, allowed, why: str) -> None:
+        """Refuse a value of the dotted key `path` outside `allowed`, saying why the experiment takes only those."""
+        value = get_path(self, path)
+        if value not in allowed:
+            raise ConfigError(f"{why}; allowed: {', '.join(map(str, allowed))}, got {value!r}", key=path)
+
+    def replaced(self, path: str, by: str) -> None:
+        """Refuse a value set at the dotted key `path` where the experiment's own key `by` replaces it.
+
+        The experiment never reads `path`: a value other than its default, which only a user can
+        have set, would be silently ignored.
+        """
+        value, default = get_path(self, path), get_path(type(self)(), path)
+        if value != default:
+            choices = field_info(type(self))[by].metadata.get("choices") or ()
+            allowed = f" (allowed: {', '.join(map(str, choices))})" if choices else ""
+            raise ConfigError(
+                f"this experiment picks it with `{by}`{allowed}; leave {path} unset, got {value!r}", key=path
+            )
+
 
 # ----------------------------------------------------------------------------- resolved spec
 

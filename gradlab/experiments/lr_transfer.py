@@ -59,13 +59,7 @@ class Config(ExperimentConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.model.parametrization != "sp":  # the field's default: a user who set it would be silently ignored
-            raise ConfigError(
-                f"lr_transfer picks parametrizations with `parametrization` (allowed: "
-                f"{', '.join(parametrization.PARAMETRIZATIONS)}); leave model.parametrization unset, "
-                f"got {self.model.parametrization!r}",
-                key="model.parametrization",
-            )
+        self.replaced("model.parametrization", by="parametrization")
         if self.model.init not in parametrization.FAN_IN_SCHEMES:
             raise ConfigError(
                 f"the parametrizations rescale a fan-in init (allowed: {', '.join(parametrization.FAN_IN_SCHEMES)}), "

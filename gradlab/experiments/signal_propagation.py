@@ -48,11 +48,7 @@ class Config(ExperimentConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.model.norm != "none":
-            raise ConfigError(
-                f"mean-field theory is for nets without normalization; allowed: none, got {self.model.norm!r}",
-                key="model.norm",
-            )
+        self.require("model.norm", ("none",), "mean-field theory is for nets without normalization")
         if self.model.depth - self.skip_layers < MIN_FIT_LAYERS:
             raise ConfigError(
                 f"at most model.depth - {MIN_FIT_LAYERS} = "

@@ -94,22 +94,9 @@ class Config(ExperimentConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.model.norm != "none":
-            raise ConfigError(
-                f"width_scaling measures a plain MLP; allowed: none, got {self.model.norm!r}", key="model.norm"
-            )
-        if self.optim.name != "sgd":  # the field's default: a user who set it would be silently ignored
-            raise ConfigError(
-                f"width_scaling picks optimizers with `optimizer` (allowed: {', '.join(OPTIMIZERS)}); "
-                f"leave optim.name unset, got {self.optim.name!r}",
-                key="optim.name",
-            )
-        if self.model.parametrization != "sp":  # the field's default: a user who set it would be silently ignored
-            raise ConfigError(
-                "width_scaling picks parametrizations with `parametrization`; leave model.parametrization "
-                f"unset, got {self.model.parametrization!r}",
-                key="model.parametrization",
-            )
+        self.require("model.norm", ("none",), "width_scaling measures a plain MLP")
+        self.replaced("optim.name", by="optimizer")
+        self.replaced("model.parametrization", by="parametrization")
         if self.parametrization != "sp" and self.model.init not in parametrization.FAN_IN_SCHEMES:
             raise ConfigError(
                 f"the parametrizations rescale a fan-in init (allowed: {', '.join(parametrization.FAN_IN_SCHEMES)}), "
