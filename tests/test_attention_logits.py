@@ -15,9 +15,8 @@ from gradlab.experiments import attention_logits, lr_sweep
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attention_logits")
-    return api.execute("attention_logits", [], "tiny", out=out, progress=False, draw=False)
+def tiny(tiny_scale):
+    return tiny_scale("attention_logits")[0]
 
 
 def test_step_zero_telemetry_equals_a_direct_forward_pass(tiny):

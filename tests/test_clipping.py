@@ -50,10 +50,9 @@ def test_value_clipping_bounds_each_entry_and_leaves_small_ones():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """The `tiny` scale: width 8, depth 2, 40 steps, no clipping and global norm at lr 0.01, 0.1, 3."""
-    out = tmp_path_factory.mktemp("clipping")
-    return api.execute("clipping", [], "tiny", out=out, progress=False, draw=True), out
+    return tiny_scale("clipping")
 
 
 def test_tiny_run_computes_every_check_and_both_figures(tiny):

@@ -12,11 +12,9 @@ from gradlab.experiments import dead_relu
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """The experiment at its tiny scale (gradlab/configs/dead_relu.yaml)."""
-    return api.execute(
-        "dead_relu", [], scale="tiny", out=tmp_path_factory.mktemp("dead_relu"), progress=False, draw=False
-    )
+    return tiny_scale("dead_relu")[0]
 
 
 def test_dead_probability_is_two_to_minus_n_uncorrelated_and_matches_monte_carlo_correlated():

@@ -14,9 +14,9 @@ DEPTHS = [2, 4, 8, 16, 32, 64]
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory):
+def outcome(tiny_scale):
     """depth_sweep at its tiny scale: the quick config at one learning rate."""
-    return api.execute("depth_sweep", [], "tiny", out=tmp_path_factory.mktemp("depth"), progress=False, draw=False)
+    return tiny_scale("depth_sweep")[0]
 
 
 def test_tiny_scale_is_the_size_these_tests_assume():

@@ -9,8 +9,8 @@ from gradlab.experiments import hessian_spectrum as hs
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return api.execute("hessian_spectrum", [], "tiny", out=tmp_path_factory.mktemp("hs"), progress=False, draw=False)
+def tiny(tiny_scale):
+    return tiny_scale("hessian_spectrum")[0]
 
 
 def test_recorded_only_at_the_first_and_last_step(tiny):

@@ -38,9 +38,9 @@ def fit(y):
 
 
 @pytest.fixture(scope="module")
-def relu(tmp_path_factory):
+def relu(tiny_scale):
     """The tiny scale: ReLU, schemes zero, xavier_normal, he_normal, both optimizers, 2 seeds."""
-    return api.execute("init_schemes", [], "tiny", out=tmp_path_factory.mktemp("relu"), progress=False)
+    return tiny_scale("init_schemes")[0]
 
 
 def test_relu_second_moment_changes_by_sigma_w2_over_2_per_layer(relu):

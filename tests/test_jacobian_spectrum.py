@@ -13,8 +13,8 @@ WIDTH = 32  # the tiny scale: width 32, depths 1, 4, 8, 8 seeds, input_dim 16
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory):
-    return api.execute("jacobian_spectrum", [], "tiny", out=tmp_path_factory.mktemp("a5"), progress=False, draw=False)
+def outcome(tiny_scale):
+    return tiny_scale("jacobian_spectrum")[0]
 
 
 def test_all_five_checks_are_made(outcome):

@@ -22,10 +22,9 @@ NET = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """lr_sweep at its tiny scale (the NET, sgd without a norm, 16 rates, 40 steps): (Outcome, out folder)."""
-    out = tmp_path_factory.mktemp("lr_sweep")
-    return api.execute("lr_sweep", [], "tiny", out=out, progress=False, draw=False), out
+    return tiny_scale("lr_sweep")
 
 
 def test_sharpness_at_init_is_the_top_eigenvalue_of_the_dense_hessian(tiny):

@@ -10,9 +10,9 @@ from gradlab.experiments import lr_transfer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """Widths 32 (the base width) and 256, Adam, 7 rates x 3 parametrizations, 300 steps."""
-    return api.execute("lr_transfer", [], "tiny", out=tmp_path_factory.mktemp("lr_transfer"), progress=False)
+    return tiny_scale("lr_transfer")[0]
 
 
 def test_one_compile_per_width_and_every_check(tiny):

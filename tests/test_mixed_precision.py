@@ -29,10 +29,9 @@ def test_config_errors_name_the_key_and_what_is_allowed(override, allowed):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """The `tiny` scale: width 16, depth 4, 400 steps, 3 seeds, float32 and float16, growth_interval 20 from 2^40."""
-    out = tmp_path_factory.mktemp("mixed_precision")
-    return api.execute("mixed_precision", [], "tiny", out=out, progress=False, draw=False), out
+    return tiny_scale("mixed_precision")
 
 
 def lane(ds, dtype, mode, name):

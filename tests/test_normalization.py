@@ -22,9 +22,9 @@ def test_bn_batches_larger_than_the_minibatch_and_depths_below_one_are_refused(o
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """The experiment at its tiny scale (gradlab/configs/normalization.yaml): one pre-BN group."""
-    return api.execute("normalization", [], "tiny", out=tmp_path_factory.mktemp("norm"), progress=False, draw=True)
+    return tiny_scale("normalization")[0]
 
 
 def test_tiny_batchnorm_group_end_to_end(tiny):

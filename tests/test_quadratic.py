@@ -22,10 +22,10 @@ def eta32(lr):
 
 
 @pytest.fixture(scope="module")
-def gd_bowl(tmp_path_factory):
+def gd_bowl(tiny_scale):
     """The tiny scale: plain GD on the bowl at 0.15, 0.24, 0.26 around the edge 0.25, 600 updates (long
     enough for 0.26 to overflow)."""
-    return api.execute("quadratic", [], "tiny", out=tmp_path_factory.mktemp("gd"), progress=False, draw=False)
+    return tiny_scale("quadratic")[0]
 
 
 @pytest.fixture(scope="module")

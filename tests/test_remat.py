@@ -23,9 +23,9 @@ def plain_arrays() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """The experiment at its tiny scale (gradlab/configs/remat.yaml): (Outcome, its measured numbers)."""
-    outcome = api.execute("remat", [], scale="tiny", out=tmp_path_factory.mktemp("remat"), progress=False, draw=False)
+    outcome = tiny_scale("remat")[0]
     return outcome, outcome.measured
 
 

@@ -7,16 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import api, transforms
+from gradlab import transforms
 from gradlab.config import OptimConfig
 from gradlab.experiments import rnn_bptt
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """The `tiny` scale: simple and LSTM cells, T = 6 and 16, hidden 16, 3 steps, 2 seeds."""
-    out = tmp_path_factory.mktemp("rnn_bptt")
-    return api.execute("rnn_bptt", [], "tiny", out=out, progress=False, draw=True), out
+    return tiny_scale("rnn_bptt")
 
 
 def test_every_check_both_figures_and_one_compile_per_cell(tiny):

@@ -27,9 +27,9 @@ def ln_chi_1_scipy(sw2, sb2):
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory):
+def outcome(tiny_scale):
     """The tiny scale: width 128, depth 24 (6 skipped), 4 seeds, the SW2 x SB2 grid."""
-    return api.execute("signal_propagation", [], "tiny", out=tmp_path_factory.mktemp("a4"), progress=False, draw=False)
+    return tiny_scale("signal_propagation")[0]
 
 
 def test_the_grid_is_the_tiny_scale_and_all_five_checks_are_made(outcome):

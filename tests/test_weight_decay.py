@@ -13,10 +13,9 @@ from gradlab.experiments import weight_decay
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_scale):
     """The experiment at its tiny scale (gradlab/configs/weight_decay.yaml)."""
-    out = tmp_path_factory.mktemp("weight_decay")
-    return api.execute("weight_decay", [], scale="tiny", out=out, progress=False, draw=False), out
+    return tiny_scale("weight_decay")
 
 
 def test_every_check_is_made(tiny):

@@ -134,10 +134,9 @@ def test_config_errors_name_the_key(override, key):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tiny_scale):
     """The tiny scale: widths 256 and 2048, 8 seeds, 2 steps."""
-    out = tmp_path_factory.mktemp("width")
-    return api.execute("width_scaling", [], "tiny", out=out, progress=False), out
+    return tiny_scale("width_scaling")
 
 
 def test_two_width_sweep_makes_every_check_with_one_compile_per_width(sweep):
