@@ -30,7 +30,7 @@ active depth, and every hidden-block parameter's lr by (L / base_depth)^(2 alpha
 ^(alpha - 1) under Adam, so each block moves h by O(1/L) and the sum of L blocks by O(1):
   depth_mup  alpha = 1/2 (Yang et al. 2023, Tensor Programs VI; Bordelon et al. 2023)
   completep  alpha = 1   (Dey et al. 2025): the one exponent for which every block's features keep
-             learning non-linearly as L grows ("complete feature learning"); the issue's 1/L.
+             learning non-linearly as L grows ("complete feature learning"): 1/L.
 Both are implemented (one row of the table each); completep is the one to use for transfer across
 depth with Adam, since its hidden lr needs no depth factor at all.
 

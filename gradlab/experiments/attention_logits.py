@@ -44,7 +44,7 @@ CLAIM = (
 )
 VARIANT_AXES = ("model.qk_layernorm", "model.z_loss")
 AXES = [*VARIANT_AXES, "optim.lr", "seed"]
-GROWTH = 10.0  # without qk-layernorm: end max logit, highest over the sweep / smallest rate's (the issue's bound)
+GROWTH = 10.0  # without qk-layernorm: end max logit, highest over the sweep / smallest rate's (the catalog's bound)
 HIGH_FRACTION = 0.25  # "the high-rate runs": the top quarter of the grid's rates (at least one)
 COLLAPSE = 0.5  # collapsed: the high-rate runs' final min attention entropy below this fraction of its init value
 TAIL = 10  # final losses: mean over the last TAIL steps

@@ -13,7 +13,7 @@ best rate found at the narrow width is the wide net's too (Tensor Programs V's m
 
 Width changes shapes: each width is its own compiled program. The parametrization (a traced choice,
 as width_scaling's optimizer), the learning rate and the seed are vmapped inside it. A diverged run
-counts as an infinite loss. Checks (bounds from the issue): under muP the best rate moves by at most
+counts as an infinite loss. Checks (the catalog's bounds): under muP the best rate moves by at most
 one grid step (a factor 2) from the narrowest to the widest width; under SP by at least 4x; and the
 widest muP net's best loss is no worse than the widest SP net's.
 
@@ -42,7 +42,7 @@ NAME = "lr_transfer"
 CLAIM = "under muP the best learning rate stays put across width (within 2x); under SP it falls by 4x or more"
 AXES = ["optim.name", "parametrization", "model.width", "optim.lr", "seed"]
 TAIL = 20  # final loss: mean of the last TAIL steps
-MUP_SHIFT = 1.0  # the issue's bound: muP's best lr moves by at most one grid step (log2 units: 2x)
+MUP_SHIFT = 1.0  # the catalog's bound: muP's best lr moves by at most one grid step (log2 units: 2x)
 SP_SHIFT = 2.0  # ... and SP's by at least 4x
 
 

@@ -44,8 +44,8 @@ CLAIM = (
     "attention blocks: Pre-LN's last-block gradient at init falls like L^-1/2, Post-LN's does not; Post-LN needs warmup"
 )
 AXES = ["model.norm_position", "warmup", "seed"]
-SLOPE_TOL = 0.15  # Pre-LN: |slope - (-1/2)| (or - the (L+1)^-1/2 form's) at most this (the bound)
-POST_FLOOR = -0.1  # Post-LN: slope at least this (the bound)
+SLOPE_TOL = 0.15  # Pre-LN: |slope - (-1/2)| (or - the (L+1)^-1/2 form's) at most this (the catalog's bound)
+POST_FLOOR = -0.1  # Post-LN: slope at least this (the catalog's bound)
 WORSE = 2.0  # Post-LN without warmup: excess loss over H at least this many times the excess with warmup
 FINE = 0.1  # Pre-LN "trains": its excess loss over H, either way, at most this fraction of (L0 - H)
 TAIL = 20  # final losses: mean over the last TAIL steps

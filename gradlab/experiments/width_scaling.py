@@ -21,7 +21,7 @@ dL/dh_L = chi W_out^T (entries n^(-1/2)) and dL/dh_(l-1) = (dL/dh_l * phi') W_l^
          chi)), and the features' share n^(3/2): n coordinates moved ~ eta n, each with the sign of
          W_out's entry (dL/dh_L = chi W_out^T), summed against W_out's n^(-1/2) entries.
 So under SP with a fixed lr the output's first change grows like n with SGD and n^(3/2) with Adam
-(the brief's "~ width for Adam" is only the readout's share: the hidden layers' sign updates move
+(the often-quoted "~ width for Adam" is only the readout's share: the hidden layers' sign updates move
 the features by ~ n, and the readout sums them coherently). muP (Tensor Programs IV and V) removes
 the growth by scaling the readout's init and the per-layer learning rates with n.
 
@@ -45,7 +45,7 @@ and per-layer lr scales (SGD: input and biases x m, readout x 1/m; Adam: hidden 
 Redoing the sums above: SGD's readout update is O(1/n) per entry on O(1) features and the hidden
 updates n^(-1/2) x n^(-1/2) (dL/dh ~ W_out ~ 1/n), so every layer moves by n x (1/n) = O(1); Adam's
 hidden and readout steps are eta/m per entry, summed over n coherent terms: O(1). The check: every
-layer's change after one step has |log-log slope| < MUP_SLOPE = 0.1 against width (the issue's bound,
+layer's change after one step has |log-log slope| < MUP_SLOPE = 0.1 against width (the catalog's bound,
 no seed allowance), for both optimizers.
 """
 
@@ -189,7 +189,7 @@ EXPONENTS = {
 }
 CROSSOVER = 128  # sub-leading terms are assumed no larger than the leading one from this width on
 SIGMAS = 4.0  # seed noise allowed: this many standard errors of the fitted slope
-MUP_SLOPE = 0.1  # the issue's bound on |slope| of every layer's change under muP
+MUP_SLOPE = 0.1  # the catalog's bound on |slope| of every layer's change under muP
 INIT_BIAS = 0.02  # |slope| a width-free RMS at init may show from its O(1/n) bias (c/n, |c| <= 4)
 
 
