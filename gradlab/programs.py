@@ -241,7 +241,7 @@ def compile_group(
     start = time.perf_counter()
     lowered, carry_shape = [], None
     for device in local:
-        on = jax.sharding.SingleDeviceSharding(device)
+        on = jax.sharding.make_single_device_sharding(device)
         hp = {k: jax.ShapeDtypeStruct((lanes,), v.dtype, sharding=on) for k, v in varying.items()}
         shape = jax.eval_shape(point_init, hp)
         shape = jax.tree.map(lambda s, on=on: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), shape)
