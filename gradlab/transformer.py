@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlab import inits
+from gradlab import inits, models
 from gradlab.config import param
 from gradlab.errors import ConfigError
 from gradlab.norms import apply_norm, at_least_f32
@@ -209,7 +209,8 @@ def mlp(x, lp: dict):
 
 
 def rms(x) -> jax.Array:
-    return jnp.sqrt(jnp.mean(jnp.square(at_least_f32(jax.lax.stop_gradient(x)))))
+    """models.rms of x, a tap: no gradient flows through it."""
+    return models.rms(jax.lax.stop_gradient(x))
 
 
 def apply(params: dict, tokens, spec: TransformerSpec, hyper: TransformerHyper):
